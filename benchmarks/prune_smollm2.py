@@ -1,0 +1,113 @@
+"""Prune SmolLM2-135M with every solver at 50% unstructured and 2:4.
+
+Each prune runs as its own ``prunella prune`` process (so its peak RSS is its
+own) and each result is evaluated by ``prunella eval`` on the held-out shipped
+text. Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
+
+    python benchmarks/prune_smollm2.py --nsamples 32 --seqlen 512 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def run(args: list[str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "prunella", *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"prunella {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def evaluate(model: str, a) -> dict:
+    out = run(["eval", model, "--data", a.data, "--seqlen", str(a.seqlen), "--json", "--quiet"])
+    return json.loads(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="sample")
+    parser.add_argument("--data", default="sample-eval")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--solvers", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--patterns", default="unstructured,2:4")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    a = parser.parse_args()
+
+    dense = evaluate(a.model, a)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pattern in a.patterns.split(","):
+            for solver in a.solvers.split(","):
+                out = Path(tmp) / f"{solver}-{pattern.replace(':', 'of')}"
+                run(
+                    [
+                        "prune",
+                        a.model,
+                        "--out",
+                        str(out),
+                        "--solver",
+                        solver,
+                        "--pattern",
+                        pattern,
+                        *(["--sparsity", "0.5"] if pattern == "unstructured" else []),
+                        "--calib",
+                        a.calib,
+                        "--nsamples",
+                        str(a.nsamples),
+                        "--seqlen",
+                        str(a.seqlen),
+                        "--quiet",
+                    ]
+                )
+                report = json.loads((out / "prune_report.json").read_text())
+                result = evaluate(str(out), a)
+                rows.append(
+                    {
+                        "solver": solver,
+                        "pattern": pattern,
+                        "sparsity": report["sparsity"],
+                        "ppl_dense": dense["perplexity"],
+                        "ppl": result["perplexity"],
+                        "prune_seconds": report["wall_seconds"],
+                        "peak_rss_mb": report["peak_rss_mb"],
+                        "seconds": report["seconds"],
+                    }
+                )
+                print(f"done: {solver} {pattern}", file=sys.stderr)
+
+    print(
+        f"SmolLM2-135M, calibration {a.calib} ({a.nsamples} x {a.seqlen} tokens), "
+        f"perplexity on {a.data} ({dense['tokens']} tokens, seqlen {a.seqlen}); "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}\n"
+    )
+    print(
+        "| solver | pattern | sparsity | ppl dense | ppl pruned | prune time (s) | peak RSS (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['solver']} | {r['pattern']} | {r['sparsity']:.1%} | {r['ppl_dense']:.2f} | "
+            f"{r['ppl']:.2f} | {r['prune_seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    if a.json:
+        a.json.write_text(
+            json.dumps(
+                {"args": vars(a) | {"json": str(a.json)}, "dense": dense, "rows": rows}, indent=2
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The ``prunella`` command line: ``prune`` and ``eval``.
+
+Every user mistake ends as one line on stderr (``error: ...``) and exit status 2,
+before anything is written; progress bars go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import PrunellaError
+
+ALLOCATION_HELP = "Where the sparsity goes: uniform, owl or alphapruning."
+GRANULARITY_HELP = "block (all layers of a block share one sparsity) or layer."
+LAMBDA_HELP = "OWL: sparsities stay within target +- lambda (default 0.08)."
+OUTLIER_M_HELP = "OWL: a score is an outlier above M times the mean (default 5)."
+EPSILON_HELP = "AlphaPruning: sparsities span target x [1 - eps, 1 + eps] (default 0.3)."
+FARMS_HELP = "AlphaPruning: estimate alpha with FARMS sub-matrix sampling."
+
+
+def _allocation_options(lam, outlier_m, epsilon, farms) -> dict:
+    """The method options given on the command line (the method rejects foreign ones)."""
+    given = {"lam": lam, "outlier_m": outlier_m, "epsilon": epsilon, "farms": farms}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="One-shot pruning of Hugging Face causal language models.",
+)
+
+
+@app.command("prune")
+def prune_command(
+    model: Annotated[
+        str, typer.Argument(help="Checkpoint folder, or a bundled name (smollm2-135m).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")
+    ],
+    sparsity: Annotated[
+        float | None, typer.Option(help="Fraction of weights to prune, in [0, 1) (default 0.5).")
+    ] = None,
+    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M, e.g. 2:4.")] = "unstructured",
+    solver: Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt.")] = "sparsegpt",
+    calib: Annotated[
+        str, typer.Option(help="Calibration text: a file, 'sample' (shipped), wikitext2 or c4.")
+    ] = "sample",
+    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for drawing the calibration windows.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Calibration windows per forward pass (default: 16384 tokens' worth)."),
+    ] = None,
+    allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
+    allocation_file: Annotated[
+        Path | None,
+        typer.Option(help="A plan from 'prunella allocate --json' (overrides --allocation)."),
+    ] = None,
+    granularity: Annotated[str, typer.Option(help=GRANULARITY_HELP)] = "block",
+    min_sparsity: Annotated[float, typer.Option(help="Lowest sparsity any layer gets.")] = 0.0,
+    max_sparsity: Annotated[float, typer.Option(help="Highest sparsity any layer gets.")] = 0.99,
+    lam: Annotated[float | None, typer.Option("--lambda", help=LAMBDA_HELP)] = None,
+    outlier_m: Annotated[float | None, typer.Option(help=OUTLIER_M_HELP)] = None,
+    epsilon: Annotated[float | None, typer.Option(help=EPSILON_HELP)] = None,
+    farms: Annotated[bool | None, typer.Option("--farms/--no-farms", help=FARMS_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Prune MODEL and write a Hugging Face checkpoint plus prune_report.json to --out."""
+    if quiet:
+        _quiet_transformers()
+    from . import api, data, export, models
+    from .patterns import parse_pattern
+    from .solvers import get_solver
+
+    chosen = parse_pattern(pattern, sparsity)
+    get_solver(solver)
+    if nsamples < 1:
+        raise PrunellaError(f"--nsamples must be at least 1, got {nsamples}")
+    if seqlen < 2:
+        raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
+    if batch_size is not None and batch_size < 1:
+        raise PrunellaError(f"--batch-size must be at least 1, got {batch_size}")
+    api.pick_device(device)
+    data.check_source(calib)
+    path, _ = models.check_checkpoint(model)
+    export.check_out_dir(out, path, overwrite)
+    options = _allocation_options(lam, outlier_m, epsilon, farms)
+    if allocation_file is not None and not allocation_file.is_file():
+        raise PrunellaError(f"allocation file {allocation_file} not found")
+
+    pruned, report = api.prune(
+        str(path),
+        sparsity=sparsity,
+        pattern=chosen,
+        solver=solver,
+        allocation=allocation_file if allocation_file is not None else allocation,
+        allocation_options=options,
+        granularity=granularity,
+        min_sparsity=min_sparsity,
+        max_sparsity=max_sparsity,
+        calibration=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        batch_size=batch_size,
+        progress=not quiet,
+    )
+    export.save(pruned, out, report, overwrite=overwrite, model_dir=path)
+    typer.echo(
+        f"pruned {report['prunable_parameters']:,} weights to {report['sparsity']:.2%} sparsity "
+        f"({report['pattern']}, {report['solver']}, {report['allocation']['method']} allocation) "
+        f"in {report['wall_seconds']:.1f}s -> {out}"
+    )
+
+
+@app.command("allocate")
+def allocate_command(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, or a bundled name.")],
+    allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "owl",
+    sparsity: Annotated[
+        float | None, typer.Option(help="Target fraction of weights to prune (default 0.5).")
+    ] = None,
+    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M, e.g. 2:4.")] = "unstructured",
+    granularity: Annotated[str, typer.Option(help=GRANULARITY_HELP)] = "block",
+    min_sparsity: Annotated[float, typer.Option(help="Lowest sparsity any layer gets.")] = 0.0,
+    max_sparsity: Annotated[float, typer.Option(help="Highest sparsity any layer gets.")] = 0.99,
+    lam: Annotated[float | None, typer.Option("--lambda", help=LAMBDA_HELP)] = None,
+    outlier_m: Annotated[float | None, typer.Option(help=OUTLIER_M_HELP)] = None,
+    epsilon: Annotated[float | None, typer.Option(help=EPSILON_HELP)] = None,
+    farms: Annotated[bool | None, typer.Option("--farms/--no-farms", help=FARMS_HELP)] = None,
+    calib: Annotated[str, typer.Option(help="Calibration text (for owl).")] = "sample",
+    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for drawing the calibration windows.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the plan here (for prune --allocation-file)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Print the sparsity plan an allocation method gives MODEL, without pruning."""
+    if quiet:
+        _quiet_transformers()
+    from . import api, data, models
+    from .allocation import get_method
+    from .patterns import parse_pattern
+    from .plots import block_index
+
+    chosen = parse_pattern(pattern, sparsity)
+    method = get_method(allocation)
+    options = _allocation_options(lam, outlier_m, epsilon, farms)
+    if method.needs:
+        if nsamples < 1:
+            raise PrunellaError(f"--nsamples must be at least 1, got {nsamples}")
+        data.check_source(calib)
+    dev = api.pick_device(device)
+    path, _ = models.check_checkpoint(model)
+    hf_model, tokenizer, _, adapter = models.load(path)
+    windows = None
+    if method.needs:
+        windows, _ = api._calibration(hf_model, tokenizer, calib, nsamples, seqlen, seed)
+    plan = api.allocate(
+        hf_model,
+        adapter,
+        allocation,
+        chosen,
+        windows=windows,
+        granularity=granularity,
+        options=options,
+        min_sparsity=min_sparsity,
+        max_sparsity=max_sparsity,
+        device=dev,
+        batch_size=api._default_batch_size(seqlen),
+        progress=not quiet,
+    )
+    sizes = {n: r * c for n, (r, c) in api.prunable_layers(hf_model, adapter).items()}
+    per_block: dict[int, list[float]] = {}
+    for name, value in plan.sparsity.items():
+        entry = per_block.setdefault(block_index(name), [0.0, 0.0])
+        entry[0] += value * sizes[name]
+        entry[1] += sizes[name]
+    metric_by_block: dict[int, list[float]] = {}
+    for unit, value in plan.metric.items():
+        metric_by_block.setdefault(block_index(unit + "."), []).append(value)
+    header = f"{'block':>5}  {'sparsity':>8}"
+    if plan.metric_name:
+        header += f"  {plan.metric_name:>14}"
+    typer.echo(f"{allocation} allocation, target {plan.target:.2%} ({chosen})")
+    typer.echo(header)
+    for b in sorted(per_block):
+        line = f"{b:>5}  {per_block[b][0] / per_block[b][1]:>8.2%}"
+        if plan.metric_name and b in metric_by_block:
+            values = metric_by_block[b]
+            line += f"  {sum(values) / len(values):>14.4f}"
+        typer.echo(line)
+    achieved = sum(plan.sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    typer.echo(f"overall {achieved:.4%} of {sum(sizes.values()):,} prunable weights")
+    if json_out is not None:
+        plan.save(json_out)
+        typer.echo(f"plan written to {json_out}")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, or a bundled name.")],
+    data: Annotated[
+        str, typer.Option(help="Text: a file, 'sample-eval' (shipped, held out), wikitext2 or c4.")
+    ] = "sample-eval",
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    max_windows: Annotated[
+        int | None, typer.Option(help="Evaluate at most this many windows.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Perplexity of MODEL on non-overlapping windows of a text."""
+    if quiet:
+        _quiet_transformers()
+    from . import api, models
+    from . import data as data_module
+
+    if seqlen < 2:
+        raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise PrunellaError(f"--max-windows must be at least 1, got {max_windows}")
+    if batch_size < 1:
+        raise PrunellaError(f"--batch-size must be at least 1, got {batch_size}")
+    api.pick_device(device)
+    data_module.check_source(data)
+    path, _ = models.check_checkpoint(model)
+    result = api.evaluate(
+        str(path),
+        data,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        device=device,
+        batch_size=batch_size,
+        progress=not quiet,
+    )
+    result["model"] = str(path)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(
+            f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
+            f"({result['windows']} windows of {result['seqlen']})"
+        )
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="prunella", standalone_mode=False)
+    except PrunellaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except typer.TyperException as exc:  # usage errors: bad option values, missing arguments
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

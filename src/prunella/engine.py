@@ -1,0 +1,318 @@
+"""The sequential engine: prune a model block by block on calibration data.
+
+1. *Capture*: run the model on the calibration windows with every decoder block
+   replaced by a recorder, which keeps the hidden states entering block 0 and
+   the exact arguments the model passes each block (attention masks, rotary
+   embeddings, position ids), then stops before the LM head.
+2. For each block ``i``, with only that block on the compute device:
+   a. *statistics*: forward the block's inputs through the dense block with
+      hooks that accumulate what the solver declares (Hessian, input norms);
+   b. *solve*: prune every linear layer of the block with the solver;
+   c. *propagate*: forward the inputs through the pruned block; the outputs,
+      written over the inputs, are block ``i+1``'s inputs. The relative
+      reconstruction error ``||(W - W_hat) X|| / ||W X||`` of each layer is
+      measured here, on its first ``error_tokens`` input tokens.
+
+Solvers that need no statistics (magnitude) skip step (a). Calibration windows
+are processed in batches of ``batch_size`` windows; the activations of all
+windows for the current block are the only large buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, get_weight, set_weight
+from .errors import PrunellaError
+from .patterns import Pattern
+from .solvers import Solver
+from .stats import StatsCollector
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` during capture: records its call, returns its input."""
+
+    def __init__(self, index: int, calls: list, last: bool) -> None:
+        super().__init__()
+        self.index, self.calls, self.last = index, calls, last
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.calls[self.index] = (hidden_states if self.index == 0 else None, args, kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@contextlib.contextmanager
+def on_device(
+    module: nn.Module, device: torch.device, dtype: torch.dtype, write_back: bool = False
+) -> Iterator[None]:
+    """Run ``module`` with its parameters and buffers copied to ``device`` (floats in ``dtype``).
+
+    The original tensors are put back on exit, exactly as they were (so no buffer
+    changes dtype); with ``write_back`` the parameters' new values are first copied
+    into them. When nothing needs to move, the module runs on its own tensors.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    originals: list[tuple[dict, str, torch.Tensor]] = []
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for key, tensor in store.items():
+                if tensor is None:
+                    continue
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                if tensor.device == device and tensor.dtype == target:
+                    continue
+                if id(tensor) not in copies:
+                    copy = tensor.detach().to(device=device, dtype=target)
+                    if isinstance(tensor, nn.Parameter):
+                        copy = nn.Parameter(copy, requires_grad=False)
+                    copies[id(tensor)] = copy
+                originals.append((store, key, tensor))
+                store[key] = copies[id(tensor)]
+    try:
+        yield
+    finally:
+        for store, key, tensor in originals:
+            if write_back and isinstance(tensor, nn.Parameter):
+                tensor.data.copy_(store[key].data)
+            store[key] = tensor
+
+
+@dataclass
+class Activations:
+    """The calibration activations entering the current block, in batches.
+
+    ``hidden[b]`` is ``[batch, seqlen, hidden_size]``; ``calls[b][i]`` holds the
+    positional and keyword arguments the model passed block ``i`` for batch ``b``.
+    """
+
+    hidden: list[torch.Tensor]
+    calls: list[list[tuple[tuple, dict]]]
+
+    def forward(self, block: nn.Module, index: int, update: bool) -> None:
+        """Run every batch through ``block``; with ``update`` its outputs replace the inputs."""
+        for b, hidden in enumerate(self.hidden):
+            args, kwargs = self.calls[b][index]
+            out = block(hidden, *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if update:
+                if not torch.isfinite(out).all():
+                    raise PrunellaError(
+                        f"block {index} produced NaN or Inf activations: the model or its "
+                        "pruned weights are numerically broken"
+                    )
+                self.hidden[b] = out
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Activations:
+    """Hidden states entering block 0 and every block's call arguments, per batch."""
+    blocks = adapter.blocks(model)
+    originals = list(blocks)
+    hidden, calls = [], []
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        for b in range(0, len(windows), batch_size):
+            batch_calls: list = [None] * len(originals)
+            for i in range(len(originals)):
+                blocks[i] = _Recorder(i, batch_calls, last=i == len(originals) - 1)
+            with on_device(model, device, dtype), contextlib.suppress(_StopForward):
+                model(input_ids=windows[b : b + batch_size].to(device), use_cache=False)
+            if any(call is None for call in batch_calls):
+                raise RuntimeError("capture did not reach every block")
+            hidden.append(batch_calls[0][0])
+            calls.append([(args, kwargs) for _, args, kwargs in batch_calls])
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        model.config.use_cache = use_cache
+    return Activations(hidden, calls)
+
+
+class ErrorProbe:
+    """Pre-hooks measuring ``||(W - W_hat) X||^2`` and ``||W X||^2`` on a layer's first tokens."""
+
+    def __init__(self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], tokens: int):
+        self.linears, self.dense, self.tokens = linears, dense, tokens
+        self.seen = dict.fromkeys(linears, 0)
+        self.err = dict.fromkeys(linears, 0.0)
+        self.ref = dict.fromkeys(linears, 0.0)
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            take = self.tokens - self.seen[name]
+            if take <= 0:
+                return
+            x = args[0].reshape(-1, args[0].shape[-1])[:take].float()
+            w = self.dense[name].float()
+            self.err[name] += (x @ (w - get_weight(module).float()).t()).square().sum().item()
+            self.ref[name] += (x @ w.t()).square().sum().item()
+            self.seen[name] += x.shape[0]
+
+        return pre_hook
+
+    def __enter__(self) -> ErrorProbe:
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def relative_error(self, name: str) -> float:
+        return (self.err[name] / self.ref[name]) ** 0.5 if self.ref[name] > 0 else 0.0
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    pattern: str
+    target_sparsity: float
+    sparsity: float
+    rel_error: float
+    info: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def prune_blocks(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    patterns: dict[str, Pattern],
+    solver: Solver,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    solver_options: dict | None = None,
+    error_tokens: int = 2048,
+    progress: bool = True,
+) -> tuple[list[LayerResult], dict[str, float]]:
+    """Prune every linear layer named in ``patterns``, block by block, in place.
+
+    Returns one :class:`LayerResult` per pruned layer and the seconds spent per phase.
+    """
+    options = solver_options or {}
+    timings = dict.fromkeys(("capture", "statistics", "solve", "propagate"), 0.0)
+    tick = time.perf_counter()
+    acts = capture(model, adapter, windows, batch_size, device, dtype)
+    timings["capture"] = time.perf_counter() - tick
+
+    results: list[LayerResult] = []
+    blocks = adapter.blocks(model)
+    bar = tqdm(
+        range(len(blocks)), desc=f"pruning ({solver.name})", unit="block", disable=not progress
+    )
+    for i in bar:
+        block = blocks[i]
+        prefix = f"{adapter.blocks_path}.{i}."
+        linears = {
+            local: layer
+            for local, layer in adapter.linears(block).items()
+            if prefix + local in patterns
+        }
+        storage = {local: get_weight(layer).dtype for local, layer in linears.items()}
+        with on_device(block, device, dtype, write_back=True):
+            tick = time.perf_counter()
+            stats = {}
+            if solver.needs and linears:
+                with StatsCollector(linears, solver.needs) as collector:
+                    acts.forward(block, i, update=False)
+                stats = collector.stats
+            timings["statistics"] += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            dense, info = {}, {}
+            for local, layer in linears.items():
+                name = prefix + local
+                weight = get_weight(layer)
+                if not torch.isfinite(weight).all():
+                    raise PrunellaError(f"layer {name} has NaN or Inf weights")
+                dense[local] = weight.detach().clone()
+                new, info[local] = solver.prune(
+                    weight.float(), patterns[name], stats.get(local), **options
+                )
+                # Round to the checkpoint's dtype now, so the next blocks are
+                # calibrated on exactly the weights that will be saved.
+                set_weight(layer, new.to(storage[local]))
+            timings["solve"] += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            with ErrorProbe(linears, dense, error_tokens) as probe:
+                acts.forward(block, i, update=True)
+            timings["propagate"] += time.perf_counter() - tick
+        for local, layer in linears.items():
+            name = prefix + local
+            weight = get_weight(layer)
+            results.append(
+                LayerResult(
+                    name=name,
+                    shape=tuple(weight.shape),
+                    pattern=str(patterns[name]),
+                    target_sparsity=patterns[name].sparsity,
+                    sparsity=(weight == 0).sum().item() / weight.numel(),
+                    rel_error=probe.relative_error(local),
+                    info=info[local],
+                )
+            )
+        del stats, dense
+    return results, timings
+
+
+@torch.no_grad()
+def visit_blocks(
+    model: nn.Module,
+    adapter: Adapter,
+    visit,
+    *,
+    needs: frozenset[str] = frozenset(),
+    windows: torch.Tensor | None = None,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "measuring",
+) -> None:
+    """Call ``visit(i, {name: (weight, stats)})`` for every block of the *dense* model.
+
+    With ``needs``, the calibration ``windows`` flow through the dense blocks (no
+    pruning) and each layer's statistics are gathered on the way; without, no
+    forward pass runs and ``stats`` is ``None``.
+    """
+    acts = capture(model, adapter, windows, batch_size, device, dtype) if needs else None
+    blocks = adapter.blocks(model)
+    for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
+        block = blocks[i]
+        linears = adapter.linears(block)
+        prefix = f"{adapter.blocks_path}.{i}."
+        with on_device(block, device, dtype):
+            stats = {}
+            if needs:
+                with StatsCollector(linears, needs) as collector:
+                    acts.forward(block, i, update=True)
+                stats = collector.stats
+            visit(i, {prefix + n: (get_weight(m), stats.get(n)) for n, m in linears.items()})

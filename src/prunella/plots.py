@@ -1,0 +1,60 @@
+"""Figures for reports: the per-block allocation picture (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def block_index(layer_name: str) -> int:
+    """The block number in a layer's dotted name (``model.layers.3.mlp.up_proj`` -> 3)."""
+    return int(next(part for part in layer_name.split(".") if part.isdigit()))
+
+
+def allocation_figure(plan: dict, layer_sizes: dict[str, int], path: str | Path) -> Path:
+    """Bars: parameter-weighted sparsity per block. Line: the method's metric per block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    pruned: dict[int, float] = {}
+    total: dict[int, int] = {}
+    for name, sparsity in plan["sparsity"].items():
+        b = block_index(name)
+        pruned[b] = pruned.get(b, 0.0) + sparsity * layer_sizes[name]
+        total[b] = total.get(b, 0) + layer_sizes[name]
+    blocks = sorted(total)
+    per_block = [pruned[b] / total[b] for b in blocks]
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(blocks) + 2), 3.6), dpi=120)
+    ax.bar(blocks, per_block, color="#7a9cc6", label="sparsity")
+    ax.axhline(plan["target"], color="#444", lw=1, ls="--", label=f"target {plan['target']:.0%}")
+    low, high = min(per_block), max(per_block)
+    ax.set_ylim(max(0.0, low - 0.1), min(1.0, high + 0.1))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    title = f"allocation: {plan['method']}"
+    if plan.get("metric") and plan.get("metric_name"):
+        values: dict[int, list[float]] = {}
+        for unit, value in plan["metric"].items():
+            values.setdefault(block_index(unit + "."), []).append(value)
+        twin = ax.twinx()
+        twin.plot(
+            blocks,
+            [sum(values[b]) / len(values[b]) for b in blocks],
+            color="#c0504d",
+            marker="o",
+            ms=3,
+            lw=1.5,
+            label=plan["metric_name"],
+        )
+        twin.set_ylabel(plan["metric_name"], color="#c0504d")
+        title += f" ({plan['metric_name']}, {plan['granularity']} granularity)"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

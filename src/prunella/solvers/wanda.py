@@ -1,0 +1,39 @@
+"""Wanda: pruning by weights and activations.
+
+Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large
+Language Models", ICLR 2024. The score of weight ``W_ij`` is
+
+    S_ij = |W_ij| * ||X_j||_2
+
+where ``X_j`` is input feature ``j`` over all calibration tokens. Weights are
+compared per output row (the paper's key finding); for ``N:M`` within each group
+of ``M`` of a row. No weight update.
+
+Where we differ: the paper prunes ``floor(s * in_features)`` per row, which can
+miss the layer's budget by up to one weight per row. Here every row loses
+``k // rows`` weights and the ``k % rows`` remaining ones go to the rows whose
+next-lowest score is smallest, so the layer loses exactly ``k = round(s * numel)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import NM, Pattern, nm_mask, pruned_count, row_balanced_mask
+from ..stats import COL_NORMS, LayerStats
+
+NEEDS = frozenset({COL_NORMS})
+
+
+def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
+    """``S_ij = |W_ij| * ||X_j||_2``."""
+    return weight.abs() * col_norms.to(weight.dtype).unsqueeze(0)
+
+
+def prune(weight: torch.Tensor, pattern: Pattern, stats: LayerStats) -> tuple[torch.Tensor, dict]:
+    scores = wanda_scores(weight, stats.col_norms)
+    if isinstance(pattern, NM):
+        mask = nm_mask(scores, pattern.n, pattern.m)
+    else:
+        mask = row_balanced_mask(scores, pruned_count(weight.numel(), pattern.sparsity))
+    return weight.masked_fill(mask, 0), {}

@@ -1,0 +1,125 @@
+"""Layer statistics gathered from calibration activations during capture.
+
+For a linear layer with inputs ``X`` (``[tokens, in_features]``, all calibration
+windows stacked) the solvers need at most:
+
+* ``hessian``   -- ``H = (2 / n) X^T X`` in float32, the SparseGPT / OBS Hessian of
+  the layer-wise squared error (``n`` = number of tokens).
+* ``col_norms`` -- ``||X_j||_2`` per input feature ``j``, Wanda's activation norm.
+  When the Hessian is gathered too it comes for free: ``||X_j||^2 = (n / 2) H_jj``.
+
+Layers that read the same tensor (``q/k/v_proj``, ``gate/up_proj``) share one
+:class:`LayerStats` object, so each Hessian is accumulated once per input, not
+once per layer. Accumulation is in place (``addmm_``), one call per batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+HESSIAN = "hessian"
+COL_NORMS = "col_norms"
+KNOWN = frozenset({HESSIAN, COL_NORMS})
+
+
+class LayerStats:
+    """Running sums over the inputs of one linear layer."""
+
+    def __init__(self, in_features: int, needs: Iterable[str], device: torch.device) -> None:
+        needs = set(needs)
+        self.tokens = 0
+        # Quantities a solver derives from the sums (e.g. SparseGPT's inverse-Hessian
+        # factor), kept here so layers that share this input compute them once.
+        self.derived: dict = {}
+        self.xtx = (
+            torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+            if HESSIAN in needs
+            else None
+        )
+        self.sq_sum = (
+            torch.zeros(in_features, dtype=torch.float32, device=device)
+            if COL_NORMS in needs and self.xtx is None
+            else None
+        )
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+        if self.sq_sum is not None:
+            self.sq_sum.add_(x.square().sum(0))
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``H = (2 / n) X^T X`` (float32)."""
+        if self.xtx is None:
+            raise RuntimeError("the Hessian was not gathered for this layer")
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    @property
+    def col_norms(self) -> torch.Tensor:
+        """``||X_j||_2`` for every input feature ``j`` (float32)."""
+        sq = self.xtx.diagonal() if self.xtx is not None else self.sq_sum
+        if sq is None:
+            raise RuntimeError("activation norms were not gathered for this layer")
+        return sq.clamp_min(0).sqrt()
+
+
+class StatsCollector:
+    """Forward pre-hooks that feed each linear layer's input into its :class:`LayerStats`.
+
+    Use as a context manager around the forward passes of one block. Layers whose
+    hooks see the very same input tensor object share one statistics object (found
+    through weak references, so no activation is kept alive).
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], needs: Iterable[str]) -> None:
+        self.needs = frozenset(needs)
+        unknown = self.needs - KNOWN
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN)}")
+        self.linears = linears
+        self.stats: dict[str, LayerStats] = {}
+        self._seen: dict[int, tuple[weakref.ref, LayerStats]] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            ref, seen = self._seen.get(id(x), (None, None))
+            already = ref is not None and ref() is x  # this input was accumulated before
+            if already and self.stats.setdefault(name, seen) is seen:
+                return
+            stats = self.stats.get(name)
+            if stats is None:
+                stats = self.stats[name] = LayerStats(x.shape[-1], self.needs, x.device)
+            stats.add(x)
+            self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
+            self._seen[id(x)] = (weakref.ref(x), stats)
+
+        return pre_hook
+
+    def __enter__(self) -> StatsCollector:
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(name))
+            for name, module in self.linears.items()
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._seen = {}
+
+    def shared_groups(self) -> list[list[str]]:
+        """Names of the layers grouped by the statistics object they share."""
+        groups: dict[int, list[str]] = {}
+        for name, stats in self.stats.items():
+            groups.setdefault(id(stats), []).append(name)
+        return list(groups.values())

@@ -1,0 +1,126 @@
+"""Tiny random models and a tokenizer, built offline, shared by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from prunella.data import shipped_path
+
+VOCAB = 384
+HIDDEN = 64
+FFN = 128
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4)
+    if family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
+        cls = {
+            "llama": tf.LlamaConfig,
+            "mistral": tf.MistralConfig,
+            "qwen2": tf.Qwen2Config,
+            "qwen3": tf.Qwen3Config,
+            "gemma": tf.GemmaConfig,
+            "phi3": tf.Phi3Config,
+        }[family]
+        extra = dict(head_dim=16) if family in ("gemma", "qwen3") else {}
+        return cls(
+            **common,
+            **extra,
+            intermediate_size=FFN,
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if family == "opt":
+        return tf.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_attention_heads=4,
+            ffn_dim=FFN,
+            num_hidden_layers=3,
+            max_position_embeddings=512,
+            word_embed_proj_dim=HIDDEN,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_head=4,
+            n_layer=3,
+            n_positions=512,
+            n_inner=FFN,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_attention_heads=4,
+            intermediate_size=FFN,
+            num_hidden_layers=3,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt", "gpt2", "gpt_neox"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained on the shipped sample (offline, < 1 s)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(shipped_path("sample"))], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def build_checkpoint(
+    path: Path, family: str, tokenizer_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).to(dtype)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir)

