@@ -261,7 +261,7 @@ def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, caps
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--allocation", "evopress"], "unknown allocation"),
+        (["--allocation", "evopress"], "--allocation"),
         (["--allocation", "alphapruning", "--lambda", "0.1"], "no option 'lam'"),
         (["--allocation", "owl", "--granularity", "row"], "granularity"),
         (["--allocation", "owl", "--min-sparsity", "0.8"], "outside the clamp"),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunella.cli import main
 
@@ -70,6 +73,24 @@ def inputs(tiny_llama, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("precious")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_llama, truncated)
+    weights = truncated / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    nan = tmp_path / "nan"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(nan)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(nan)
+    plan = json.loads((Path(__file__).parent / "data" / "plan_llama3.json").read_text())
+    off = {**plan, "sparsity": dict.fromkeys(plan["sparsity"], 0.1)}
+    (tmp_path / "plan_off.json").write_text(json.dumps(off))
+    unknown = {**plan, "sparsity": {**plan["sparsity"], "model.layers.7.mlp.up_proj": 0.5}}
+    (tmp_path / "plan_unknown.json").write_text(json.dumps(unknown))
+    (tmp_path / "recipe_key.yaml").write_text("sparsity: 0.5\nsolvr: wanda\n")
+    (tmp_path / "recipe_type.yaml").write_text("nsamples: many\n")
     return {
         "model": str(tiny_llama),
         "short": str(short),
@@ -77,6 +98,8 @@ def inputs(tiny_llama, tmp_path):
         "noconfig": str(noconfig),
         "full": str(full),
         "tmp": tmp_path,
+        "truncated": str(truncated),
+        "nan": str(nan),
     }
 
 
@@ -111,6 +134,47 @@ CASES = {
         ["prune", "{model}", "--out", "{tmp}/o", "--seqlen", "4096"],
         "exceeds the model's context",
     ),
+    "truncated weights": (["prune", "{truncated}", "--out", "{tmp}/o"], "corrupt safetensors"),
+    "nan weights": (
+        ["prune", "{nan}", "--out", "{tmp}/o", "--seqlen", "32", "--nsamples", "2"],
+        "model.layers.1.mlp.up_proj.weight has NaN",
+    ),
+    "unwritable out": (["prune", "{model}", "--out", "/proc/prunella-out"], "cannot write"),
+    "plan off target": (
+        [
+            "prune",
+            "{model}",
+            "--out",
+            "{tmp}/o",
+            "--allocation-file",
+            "{tmp}/plan_off.json",
+            "--seqlen",
+            "32",
+        ],
+        "not the target",
+    ),
+    "plan unknown layer": (
+        [
+            "prune",
+            "{model}",
+            "--out",
+            "{tmp}/o",
+            "--allocation-file",
+            "{tmp}/plan_unknown.json",
+            "--seqlen",
+            "32",
+        ],
+        "does not have",
+    ),
+    "recipe unknown key": (
+        ["prune", "{model}", "--out", "{tmp}/o", "--recipe", "{tmp}/recipe_key.yaml"],
+        "unknown key 'solvr'",
+    ),
+    "recipe wrong type": (
+        ["prune", "{model}", "--out", "{tmp}/o", "--recipe", "{tmp}/recipe_type.yaml"],
+        "nsamples",
+    ),
+    "offload value": (["prune", "{model}", "--out", "{tmp}/o", "--offload", "ram"], "--offload"),
     "eval missing data": (["eval", "{model}", "--data", "{tmp}/none.txt"], "neither a file"),
     "eval short data": (
         ["eval", "{model}", "--data", "{short}", "--seqlen", "64"],
@@ -131,6 +195,7 @@ def test_bad_input_one_line_nothing_written(case, inputs, capsys):
     assert lines and lines[-1].startswith("error: ") and needle in lines[-1], err
     assert "Traceback" not in err
     assert not (inputs["tmp"] / "o").exists()
+    assert not (inputs["tmp"] / "o.partial").exists()
     assert (Path(inputs["full"]) / "keep.txt").read_text() == "precious"
     assert tree_hash(Path(inputs["model"])) == before
 

@@ -162,3 +162,33 @@ def test_report_contents(tiny_llama):
     layer = report["layers"][0]
     assert {"name", "shape", "target_sparsity", "sparsity", "rel_error"} <= set(layer)
     assert report["calibration"]["tokens"] == 4 * 32
+
+
+def test_one_pass_calibrates_each_layer_on_pruned_predecessors(llama, windows):
+    """One pass: q_proj (first in its block) sees the same input as in two passes, while
+    o_proj sees the output of the *pruned* q/k/v projections."""
+    seen = {}
+    wanda = get_solver("wanda")
+
+    def recording(weight, pattern, stats):
+        seen.setdefault(len(seen), stats.col_norms.clone())
+        return wanda.prune(weight, pattern, stats)
+
+    solver = Solver("recording", frozenset({COL_NORMS}), recording)
+    one, two = copy.deepcopy(llama), copy.deepcopy(llama)
+    run(one, windows, solver=solver, one_pass=True)
+    first = dict(seen)
+    seen.clear()
+    run(two, windows, solver=solver)
+    assert torch.allclose(first[0], seen[0])  # block 0, q_proj: the same dense input
+    assert not torch.allclose(first[3], seen[3])  # block 0, o_proj: pruned q/k/v upstream
+    for p, q in zip(one.parameters(), two.parameters(), strict=True):
+        assert (p == 0).sum() == (q == 0).sum()
+
+
+def test_one_pass_equals_two_passes_for_magnitude(llama, windows):
+    one, two = copy.deepcopy(llama), copy.deepcopy(llama)
+    run(one, windows, solver="magnitude", one_pass=True)
+    run(two, windows, solver="magnitude")
+    for p, q in zip(one.parameters(), two.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -8,12 +8,15 @@ prunella.save(model, "out/", report)   # tokenizer copied from the source checkp
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from . import __version__
 from .adapters import Adapter, adapter_for
@@ -22,8 +25,10 @@ from .data import calibration_windows, describe, evaluation_windows
 from .engine import prune_blocks, visit_blocks
 from .errors import PrunellaError
 from .evaluation import perplexity
-from .models import load
+from .models import assert_finite, check_checkpoint, load
 from .patterns import Pattern, Unstructured, parse_pattern
+from .plots import block_index
+from .recipe import Recipe
 from .solvers import get_solver
 
 
@@ -62,6 +67,25 @@ def prunable_layers(model: torch.nn.Module, adapter: Adapter) -> dict[str, tuple
         for local, layer in adapter.linears(block).items():
             layers[f"{adapter.blocks_path}.{i}.{local}"] = tuple(get_weight(layer).shape)
     return layers
+
+
+def choose_passes(passes, model, windows, device: torch.device) -> int:
+    """1 or 2 passes per block; ``"auto"`` takes 1 when all windows fit as one batch.
+
+    The estimate: a few float32 activations of the widest layer for every
+    calibration token, against a quarter of the free memory (of the GPU, or of the
+    machine on CPU).
+    """
+    if passes in (1, 2, "1", "2"):
+        return int(passes)
+    if passes != "auto":
+        raise PrunellaError(f"passes must be 1, 2 or auto, got {passes!r}")
+    nsamples, seqlen = windows.shape if isinstance(windows, torch.Tensor) else windows
+    config = model.config
+    width = max(getattr(config, "intermediate_size", 0) or 0, 4 * config.hidden_size)
+    need = 6 * nsamples * seqlen * width * 4
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    return 1 if free and need < free / 4 else 2
 
 
 def _default_batch_size(seqlen: int) -> int:
@@ -105,6 +129,7 @@ def allocate(
     device: torch.device | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    visit_hooks: dict | None = None,
 ) -> Plan:
     """A :class:`Plan` (sparsity per layer) for ``pattern``'s target by allocation ``method``.
 
@@ -157,6 +182,7 @@ def allocate(
         batch_size=batch_size,
         progress=progress,
         desc=f"allocation ({method})",
+        **(visit_hooks or {}),
     )
     return build_plan(
         chosen,
@@ -170,6 +196,86 @@ def allocate(
         min_sparsity,
         max_sparsity,
     )
+
+
+def _resolve_plan(
+    model,
+    adapter,
+    allocation,
+    pattern,
+    sparsity,
+    windows,
+    options: dict,
+    progress: bool,
+    visit_hooks: dict | None = None,
+) -> Plan:
+    """A Plan from a Plan object, a plan file, or a method name."""
+    if isinstance(allocation, Plan):
+        return allocation
+    if isinstance(allocation, Path) or str(allocation).endswith(".json"):
+        return load_plan(allocation, prunable_layers(model, adapter), sparsity)
+    return allocate(
+        model,
+        adapter,
+        str(allocation),
+        pattern,
+        windows=windows,
+        progress=progress,
+        visit_hooks=visit_hooks,
+        **options,
+    )
+
+
+def _report(
+    *,
+    model,
+    source,
+    chosen,
+    solver_options,
+    pattern,
+    plan,
+    seed,
+    calib,
+    windows,
+    dev,
+    model_dtype,
+    dtype,
+    started,
+    timings,
+    results,
+    extra=None,
+) -> dict:
+    total = sum(r["shape"][0] * r["shape"][1] for r in results)
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in results)
+    return {
+        "prunella_version": __version__,
+        "model": source,
+        "architecture": model.config.model_type,
+        "solver": chosen.name,
+        "solver_options": solver_options or {},
+        "pattern": str(pattern),
+        "target_sparsity": plan.target,
+        "sparsity": zeros / total if total else 0.0,
+        "prunable_parameters": total,
+        "seed": seed,
+        "calibration": {
+            "source": calib,
+            "nsamples": windows.shape[0],
+            "seqlen": windows.shape[1],
+            "tokens": windows.numel(),
+        },
+        "allocation": plan.to_json(),
+        "device": str(dev),
+        "dtype": str(model_dtype).removeprefix("torch."),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "wall_seconds": time.perf_counter() - started,
+        "seconds": timings,
+        **peak_memory_mb(dev),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **(extra or {}),
+        "layers": results,
+    }
 
 
 def prune(
@@ -191,6 +297,7 @@ def prune(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     solver_options: dict | None = None,
+    passes: str | int = "auto",
     progress: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
     """Prune ``model`` (a checkpoint path, a bundled name, or a loaded HF causal LM) in place.
@@ -199,7 +306,11 @@ def prune(
     or ready token windows ``LongTensor[n, seqlen]``. ``allocation`` is a method name
     (``uniform``, ``owl``, ``alphapruning``), a :class:`Plan`, or the path of a plan
     written by ``prunella allocate --json``. Returns the pruned model and the report,
-    a JSON-serialisable dict (see README, "The report").
+    a JSON-serialisable dict (see README, "The report"). ``passes`` is 1 (each
+    block pruned in a single forward pass over all windows), 2 (a statistics pass, then
+    a pass over the pruned block: the papers' protocol) or ``"auto"`` (1 when all
+    windows fit in memory as one batch); see :func:`prunella.engine.prune_blocks`. For a
+    checkpoint on disk, :func:`prune_to_dir` adds resuming and models larger than memory.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -218,35 +329,32 @@ def prune(
 
     tick = time.perf_counter()
     windows, calib_name = _calibration(model, tokenizer, calibration, nsamples, seqlen, seed)
-    nsamples, seqlen = windows.shape
-    batch_size = batch_size or _default_batch_size(seqlen)
+    batch_size = batch_size or _default_batch_size(windows.shape[1])
     timings["calibration_data"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    if isinstance(allocation, Plan):
-        plan = allocation
-    elif isinstance(allocation, Path) or str(allocation).endswith(".json"):
-        plan = load_plan(allocation, prunable_layers(model, adapter), sparsity)
-    else:
-        plan = allocate(
-            model,
-            adapter,
-            str(allocation),
-            pattern,
-            windows=windows,
-            granularity=granularity,
-            options=allocation_options,
-            min_sparsity=min_sparsity,
-            max_sparsity=max_sparsity,
-            device=dev,
-            batch_size=batch_size,
-            progress=progress,
-        )
+    plan = _resolve_plan(
+        model,
+        adapter,
+        allocation,
+        pattern,
+        sparsity,
+        windows,
+        {
+            "granularity": granularity,
+            "options": allocation_options,
+            "min_sparsity": min_sparsity,
+            "max_sparsity": max_sparsity,
+            "device": dev,
+            "batch_size": batch_size,
+        },
+        progress,
+    )
     timings["allocation"] = time.perf_counter() - tick
 
     model_dtype = next(model.parameters()).dtype
     dtype = compute_dtype(model_dtype, dev)
-    layers, phase_times = prune_blocks(
+    results, phase_times = prune_blocks(
         model,
         adapter,
         windows,
@@ -256,51 +364,279 @@ def prune(
         dtype=dtype,
         batch_size=batch_size,
         solver_options=solver_options,
+        one_pass=(passes := choose_passes(passes, model, windows, dev)) == 1,
         progress=progress,
     )
     timings.update(phase_times)
-    total = sum(r.shape[0] * r.shape[1] for r in layers)
-    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers)
-    report = {
-        "prunella_version": __version__,
-        "model": source,
-        "architecture": model.config.model_type,
-        "solver": chosen.name,
-        "solver_options": solver_options or {},
-        "pattern": str(pattern),
-        "target_sparsity": plan.target,
-        "sparsity": zeros / total if total else 0.0,
-        "prunable_parameters": total,
-        "seed": seed,
-        "calibration": {
-            "source": calib_name,
-            "nsamples": nsamples,
-            "seqlen": seqlen,
-            "tokens": nsamples * seqlen,
-        },
-        "allocation": plan.to_json(),
-        "device": str(dev),
-        "dtype": str(model_dtype).removeprefix("torch."),
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "wall_seconds": time.perf_counter() - started,
-        "seconds": timings,
-        **peak_memory_mb(dev),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "layers": [
-            {
-                "name": r.name,
-                "shape": list(r.shape),
-                "pattern": r.pattern,
-                "target_sparsity": r.target_sparsity,
-                "sparsity": r.sparsity,
-                "rel_error": r.rel_error,
-                **r.info,
-            }
-            for r in layers
-        ],
-    }
+    report = _report(
+        model=model,
+        source=source,
+        chosen=chosen,
+        solver_options=solver_options,
+        pattern=pattern,
+        plan=plan,
+        seed=seed,
+        calib=calib_name,
+        windows=windows,
+        dev=dev,
+        model_dtype=model_dtype,
+        dtype=dtype,
+        started=started,
+        timings=timings,
+        results=[r.as_dict() for r in results],
+        extra={"passes": passes},
+    )
     return model, report
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (``MemAvailable``), or 0 if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _fingerprint(recipe: Recipe, path: Path, windows_source: str) -> dict:
+    """What determines the pruned weights; a resumed run must match it exactly."""
+    import hashlib
+
+    config = (path / "config.json").read_bytes()
+    weights = sorted([f.name, f.stat().st_size] for f in path.glob("*.safetensors"))
+    fields = recipe.model_dump(exclude={"out", "offload", "model"})
+    if recipe.allocation_file:
+        fields["allocation_file"] = hashlib.sha256(
+            Path(recipe.allocation_file).read_bytes()
+        ).hexdigest()
+    if Path(recipe.calib).is_file():
+        fields["calib"] = hashlib.sha256(Path(recipe.calib).read_bytes()).hexdigest()
+    return {
+        "model": str(path.resolve()),
+        "config_sha256": hashlib.sha256(config).hexdigest(),
+        "weights": weights,
+        "calibration": windows_source,
+        **fields,
+        "prunella_version": __version__,
+    }
+
+
+def prune_to_dir(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Prune ``recipe.model`` into ``recipe.out``: resumable, and streamed when asked or needed.
+
+    Progress is kept in ``OUT.partial`` after every block; re-running the same
+    recipe continues from the last finished block (``resume=True`` insists on
+    it; ``restart=True`` discards it). With ``offload="disk"`` (or ``"auto"`` when
+    the checkpoint would take more than half the available memory) only one
+    block is in memory at a time. Returns the report.
+    """
+    from . import export, streaming
+    from .resume import WorkDir
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    pattern = parse_pattern(recipe.pattern, recipe.sparsity)
+    chosen = get_solver(recipe.solver)
+    dev = pick_device(recipe.device)
+    path, adapter = check_checkpoint(recipe.model)
+    out = export.check_out_dir(recipe.out, path, overwrite)
+    work = WorkDir(out)
+    reader = streaming.CheckpointReader(path)
+    offload = recipe.offload
+    if offload == "auto":
+        budget = available_memory()
+        offload = "disk" if budget and reader.nbytes() > budget / 2 else "none"
+
+    tick = time.perf_counter()
+    if offload == "disk":
+        config_dtype = (
+            json.loads((path / "config.json").read_text()).get("torch_dtype")
+            or json.loads((path / "config.json").read_text()).get("dtype")
+            or "float32"
+        )
+        model = streaming.empty_model(path, getattr(torch, config_dtype))
+        key_map = streaming.checkpoint_key_map(model, reader)
+        streaming.materialize(model, "", reader, key_map, skip=adapter.blocks_path)
+        assert_finite(model)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        model, tokenizer, _, _ = load(path)
+        key_map = streaming.checkpoint_key_map(model, reader)
+    timings["load"] = time.perf_counter() - tick
+    model_dtype = next(p for p in model.parameters()).dtype
+    dtype = compute_dtype(model_dtype, dev)
+    blocks_path = adapter.blocks_path
+    passes = choose_passes(recipe.passes, model, (recipe.nsamples, recipe.seqlen), dev)
+    recipe = recipe.model_copy(update={"passes": passes})  # resolved: resumes must match it
+
+    def load_block(i: int, block: torch.nn.Module) -> None:
+        if offload == "disk":
+            streaming.materialize(block, f"{blocks_path}.{i}.", reader, key_map)
+            assert_finite(block, f"{blocks_path}.{i}.")
+
+    def block_tensors(i: int, block: torch.nn.Module) -> dict:
+        return streaming.module_tensors(block, f"{blocks_path}.{i}.", key_map)
+
+    # the work folder holds a copy of the pruned blocks; an in-memory run then saves another
+    export.check_disk_space(out.resolve().parent, reader.nbytes() * (2 if offload == "none" else 1))
+    fingerprint = _fingerprint(recipe, path, describe(recipe.calib))
+    if work.exists() and restart:
+        work.discard()
+    resuming = work.exists()
+    if resume and not resuming:
+        raise PrunellaError(f"nothing to resume: {work.path} does not exist")
+    tick = time.perf_counter()
+    if resuming:
+        work.check(fingerprint)
+        windows, plan, start = work.windows(), Plan(**_plan_fields(work.plan())), work.next_block()
+        hidden = work.hidden(start) if start else None
+        results = [r for r in work.results() if block_index(r["name"]) < start]
+        if offload == "none":  # put the finished blocks' pruned weights back
+            inverse = {key: name for name, key in key_map.items()}
+            for i in range(start):
+                for key, tensor in load_file(work.block_file(i)).items():
+                    model.get_parameter(inverse[key]).data.copy_(tensor)
+        if progress:
+            print(f"resuming {work.path} at block {start}", file=sys.stderr)
+    else:
+        windows, _ = _calibration(
+            model, tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed
+        )
+        timings["calibration_data"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        hooks = {"before": load_block, "after": lambda i, block: _release(block, offload)}
+        plan = _resolve_plan(
+            model,
+            adapter,
+            Path(recipe.allocation_file) if recipe.allocation_file else recipe.allocation,
+            pattern,
+            recipe.sparsity,
+            windows,
+            {
+                "granularity": recipe.granularity,
+                "options": recipe.allocation_options(),
+                "min_sparsity": recipe.min_sparsity,
+                "max_sparsity": recipe.max_sparsity,
+                "device": dev,
+                "batch_size": recipe.batch_size or _default_batch_size(recipe.seqlen),
+            },
+            progress,
+            visit_hooks=hooks,
+        )
+        timings["allocation"] = time.perf_counter() - tick
+        work.start(fingerprint, windows, plan.to_json())
+        start, hidden, results = 0, None, []
+    if isinstance(pattern, Unstructured):  # the resolved recipe names the sparsity it used
+        recipe = recipe.model_copy(update={"sparsity": plan.target})
+
+    def finish_block(i: int, block: torch.nn.Module, acts, block_results) -> None:
+        results.extend(r.as_dict() for r in block_results)
+        work.save_block(i, block_tensors(i, block), acts.hidden, results)
+        _release(block, offload)
+
+    try:
+        _, phase_times = prune_blocks(
+            model,
+            adapter,
+            windows,
+            plan.patterns(),
+            chosen,
+            device=dev,
+            dtype=dtype,
+            batch_size=recipe.batch_size or _default_batch_size(windows.shape[1]),
+            solver_options=recipe.solver_options(),
+            one_pass=passes == 1,
+            progress=progress,
+            start=start,
+            hidden=hidden,
+            before_block=load_block,
+            after_block=finish_block,
+        )
+    except PrunellaError:
+        if work.next_block() == 0:  # nothing finished: leave nothing behind
+            work.discard()
+        raise
+    timings.update(phase_times)
+    report = _report(
+        model=model,
+        source=str(path),
+        chosen=chosen,
+        solver_options=recipe.solver_options(),
+        pattern=pattern,
+        plan=plan,
+        seed=recipe.seed,
+        calib=describe(recipe.calib),
+        windows=windows,
+        dev=dev,
+        model_dtype=model_dtype,
+        dtype=dtype,
+        started=started,
+        timings=timings,
+        results=results,
+        extra={"offload": offload, "passes": passes, "resumed_from_block": start},
+    )
+    try:
+        _save_output(
+            export,
+            model,
+            work,
+            out,
+            report,
+            recipe,
+            key_map,
+            adapter,
+            tokenizer,
+            path,
+            offload,
+            overwrite,
+        )
+    except PrunellaError as exc:
+        raise PrunellaError(
+            f"{exc}; the pruned blocks are kept in {work.path}: re-run the same command to finish"
+        ) from None
+    work.discard()
+    return report
+
+
+def _save_output(
+    export, model, work, out, report, recipe, key_map, adapter, tokenizer, path, offload, overwrite
+) -> None:
+    if offload == "disk":
+        export.save_streamed(
+            model, work, out, report, recipe, key_map, adapter, tokenizer, overwrite=overwrite
+        )
+    else:
+        export.save(
+            model,
+            out,
+            report,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            model_dir=path,
+            recipe=recipe,
+        )
+
+
+def _release(block: torch.nn.Module, offload: str) -> None:
+    if offload == "disk":
+        from .streaming import release
+
+        release(block)
+
+
+def _plan_fields(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k != "format"}
 
 
 def evaluate(

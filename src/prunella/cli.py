@@ -38,91 +38,126 @@ app = typer.Typer(
 )
 
 
+def _opt(help_text: str, *names: str):
+    """A prune option whose default (None) means: from the recipe, or the recipe's default."""
+    return typer.Option(*names, help=help_text, show_default=False)
+
+
 @app.command("prune")
 def prune_command(
     model: Annotated[
-        str, typer.Argument(help="Checkpoint folder, or a bundled name (smollm2-135m).")
-    ],
+        str | None,
+        typer.Argument(
+            help="Checkpoint folder, or a bundled name (smollm2-135m).", show_default=False
+        ),
+    ] = None,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder for the pruned checkpoint.")
-    ],
+        Path | None, _opt("Output folder for the pruned checkpoint.", "--out", "-o")
+    ] = None,
+    recipe: Annotated[
+        Path | None, _opt("YAML file of options; flags given here override it.")
+    ] = None,
     sparsity: Annotated[
-        float | None, typer.Option(help="Fraction of weights to prune, in [0, 1) (default 0.5).")
+        float | None, _opt("Fraction of weights to prune, in [0, 1) [0.5].")
     ] = None,
-    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M, e.g. 2:4.")] = "unstructured",
-    solver: Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt.")] = "sparsegpt",
+    pattern: Annotated[str | None, _opt("'unstructured' or N:M, e.g. 2:4 [unstructured].")] = None,
+    solver: Annotated[str | None, _opt("magnitude, wanda or sparsegpt [sparsegpt].")] = None,
     calib: Annotated[
-        str, typer.Option(help="Calibration text: a file, 'sample' (shipped), wikitext2 or c4.")
-    ] = "sample",
-    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed for drawing the calibration windows.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+        str | None, _opt("Calibration text: a file, 'sample' (shipped), wikitext2 or c4 [sample].")
+    ] = None,
+    nsamples: Annotated[int | None, _opt("Number of calibration windows [128].")] = None,
+    seqlen: Annotated[int | None, _opt("Tokens per calibration window [2048].")] = None,
+    seed: Annotated[int | None, _opt("Seed for drawing the calibration windows [0].")] = None,
+    device: Annotated[str | None, _opt("auto, cpu, cuda or cuda:N [auto].")] = None,
     batch_size: Annotated[
-        int | None,
-        typer.Option(help="Calibration windows per forward pass (default: 16384 tokens' worth)."),
+        int | None, _opt("Calibration windows per forward pass [16384 tokens' worth].")
     ] = None,
-    allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
+    allocation: Annotated[str | None, _opt(ALLOCATION_HELP + " [uniform]")] = None,
     allocation_file: Annotated[
-        Path | None,
-        typer.Option(help="A plan from 'prunella allocate --json' (overrides --allocation)."),
+        Path | None, _opt("A plan from 'prunella allocate --json' (overrides --allocation).")
     ] = None,
-    granularity: Annotated[str, typer.Option(help=GRANULARITY_HELP)] = "block",
-    min_sparsity: Annotated[float, typer.Option(help="Lowest sparsity any layer gets.")] = 0.0,
-    max_sparsity: Annotated[float, typer.Option(help="Highest sparsity any layer gets.")] = 0.99,
-    lam: Annotated[float | None, typer.Option("--lambda", help=LAMBDA_HELP)] = None,
-    outlier_m: Annotated[float | None, typer.Option(help=OUTLIER_M_HELP)] = None,
-    epsilon: Annotated[float | None, typer.Option(help=EPSILON_HELP)] = None,
-    farms: Annotated[bool | None, typer.Option("--farms/--no-farms", help=FARMS_HELP)] = None,
+    granularity: Annotated[str | None, _opt(GRANULARITY_HELP + " [block]")] = None,
+    min_sparsity: Annotated[float | None, _opt("Lowest sparsity any layer gets [0].")] = None,
+    max_sparsity: Annotated[float | None, _opt("Highest sparsity any layer gets [0.99].")] = None,
+    lam: Annotated[float | None, _opt(LAMBDA_HELP, "--lambda")] = None,
+    outlier_m: Annotated[float | None, _opt(OUTLIER_M_HELP)] = None,
+    epsilon: Annotated[float | None, _opt(EPSILON_HELP)] = None,
+    farms: Annotated[bool | None, _opt(FARMS_HELP, "--farms/--no-farms")] = None,
+    offload: Annotated[
+        str | None,
+        _opt("none (whole model in memory), disk (one block at a time) or auto [auto]."),
+    ] = None,
+    passes: Annotated[
+        str | None,
+        _opt(
+            "Forward passes per block: 1 (all windows as one batch; each layer sees the "
+            "already-pruned layers before it), 2 (statistics pass, then the pruned block, as "
+            "in the papers), or auto (1 when it fits in memory) [auto]."
+        ),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Insist on resuming OUT.partial.")] = False,
+    restart: Annotated[bool, typer.Option(help="Discard OUT.partial and start over.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Prune MODEL and write a Hugging Face checkpoint plus prune_report.json to --out."""
+    """Prune MODEL and write a Hugging Face checkpoint, prune_report.json, allocation.png and
+    recipe.yaml to --out. Progress is kept in OUT.partial: re-running the same command after
+    a crash continues from the last finished block."""
     if quiet:
         _quiet_transformers()
     from . import api, data, export, models
     from .patterns import parse_pattern
-    from .solvers import get_solver
+    from .recipe import build
 
-    chosen = parse_pattern(pattern, sparsity)
-    get_solver(solver)
-    if nsamples < 1:
-        raise PrunellaError(f"--nsamples must be at least 1, got {nsamples}")
-    if seqlen < 2:
-        raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
-    if batch_size is not None and batch_size < 1:
-        raise PrunellaError(f"--batch-size must be at least 1, got {batch_size}")
-    api.pick_device(device)
-    data.check_source(calib)
-    path, _ = models.check_checkpoint(model)
-    export.check_out_dir(out, path, overwrite)
-    options = _allocation_options(lam, outlier_m, epsilon, farms)
-    if allocation_file is not None and not allocation_file.is_file():
-        raise PrunellaError(f"allocation file {allocation_file} not found")
-
-    pruned, report = api.prune(
-        str(path),
+    options = build(
+        recipe,
+        model=model,
+        out=str(out) if out is not None else None,
         sparsity=sparsity,
-        pattern=chosen,
+        pattern=pattern,
         solver=solver,
-        allocation=allocation_file if allocation_file is not None else allocation,
-        allocation_options=options,
-        granularity=granularity,
-        min_sparsity=min_sparsity,
-        max_sparsity=max_sparsity,
-        calibration=calib,
+        calib=calib,
         nsamples=nsamples,
         seqlen=seqlen,
         seed=seed,
         device=device,
         batch_size=batch_size,
-        progress=not quiet,
+        allocation=allocation,
+        allocation_file=str(allocation_file) if allocation_file is not None else None,
+        granularity=granularity,
+        min_sparsity=min_sparsity,
+        max_sparsity=max_sparsity,
+        lam=lam,
+        outlier_m=outlier_m,
+        epsilon=epsilon,
+        farms=farms,
+        offload=offload,
+        passes=int(passes) if passes in ("1", "2") else passes,
     )
-    export.save(pruned, out, report, overwrite=overwrite, model_dir=path)
+    if options.model is None:
+        raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
+    if options.out is None:
+        raise PrunellaError("missing --out: give it on the command line or in the recipe")
+    if resume and restart:
+        raise PrunellaError("--resume and --restart exclude each other")
+    parse_pattern(options.pattern, options.sparsity)
+    api.pick_device(options.device)
+    data.check_source(options.calib)
+    path, _ = models.check_checkpoint(options.model)
+    export.check_out_dir(options.out, path, overwrite)
+    if options.allocation_file is not None and not Path(options.allocation_file).is_file():
+        raise PrunellaError(f"allocation file {options.allocation_file} not found")
+    from .allocation import get_method, method_options
+
+    method_options(get_method(options.allocation), options.allocation_options())
+
+    report = api.prune_to_dir(
+        options, overwrite=overwrite, resume=resume, restart=restart, progress=not quiet
+    )
     typer.echo(
         f"pruned {report['prunable_parameters']:,} weights to {report['sparsity']:.2%} sparsity "
         f"({report['pattern']}, {report['solver']}, {report['allocation']['method']} allocation) "
-        f"in {report['wall_seconds']:.1f}s -> {out}"
+        f"in {report['wall_seconds']:.1f}s -> {options.out}"
     )
 
 

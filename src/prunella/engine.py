@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -101,19 +101,40 @@ class Activations:
     hidden: list[torch.Tensor]
     calls: list[list[tuple[tuple, dict]]]
 
+    def run(self, block: nn.Module, index: int, b: int) -> torch.Tensor:
+        args, kwargs = self.calls[b][index]
+        out = block(self.hidden[b], *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
     def forward(self, block: nn.Module, index: int, update: bool) -> None:
         """Run every batch through ``block``; with ``update`` its outputs replace the inputs."""
-        for b, hidden in enumerate(self.hidden):
-            args, kwargs = self.calls[b][index]
-            out = block(hidden, *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+        for b in range(len(self.hidden)):
+            out = self.run(block, index, b)
             if update:
                 if not torch.isfinite(out).all():
-                    raise PrunellaError(
-                        f"block {index} produced NaN or Inf activations: the model or its "
-                        "pruned weights are numerically broken"
-                    )
+                    raise PrunellaError(self.locate_non_finite(block, index, b))
                 self.hidden[b] = out
+
+    def locate_non_finite(self, block: nn.Module, index: int, b: int) -> str:
+        """Name the first module of ``block`` whose output is NaN or Inf on batch ``b``."""
+        found: list[str] = []
+
+        def hook(name):
+            def check(module, args, out):
+                out = out[0] if isinstance(out, tuple) else out
+                if not found and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+                    found.append(name)
+
+            return check
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in block.named_modules() if n]
+        try:
+            self.run(block, index, b)
+        finally:
+            for handle in handles:
+                handle.remove()
+        where = f", first in {found[0]}" if found else ""
+        return f"NaN or Inf activations in block {index}{where}: the model is numerically broken"
 
 
 @torch.no_grad()
@@ -150,7 +171,11 @@ def capture(
 
 
 class ErrorProbe:
-    """Pre-hooks measuring ``||(W - W_hat) X||^2`` and ``||W X||^2`` on a layer's first tokens."""
+    """Relative error ``||(W - W_hat) X|| / ||W X||`` of each layer on its first input tokens.
+
+    As a context manager it measures with forward pre-hooks; :meth:`add` measures
+    one input directly.
+    """
 
     def __init__(self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], tokens: int):
         self.linears, self.dense, self.tokens = linears, dense, tokens
@@ -159,22 +184,20 @@ class ErrorProbe:
         self.ref = dict.fromkeys(linears, 0.0)
         self._handles: list = []
 
-    def _hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            take = self.tokens - self.seen[name]
-            if take <= 0:
-                return
-            x = args[0].reshape(-1, args[0].shape[-1])[:take].float()
-            w = self.dense[name].float()
-            self.err[name] += (x @ (w - get_weight(module).float()).t()).square().sum().item()
-            self.ref[name] += (x @ w.t()).square().sum().item()
-            self.seen[name] += x.shape[0]
-
-        return pre_hook
+    def add(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        take = self.tokens - self.seen[name]
+        if take <= 0:
+            return
+        x = x.reshape(-1, x.shape[-1])[:take].float()
+        w = self.dense[name].float()
+        self.err[name] += (x @ (w - get_weight(module).float()).t()).square().sum().item()
+        self.ref[name] += (x @ w.t()).square().sum().item()
+        self.seen[name] += x.shape[0]
 
     def __enter__(self) -> ErrorProbe:
         self._handles = [
-            m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()
+            m.register_forward_pre_hook(lambda mod, args, n=n: self.add(n, mod, args[0]))
+            for n, m in self.linears.items()
         ]
         return self
 
@@ -196,6 +219,103 @@ class LayerResult:
     rel_error: float
     info: dict = field(default_factory=dict)
 
+    def as_dict(self) -> dict:
+        """The report row: name, shape, pattern, target and achieved sparsity, error, info."""
+        row = {k: v for k, v in self.__dict__.items() if k != "info"}
+        return {**row, "shape": list(self.shape), **self.info}
+
+
+@dataclass
+class BlockPruner:
+    """Prunes the linear layers of one block at a time, in one or two passes."""
+
+    patterns: dict[str, Pattern]
+    solver: Solver
+    options: dict
+    error_tokens: int
+    one_pass: bool
+    timings: dict[str, float]
+
+    def solve(self, name: str, layer: nn.Module, stats, storage: torch.dtype) -> tuple:
+        """Prune ``layer`` in place; return its dense weight and the solver's facts."""
+        tick = time.perf_counter()
+        weight = get_weight(layer)
+        if not torch.isfinite(weight).all():
+            raise PrunellaError(f"layer {name} has NaN or Inf weights")
+        dense = weight.detach().clone()
+        new, info = self.solver.prune(weight.float(), self.patterns[name], stats, **self.options)
+        # Round to the checkpoint's dtype now, so that what follows is calibrated on
+        # exactly the weights that will be saved.
+        set_weight(layer, new.to(storage))
+        self.timings["solve"] += time.perf_counter() - tick
+        return dense, info
+
+    def __call__(
+        self,
+        index: int,
+        block: nn.Module,
+        prefix: str,
+        acts: Activations,
+        linears: dict[str, nn.Module],
+        storage: dict[str, torch.dtype],
+    ) -> list:
+        dense: dict[str, torch.Tensor] = {}
+        info: dict[str, dict] = {}
+        probe = ErrorProbe(linears, dense, self.error_tokens)
+        collector = StatsCollector(linears, self.solver.needs)
+        timings = self.timings
+        if self.one_pass:
+            # One forward: each layer is pruned the moment its input arrives (from the
+            # already-pruned layers before it), and the forward goes on with it.
+            def prune_on_arrival(local: str):
+                def pre_hook(module: nn.Module, args: tuple) -> None:
+                    tick = time.perf_counter()
+                    stats = collector.collect(local, args[0]) if self.solver.needs else None
+                    timings["statistics"] += time.perf_counter() - tick
+                    dense[local], info[local] = self.solve(
+                        prefix + local, module, stats, storage[local]
+                    )
+                    probe.add(local, module, args[0])
+
+                return pre_hook
+
+            handles = [m.register_forward_pre_hook(prune_on_arrival(n)) for n, m in linears.items()]
+            inside = timings["statistics"] + timings["solve"]
+            tick = time.perf_counter()
+            try:
+                acts.forward(block, index, update=True)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            inside = timings["statistics"] + timings["solve"] - inside
+            timings["propagate"] += time.perf_counter() - tick - inside
+        else:
+            tick = time.perf_counter()
+            if self.solver.needs and linears:
+                with collector:
+                    acts.forward(block, index, update=False)
+            timings["statistics"] += time.perf_counter() - tick
+            for local, layer in linears.items():
+                dense[local], info[local] = self.solve(
+                    prefix + local, layer, collector.stats.get(local), storage[local]
+                )
+            tick = time.perf_counter()
+            with probe:
+                acts.forward(block, index, update=True)
+            timings["propagate"] += time.perf_counter() - tick
+        return [
+            LayerResult(
+                name=prefix + local,
+                shape=tuple(get_weight(layer).shape),
+                pattern=str(self.patterns[prefix + local]),
+                target_sparsity=self.patterns[prefix + local].sparsity,
+                sparsity=(get_weight(layer) == 0).sum().item() / get_weight(layer).numel(),
+                rel_error=probe.relative_error(local),
+                info=info[local],
+            )
+            for local, layer in linears.items()
+        ]
+
 
 @torch.no_grad()
 def prune_blocks(
@@ -211,24 +331,50 @@ def prune_blocks(
     solver_options: dict | None = None,
     error_tokens: int = 2048,
     progress: bool = True,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
+    before_block: Callable[[int, nn.Module], None] | None = None,
+    after_block: Callable[[int, nn.Module, Activations, list[LayerResult]], None] | None = None,
+    one_pass: bool = False,
 ) -> tuple[list[LayerResult], dict[str, float]]:
     """Prune every linear layer named in ``patterns``, block by block, in place.
 
-    Returns one :class:`LayerResult` per pruned layer and the seconds spent per phase.
+    ``start`` and ``hidden`` resume at a block with its saved inputs;
+    ``before_block(i, block)`` runs before block ``i`` is touched (to read it from
+    disk) and ``after_block(i, block, activations, results)`` once it is pruned and
+    its outputs computed (to save progress, or drop it from memory). Returns one
+    :class:`LayerResult` per pruned layer and the seconds spent per phase.
+
+    ``one_pass``: instead of a statistics pass over the dense block and a second
+    pass over the pruned one (the papers' protocol), run all calibration windows as
+    one batch through the block once, pruning each layer from a pre-hook as its
+    input arrives; every layer is then calibrated on the outputs of the pruned
+    layers before it, and the block's outputs need no second pass.
     """
-    options = solver_options or {}
+    if one_pass:
+        batch_size = len(windows)
     timings = dict.fromkeys(("capture", "statistics", "solve", "propagate"), 0.0)
     tick = time.perf_counter()
     acts = capture(model, adapter, windows, batch_size, device, dtype)
+    if hidden is not None:
+        acts.hidden = [h.to(device=device, dtype=dtype) for h in hidden]
     timings["capture"] = time.perf_counter() - tick
+    pruner = BlockPruner(patterns, solver, solver_options or {}, error_tokens, one_pass, timings)
 
     results: list[LayerResult] = []
     blocks = adapter.blocks(model)
     bar = tqdm(
-        range(len(blocks)), desc=f"pruning ({solver.name})", unit="block", disable=not progress
+        range(start, len(blocks)),
+        desc=f"pruning ({solver.name})",
+        unit="block",
+        disable=not progress,
+        initial=start,
+        total=len(blocks),
     )
     for i in bar:
         block = blocks[i]
+        if before_block is not None:
+            before_block(i, block)
         prefix = f"{adapter.blocks_path}.{i}."
         linears = {
             local: layer
@@ -237,49 +383,10 @@ def prune_blocks(
         }
         storage = {local: get_weight(layer).dtype for local, layer in linears.items()}
         with on_device(block, device, dtype, write_back=True):
-            tick = time.perf_counter()
-            stats = {}
-            if solver.needs and linears:
-                with StatsCollector(linears, solver.needs) as collector:
-                    acts.forward(block, i, update=False)
-                stats = collector.stats
-            timings["statistics"] += time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            dense, info = {}, {}
-            for local, layer in linears.items():
-                name = prefix + local
-                weight = get_weight(layer)
-                if not torch.isfinite(weight).all():
-                    raise PrunellaError(f"layer {name} has NaN or Inf weights")
-                dense[local] = weight.detach().clone()
-                new, info[local] = solver.prune(
-                    weight.float(), patterns[name], stats.get(local), **options
-                )
-                # Round to the checkpoint's dtype now, so the next blocks are
-                # calibrated on exactly the weights that will be saved.
-                set_weight(layer, new.to(storage[local]))
-            timings["solve"] += time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            with ErrorProbe(linears, dense, error_tokens) as probe:
-                acts.forward(block, i, update=True)
-            timings["propagate"] += time.perf_counter() - tick
-        for local, layer in linears.items():
-            name = prefix + local
-            weight = get_weight(layer)
-            results.append(
-                LayerResult(
-                    name=name,
-                    shape=tuple(weight.shape),
-                    pattern=str(patterns[name]),
-                    target_sparsity=patterns[name].sparsity,
-                    sparsity=(weight == 0).sum().item() / weight.numel(),
-                    rel_error=probe.relative_error(local),
-                    info=info[local],
-                )
-            )
-        del stats, dense
+            block_results = pruner(i, block, prefix, acts, linears, storage)
+        results.extend(block_results)
+        if after_block is not None:
+            after_block(i, block, acts, block_results)
     return results, timings
 
 
@@ -296,6 +403,8 @@ def visit_blocks(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "measuring",
+    before: Callable[[int, nn.Module], None] | None = None,
+    after: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Call ``visit(i, {name: (weight, stats)})`` for every block of the *dense* model.
 
@@ -307,6 +416,8 @@ def visit_blocks(
     blocks = adapter.blocks(model)
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
         block = blocks[i]
+        if before is not None:
+            before(i, block)
         linears = adapter.linears(block)
         prefix = f"{adapter.blocks_path}.{i}."
         with on_device(block, device, dtype):
@@ -316,3 +427,5 @@ def visit_blocks(
                     acts.forward(block, i, update=True)
                 stats = collector.stats
             visit(i, {prefix + n: (get_weight(m), stats.get(n)) for n, m in linears.items()})
+        if after is not None:
+            after(i, block)

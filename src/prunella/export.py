@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import safe_open
+
 from .errors import PrunellaError
 from .plots import allocation_figure
 
@@ -33,11 +35,74 @@ def check_out_dir(out_dir: str | Path, model_dir: str | Path | None, overwrite: 
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise PrunellaError(f"output folder {out} exists and is not empty (use --overwrite)")
     parent = out.resolve().parent
-    if not parent.exists():
+    if not parent.is_dir():
         raise PrunellaError(f"the parent folder of {out} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PrunellaError(f"cannot write to {parent}: permission denied")
+    try:  # really try: permissions, read-only mounts and quotas all show here
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise PrunellaError(f"cannot write to {parent}: {exc.strerror or exc}") from None
     return out
+
+
+def model_nbytes(model) -> int:
+    """Bytes of the model's tensors as saved (tied tensors once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        if id(tensor) not in seen and not tensor.is_meta:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def check_disk_space(folder: Path, needed: int) -> None:
+    """Refuse to start writing ``needed`` bytes into ``folder`` without room for them."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.05 + 2**20:
+        raise PrunellaError(
+            f"not enough disk space in {folder}: the checkpoint needs {needed / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB are free"
+        )
+
+
+def _temporary_sibling(out: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is a normal folder
+    return tmp
+
+
+def _write_extras(folder: Path, report: dict | None, recipe=None) -> None:
+    """The report, the allocation picture and the resolved recipe."""
+    if report is not None:
+        (folder / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if report.get("allocation"):
+            sizes = {
+                layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]
+            }
+            allocation_figure(report["allocation"], sizes, folder / ALLOCATION_FIGURE)
+    if recipe is not None:
+        from .recipe import RECIPE
+
+        (folder / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``, replacing what was there."""
+    parent = out.resolve().parent
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+        os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old / out.name, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save(
@@ -48,6 +113,7 @@ def save(
     tokenizer=None,
     overwrite: bool = False,
     model_dir: str | Path | None = None,
+    recipe=None,
 ) -> Path:
     """Save ``model`` (safetensors), its tokenizer and ``report`` atomically to ``out_dir``.
 
@@ -61,35 +127,68 @@ def save(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is a normal folder
+    check_disk_space(out.resolve().parent, model_nbytes(model))
+    tmp = _temporary_sibling(out)
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            if report.get("allocation"):
-                sizes = {
-                    layer["name"]: layer["shape"][0] * layer["shape"][1]
-                    for layer in report["layers"]
-                }
-                allocation_figure(report["allocation"], sizes, tmp / ALLOCATION_FIGURE)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.rename(out, old / out.name)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:
-                os.rename(old / out.name, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _write_extras(tmp, report, recipe)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_streamed(
+    model,
+    work,
+    out: Path,
+    report: dict,
+    recipe,
+    key_map: dict,
+    adapter,
+    tokenizer,
+    overwrite: bool = False,
+) -> Path:
+    """Assemble a streamed run's checkpoint from the work folder's block files.
+
+    Each finished block file becomes one shard (hard-linked, so no copy), the
+    tensors outside the blocks the last shard, with the usual
+    ``model.safetensors.index.json``.
+    """
+    from .streaming import INDEX, module_tensors, save_tensors
+
+    count = len(adapter.blocks(model)) + 1
+    rest = module_tensors(model, "", key_map)
+    check_disk_space(out.resolve().parent, sum(t.numel() * t.element_size() for t in rest.values()))
+    tmp = _temporary_sibling(out)
+    try:
+        weight_map = {}
+        for i in range(count - 1):
+            shard = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.link(work.block_file(i), tmp / shard)
+            with safe_open(tmp / shard, framework="pt") as handle:
+                weight_map.update(dict.fromkeys(handle.keys(), shard))
+        shard = f"model-{count:05d}-of-{count:05d}.safetensors"
+        save_tensors(rest, tmp / shard)
+        weight_map.update(dict.fromkeys(rest, shard))
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        (tmp / INDEX).write_text(
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_extras(tmp, report, recipe)
+        _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .adapters import Adapter, adapter_for
 from .errors import PrunellaError
@@ -108,12 +109,35 @@ def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
     path = resolve(model)
     config = read_config(path)
     adapter = adapter_for(config["model_type"])
-    if not any(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise PrunellaError(
             f"{path} has no .safetensors weights (pickle checkpoints such as "
             "pytorch_model.bin are not loaded, for safety)"
         )
+    for file in files:  # the header is checked against the file size: truncation shows here
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as exc:
+            raise PrunellaError(f"corrupt safetensors file {file}: {_first_line(exc)}") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError):
+            raise PrunellaError(f"{index} is not a valid safetensors index") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise PrunellaError(f"{index} lists {missing[0]}, which is missing")
     return path, adapter
+
+
+def assert_finite(module: torch.nn.Module, prefix: str = "") -> None:
+    """Refuse weights with NaN or Inf values, naming the first such tensor."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+            raise PrunellaError(f"tensor {prefix}{name} has NaN or Inf values: a broken checkpoint")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -122,19 +146,32 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load(model: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
-    """Load ``(model, tokenizer, path, adapter)`` from a checkpoint folder or bundled name."""
+    """Load ``(model, tokenizer, path, adapter)`` from a checkpoint folder or bundled name.
+
+    Packed checkpoints (Prunella's, or legacy compressed-tensors ``sparse-bitmask`` and
+    ``sparse-24-bitmask``) are inflated on the way.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, adapter = check_checkpoint(model)
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except Exception as exc:
-        raise PrunellaError(f"could not load the weights in {path}: {_first_line(exc)}") from None
+    from .pack import sparsity_format, unpack
+
+    with tempfile.TemporaryDirectory(prefix="prunella-unpacked-") as tmp:
+        weights = path
+        if sparsity_format(path):  # a packed checkpoint: inflate it first
+            weights = unpack(path, Path(tmp) / "dense", progress=False)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                weights, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+        except Exception as exc:
+            raise PrunellaError(
+                f"could not load the weights in {path}: {_first_line(exc)}"
+            ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise PrunellaError(f"could not load the tokenizer in {path}: {_first_line(exc)}") from None
     hf_model.eval()
+    assert_finite(hf_model)
     return hf_model, tokenizer, path, adapter

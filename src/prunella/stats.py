@@ -88,19 +88,23 @@ class StatsCollector:
         self._seen: dict[int, tuple[weakref.ref, LayerStats]] = {}
         self._handles: list = []
 
+    def collect(self, name: str, x: torch.Tensor) -> LayerStats:
+        """Accumulate ``x``, the input of layer ``name``, unless it was already accumulated."""
+        ref, seen = self._seen.get(id(x), (None, None))
+        already = ref is not None and ref() is x  # this input was accumulated before
+        if already and self.stats.setdefault(name, seen) is seen:
+            return seen
+        stats = self.stats.get(name)
+        if stats is None:
+            stats = self.stats[name] = LayerStats(x.shape[-1], self.needs, x.device)
+        stats.add(x)
+        self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
+        self._seen[id(x)] = (weakref.ref(x), stats)
+        return stats
+
     def _hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            ref, seen = self._seen.get(id(x), (None, None))
-            already = ref is not None and ref() is x  # this input was accumulated before
-            if already and self.stats.setdefault(name, seen) is seen:
-                return
-            stats = self.stats.get(name)
-            if stats is None:
-                stats = self.stats[name] = LayerStats(x.shape[-1], self.needs, x.device)
-            stats.add(x)
-            self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
-            self._seen[id(x)] = (weakref.ref(x), stats)
+            self.collect(name, args[0])
 
         return pre_hook
 

@@ -234,6 +234,13 @@ def load_plan(
                 f"allocation file {path}: sparsity of {name!r} must be in [0, 1), got {value}"
             ) from None
     file_target = data.get("target")
+    if file_target is not None:
+        try:
+            file_target = check_sparsity(file_target)
+        except PrunellaError:
+            raise PrunellaError(
+                f"allocation file {path}: target must be in [0, 1), got {file_target!r}"
+            ) from None
     if target is None:
         target = file_target
     elif file_target is not None and abs(file_target - target) > 1e-9:
@@ -251,14 +258,26 @@ def load_plan(
             f"allocation file {path} prunes {pruned / total:.4%} of the weights, not the "
             f"target {target:.4%} (allowed: one weight per layer)"
         )
+    for key in ("params", "metric"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise PrunellaError(f"allocation file {path}: {key!r} must be a mapping")
     nm = data.get("nm")
+    if nm is not None:
+        if not isinstance(nm, dict) or set(nm) != set(layers):
+            raise PrunellaError(f"allocation file {path}: 'nm' must give N:M for every layer")
+        for name, pair in nm.items():
+            if not (
+                isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair)
+            ):
+                raise PrunellaError(f"allocation file {path}: 'nm' of {name!r} must be [N, M]")
+            NM(*pair)
     return Plan(
         target=target,
         sparsity={n: float(sparsity[n]) for n in layers},
         method=str(data.get("method", "file")),
         granularity=str(data.get("granularity", "layer")),
         params=dict(data.get("params") or {}),
-        metric_name=data.get("metric_name"),
+        metric_name=str(data["metric_name"]) if data.get("metric_name") is not None else None,
         metric=dict(data.get("metric") or {}),
         nm=nm,
     )

@@ -78,46 +78,45 @@ def prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, dict]:
-    W = weight.float().clone()
-    cols = W.shape[1]
+    # Work on W^T so that column j of W is the contiguous row Wt[j]: the column sweep then
+    # touches contiguous memory, and each step is one multiply and one outer-product update.
+    Wt = weight.float().t().contiguous()
+    cols = Wt.shape[0]
     U, damp, dead = _factor(stats, percdamp)
     U_diag = U.diagonal()
 
     nm = pattern if isinstance(pattern, NM) else None
     if nm is not None:
         if cols % nm.m:
-            nm_mask(W[:1], nm.n, nm.m)  # raises the one-line error
+            nm_mask(Wt[:, :1].t(), nm.n, nm.m)  # raises the one-line error
         blocksize = max(nm.m, blocksize - blocksize % nm.m)
-    k_total = 0 if nm else pruned_count(W.numel(), pattern.sparsity)
+    k_total = 0 if nm else pruned_count(Wt.numel(), pattern.sparsity)
 
-    def saliency(i1: int, i2: int, w: torch.Tensor) -> torch.Tensor:
-        s = w.square() / U_diag[i1:i2].square().unsqueeze(0)
-        return s.masked_fill(dead[i1:i2].unsqueeze(0), 0.0)
+    def saliency(i1: int, i2: int) -> torch.Tensor:
+        """OBS saliency ``w^2 / U_jj^2`` of columns ``i1:i2`` (transposed), dead inputs 0."""
+        s = Wt[i1:i2].square() / U_diag[i1:i2].square().unsqueeze(1)
+        return s.masked_fill(dead[i1:i2].unsqueeze(1), 0.0)
 
     pruned_so_far = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updated in place
+        err = torch.empty_like(W1)
         if nm is None:
             k_block = round(k_total * i2 / cols) - pruned_so_far
             pruned_so_far += k_block
-            mask1 = lowest_k_mask(saliency(i1, i2, W1), k_block)
+            mask1 = lowest_k_mask(saliency(i1, i2), k_block)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        scale = mask1 / U1.diagonal().unsqueeze(1)  # err_j = (w_j - q_j) / U_jj
         for i in range(i2 - i1):
             if nm is not None and i % nm.m == 0:
                 j = i1 + i
-                mask1[:, i : i + nm.m] = nm_mask(
-                    saliency(j, j + nm.m, W1[:, i : i + nm.m]), nm.n, nm.m
-                )
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            err = (w - q) / U1[i, i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
-    return W, {"damp": damp}
+                group = nm_mask(saliency(j, j + nm.m).t(), nm.n, nm.m).t()
+                mask1[i : i + nm.m] = group
+                scale[i : i + nm.m] = group / U1.diagonal()[i : i + nm.m].unsqueeze(1)
+            torch.mul(W1[i], scale[i], out=err[i])
+            W1[i:].addr_(U1[i, i:], err[i], alpha=-1.0)  # W[:, j:] -= err_j U[j, j:]
+        W1.masked_fill_(mask1, 0.0)  # exact zeros where pruned
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1.0)  # lazy batch update
+    return Wt.t(), {"damp": damp, "damp_raised": damp > percdamp * 1.0000001}

@@ -1,0 +1,134 @@
+"""Peak memory of pruning in memory and streamed from disk (``--offload disk``).
+
+Each prune runs as its own process under ``/usr/bin/time -v``; its peak RSS is
+read from the OS and reported as a ratio to the checkpoint's size on disk.
+Besides SmolLM2-135M, a synthetic Llama-architecture checkpoint of several GB
+(random weights from a config) is built in a temporary folder and pruned
+streamed, to show that peak memory follows one block, not the model.
+
+    python benchmarks/streaming_memory.py --json streaming.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def synthetic_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: int) -> Path:
+    """A Llama checkpoint with random weights (float32), written shard by shard."""
+    code = f"""
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from prunella.models import resolve
+config = LlamaConfig(hidden_size={hidden}, intermediate_size={ffn}, num_hidden_layers={layers},
+                     num_attention_heads={hidden // 128}, num_key_value_heads={hidden // 128},
+                     vocab_size={vocab}, max_position_embeddings=2048, tie_word_embeddings=False)
+torch.manual_seed(0)
+with torch.device("cpu"):
+    model = LlamaForCausalLM(config)
+model.save_pretrained("{folder}", max_shard_size="1GB")
+AutoTokenizer.from_pretrained(resolve("smollm2-135m")).save_pretrained("{folder}")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return folder
+
+
+def measured(argv: list[str]) -> dict:
+    start = time.perf_counter()
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-m", "prunella", *argv],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"prunella {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    return {"peak_rss_mb": rss_kb / 1024, "wall_seconds": wall}
+
+
+def size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--synthetic-layers", type=int, default=22)
+    parser.add_argument("--synthetic-hidden", type=int, default=2048)
+    parser.add_argument("--synthetic-ffn", type=int, default=5632)
+    parser.add_argument("--skip-in-memory-synthetic", action="store_true")
+    a = parser.parse_args()
+
+    from prunella.models import resolve
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        tmp = Path(tmp)
+        smol = resolve("smollm2-135m")
+        synth = synthetic_checkpoint(
+            tmp / "synthetic", a.synthetic_layers, a.synthetic_hidden, a.synthetic_ffn, 32000
+        )
+        cases = [
+            ("SmolLM2-135M", smol, "sparsegpt", "none", 32, 512),
+            ("SmolLM2-135M", smol, "sparsegpt", "disk", 32, 512),
+        ]
+        if not a.skip_in_memory_synthetic:
+            cases.append(("synthetic Llama", synth, "wanda", "none", 4, 256))
+        cases.append(("synthetic Llama", synth, "wanda", "disk", 4, 256))
+        for name, model, solver, offload, nsamples, seqlen in cases:
+            out = tmp / f"out-{len(rows)}"
+            result = measured(
+                [
+                    "prune",
+                    str(model),
+                    "--out",
+                    str(out),
+                    "--solver",
+                    solver,
+                    "--offload",
+                    offload,
+                    "--nsamples",
+                    str(nsamples),
+                    "--seqlen",
+                    str(seqlen),
+                    "--quiet",
+                ]
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "checkpoint_mb": size_mb(model),
+                    "solver": solver,
+                    "offload": offload,
+                    "calibration": f"{nsamples} x {seqlen}",
+                    **result,
+                }
+            )
+            print(f"done: {name} {offload}: {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+
+    print(
+        "| model | checkpoint (MiB, fp32) | solver | calibration | offload | peak RSS (MiB) "
+        "| peak RSS / checkpoint | wall (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["peak_rss_mb"] / r["checkpoint_mb"]
+        print(
+            f"| {r['model']} | {r['checkpoint_mb']:.0f} | {r['solver']} | {r['calibration']} | "
+            f"{r['offload']} | {r['peak_rss_mb']:.0f} | {ratio:.2f} | {r['wall_seconds']:.0f} |"
+        )
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""What a checkpoint holds: per-layer sparsity and pattern, size on disk, format.
+
+Works on any checkpoint (dense, Prunella-packed, or legacy compressed-tensors
+``sparse-bitmask`` / ``sparse-24-bitmask``), pruned by Prunella or not: weights are
+read one tensor at a time from the safetensors shards, never as a whole model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .pack import packed_tensors, sparsity_format
+
+NM_CANDIDATES = ((2, 4), (4, 8), (1, 4), (3, 4), (1, 8), (2, 8), (3, 8), (5, 8), (6, 8), (7, 8))
+
+
+def detect_pattern(weight: torch.Tensor) -> str:
+    """The tightest N:M this weight satisfies (``2:4`` before ``4:8``), else ``unstructured``."""
+    zeros = weight == 0
+    if not zeros.any():
+        return "dense"
+    rows, cols = weight.shape
+    for n, m in sorted(NM_CANDIDATES, key=lambda nm: (nm[0] / nm[1], nm[1])):
+        if cols % m == 0 and (zeros.reshape(rows, -1, m).sum(-1) >= m - n).all():
+            return f"{n}:{m}"
+    return "unstructured"
+
+
+def checkpoint_summary(path: str | Path) -> dict:
+    """Format, size on disk and, per prunable linear layer, shape, sparsity and pattern."""
+    from .models import check_checkpoint
+    from .pack import _targets
+
+    path, _ = check_checkpoint(path)
+    fmt = sparsity_format(path) or "dense"
+    if fmt == "dense":
+        targets = _targets(path)
+        tensors = _dense_tensors(path, targets)
+    else:
+        tensors = ((n, t) for n, t, _ in packed_tensors(path) if n.endswith(".weight"))
+        targets = None
+    layers = []
+    for name, tensor in tensors:
+        if tensor.dim() != 2 or (targets is not None and name not in targets):
+            continue
+        if targets is None and ".layers." not in name and ".h." not in name:
+            continue
+        layers.append(
+            {
+                "name": name.removesuffix(".weight"),
+                "shape": list(tensor.shape),
+                "sparsity": (tensor == 0).sum().item() / tensor.numel(),
+                "pattern": detect_pattern(tensor),
+            }
+        )
+    total = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
+    return {
+        "model": str(path),
+        "format": fmt,
+        "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        "sparsity": zeros / total if total else 0.0,
+        "prunable_parameters": total,
+        "layers": layers,
+    }
+
+
+def _dense_tensors(path: Path, targets: set[str]):
+    from .streaming import CheckpointReader
+
+    reader = CheckpointReader(path)
+    for key in reader.files:
+        if key in targets:
+            yield key, reader.tensor(key)
