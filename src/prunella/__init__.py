@@ -2,9 +2,22 @@
 
 __version__ = "0.1.0"
 
-from .api import evaluate, prune
+from .api import evaluate, prune, prune_to_dir
+from .api import load_model as load
 from .errors import PrunellaError
 from .export import save
-from .models import load
+from .pack import pack, unpack
+from .recipe import Recipe
 
-__all__ = ["PrunellaError", "__version__", "evaluate", "load", "prune", "save"]
+__all__ = [
+    "PrunellaError",
+    "Recipe",
+    "__version__",
+    "evaluate",
+    "load",
+    "pack",
+    "prune",
+    "prune_to_dir",
+    "save",
+    "unpack",
+]

@@ -8,10 +8,12 @@ prunella.save(model, "out/", report)   # tokenizer copied from the source checkp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from . import __version__
 from .adapters import Adapter, adapter_for
 from .allocation import GRANULARITIES, Plan, build_plan, get_method, load_plan, method_options
 from .data import calibration_windows, describe, evaluation_windows
-from .engine import prune_blocks, visit_blocks
+from .engine import on_device, prune_blocks, visit_blocks
 from .errors import PrunellaError
 from .evaluation import perplexity
 from .models import assert_finite, check_checkpoint, load
@@ -455,6 +457,11 @@ def prune_to_dir(
     if offload == "auto":
         budget = available_memory()
         offload = "disk" if budget and reader.nbytes() > budget / 2 else "none"
+    if offload == "disk" and recipe.eval_data:
+        raise PrunellaError(
+            "--eval-data needs the whole model in memory; it cannot run with --offload disk "
+            "(evaluate the result with 'prunella eval' instead)"
+        )
 
     tick = time.perf_counter()
     if offload == "disk":
@@ -537,6 +544,12 @@ def prune_to_dir(
         timings["allocation"] = time.perf_counter() - tick
         work.start(fingerprint, windows, plan.to_json())
         start, hidden, results = 0, None, []
+        if recipe.eval_data:
+            tick = time.perf_counter()
+            work.save_json(
+                "dense_eval.json", _evaluate_recipe(model, tokenizer, recipe, dev, progress)
+            )
+            timings["evaluation"] = time.perf_counter() - tick
     if isinstance(pattern, Unstructured):  # the resolved recipe names the sparsity it used
         recipe = recipe.model_copy(update={"sparsity": plan.target})
 
@@ -568,6 +581,13 @@ def prune_to_dir(
             work.discard()
         raise
     timings.update(phase_times)
+    extra = {"offload": offload, "passes": passes, "resumed_from_block": start}
+    if recipe.eval_data:
+        tick = time.perf_counter()
+        dense_eval = work.load_json("dense_eval.json")
+        pruned_eval = _evaluate_recipe(model, tokenizer, recipe, dev, progress)
+        extra["evaluation"] = {**pruned_eval, "dense_perplexity": dense_eval["perplexity"]}
+        timings["evaluation"] = timings.get("evaluation", 0.0) + time.perf_counter() - tick
     report = _report(
         model=model,
         source=str(path),
@@ -584,7 +604,7 @@ def prune_to_dir(
         started=started,
         timings=timings,
         results=results,
-        extra={"offload": offload, "passes": passes, "resumed_from_block": start},
+        extra=extra,
     )
     try:
         _save_output(
@@ -609,9 +629,44 @@ def prune_to_dir(
     return report
 
 
+def _evaluate_recipe(model, tokenizer, recipe: Recipe, dev, progress: bool) -> dict:
+    return evaluate(
+        model,
+        recipe.eval_data,
+        seqlen=recipe.seqlen,
+        max_windows=recipe.eval_max_windows,
+        tokenizer=tokenizer,
+        device=dev,
+        progress=progress,
+    )
+
+
 def _save_output(
     export, model, work, out, report, recipe, key_map, adapter, tokenizer, path, offload, overwrite
 ) -> None:
+    if recipe.save_format == "packed":
+        from .pack import pack
+
+        with tempfile.TemporaryDirectory(prefix=".prunella-dense-", dir=out.resolve().parent) as t:
+            dense = Path(t) / out.name
+            _save_output(
+                export,
+                model,
+                work,
+                dense,
+                report,
+                recipe.model_copy(update={"save_format": "dense"}),
+                key_map,
+                adapter,
+                tokenizer,
+                path,
+                offload,
+                overwrite=False,
+            )
+            export.check_out_dir(out, path, overwrite)
+            pack(dense, out, overwrite=overwrite, progress=False)
+            (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        return
     if offload == "disk":
         export.save_streamed(
             model, work, out, report, recipe, key_map, adapter, tokenizer, overwrite=overwrite
@@ -646,24 +701,46 @@ def evaluate(
     seqlen: int = 2048,
     max_windows: int | None = None,
     tokenizer=None,
+    reference=None,
     device: str | torch.device | None = None,
     batch_size: int = 1,
     progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` (a path, a bundled name or a loaded model) on ``data``.
 
-    A loaded model is moved to ``device`` (and to float32 on CPU) in place.
+    With ``reference`` (another model, or its path), also the KL divergence from the
+    reference's next-token distribution to the model's (``kl_to_reference``, nats per
+    token). Models run on ``device`` (in float32 on CPU) without being changed.
     """
     dev = pick_device(device)
     if isinstance(model, str | Path):
         model, tokenizer, _, _ = load(model)
+    if isinstance(reference, str | Path):
+        reference = load(reference)[0]
     if isinstance(data, torch.Tensor):
         windows = data.long()
     else:
         _check_text_input(model, tokenizer, seqlen)
         windows = evaluation_windows(tokenizer, data, seqlen, max_windows)
-    dtype = compute_dtype(next(model.parameters()).dtype, dev)
-    model.to(device=dev, dtype=dtype)
-    result = perplexity(model, windows, device=dev, batch_size=batch_size, progress=progress)
+    with contextlib.ExitStack() as stack:
+        for m in (model, reference):
+            if m is not None:
+                stack.enter_context(
+                    on_device(m, dev, compute_dtype(next(m.parameters()).dtype, dev))
+                )
+        result = perplexity(
+            model,
+            windows,
+            reference=reference,
+            device=dev,
+            batch_size=batch_size,
+            progress=progress,
+        )
     result["data"] = describe(data) if not isinstance(data, torch.Tensor) else "token windows"
     return result
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a checkpoint folder (dense or packed) or a bundled name."""
+    model, tokenizer, _, _ = load(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer

@@ -95,6 +95,13 @@ def prune_command(
             "in the papers), or auto (1 when it fits in memory) [auto]."
         ),
     ] = None,
+    save_format: Annotated[
+        str | None, _opt("dense (a plain checkpoint) or packed (sparse-bitmask) [dense].")
+    ] = None,
+    eval_data: Annotated[
+        str | None, _opt("Evaluate perplexity before and after pruning on this text.")
+    ] = None,
+    eval_max_windows: Annotated[int | None, _opt("At most this many evaluation windows.")] = None,
     resume: Annotated[bool, typer.Option(help="Insist on resuming OUT.partial.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard OUT.partial and start over.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
@@ -133,6 +140,9 @@ def prune_command(
         farms=farms,
         offload=offload,
         passes=int(passes) if passes in ("1", "2") else passes,
+        save_format=save_format,
+        eval_data=eval_data,
+        eval_max_windows=eval_max_windows,
     )
     if options.model is None:
         raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
@@ -143,6 +153,8 @@ def prune_command(
     parse_pattern(options.pattern, options.sparsity)
     api.pick_device(options.device)
     data.check_source(options.calib)
+    if options.eval_data is not None:
+        data.check_source(options.eval_data)
     path, _ = models.check_checkpoint(options.model)
     export.check_out_dir(options.out, path, overwrite)
     if options.allocation_file is not None and not Path(options.allocation_file).is_file():
@@ -251,7 +263,9 @@ def allocate_command(
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, or a bundled name.")],
+    model: Annotated[
+        str, typer.Argument(help="Checkpoint folder (dense or packed), or a bundled name.")
+    ],
     data: Annotated[
         str, typer.Option(help="Text: a file, 'sample-eval' (shipped, held out), wikitext2 or c4.")
     ] = "sample-eval",
@@ -259,16 +273,30 @@ def eval_command(
     max_windows: Annotated[
         int | None, typer.Option(help="Evaluate at most this many windows.")
     ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Dense model to measure the KL divergence to.")
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Zero-shot lm-eval tasks, comma-separated (needs lm-eval).")
+    ] = None,
+    task_path: Annotated[
+        Path | None, typer.Option(help="Folder of extra lm-eval task YAML files (local tasks).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="lm-eval: at most this many examples per task.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Perplexity of MODEL on non-overlapping windows of a text."""
+    """Perplexity of MODEL on non-overlapping windows of a text; KL to a reference; zero-shot
+    tasks through lm-eval."""
     if quiet:
         _quiet_transformers()
     from . import api, models
     from . import data as data_module
+    from .evaluation import zero_shot
 
     if seqlen < 2:
         raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
@@ -276,25 +304,177 @@ def eval_command(
         raise PrunellaError(f"--max-windows must be at least 1, got {max_windows}")
     if batch_size < 1:
         raise PrunellaError(f"--batch-size must be at least 1, got {batch_size}")
-    api.pick_device(device)
+    if task_path is not None and not task_path.is_dir():
+        raise PrunellaError(f"--task-path {task_path} is not a folder")
+    dev = api.pick_device(device)
     data_module.check_source(data)
     path, _ = models.check_checkpoint(model)
+    ref_path = models.check_checkpoint(reference)[0] if reference is not None else None
+    hf_model, tokenizer, _, _ = models.load(path)
     result = api.evaluate(
-        str(path),
+        hf_model,
         data,
         seqlen=seqlen,
         max_windows=max_windows,
-        device=device,
+        tokenizer=tokenizer,
+        reference=ref_path,
+        device=dev,
         batch_size=batch_size,
         progress=not quiet,
     )
     result["model"] = str(path)
+    if tasks:
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        result["tasks"] = zero_shot(
+            hf_model,
+            tokenizer,
+            names,
+            include_path=str(task_path) if task_path else None,
+            limit=limit,
+            device=str(dev),
+        )
     if as_json:
         typer.echo(json.dumps(result))
-    else:
+        return
+    line = (
+        f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
+        f"({result['windows']} windows of {result['seqlen']})"
+    )
+    if "kl_to_reference" in result:
+        line += f", KL to reference {result['kl_to_reference']:.4f} nats/token"
+    typer.echo(line)
+    for task, metrics in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("stderr"))
+        typer.echo(f"{task}: {shown}")
+
+
+@app.command("pack")
+def pack_command(
+    model: Annotated[str, typer.Argument(help="A dense checkpoint folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the packed copy.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Write a packed (sparse-bitmask) copy of a pruned checkpoint: about half the bytes at 50%."""
+    from .models import check_checkpoint
+    from .pack import pack
+
+    path, _ = check_checkpoint(model)
+    stats = pack(path, out, overwrite=overwrite, progress=not quiet)
+    typer.echo(
+        f"packed {stats['packed_weights']:,} weights ({stats['global_sparsity']:.2%} "
+        f"sparse): {stats['dense_bytes'] / 2**20:.1f} MiB -> {stats['bytes'] / 2**20:.1f} "
+        f"MiB ({stats['bytes'] / stats['dense_bytes']:.1%}) -> {out}"
+    )
+
+
+@app.command("unpack")
+def unpack_command(
+    packed: Annotated[
+        Path,
+        typer.Argument(
+            help="A packed checkpoint (Prunella's, or legacy "
+            "compressed-tensors sparse-bitmask/sparse-24-bitmask)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the dense copy.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Inflate a packed checkpoint back to a plain Hugging Face checkpoint."""
+    from .pack import unpack
+
+    unpack(packed, out, overwrite=overwrite, progress=not quiet)
+    typer.echo(f"unpacked {packed} -> {out}")
+
+
+@app.command("inspect")
+def inspect_command(
+    model: Annotated[str, typer.Argument(help="Any checkpoint folder: dense, packed or legacy.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Per-layer sparsity and pattern of a checkpoint, pruned by Prunella or not."""
+    from .summary import checkpoint_summary
+
+    summary = checkpoint_summary(model)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    width = max((len(r["name"]) for r in summary["layers"]), default=5)
+    typer.echo(f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}  pattern")
+    for r in summary["layers"]:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        typer.echo(f"{r['name']:<{width}}  {shape:>11}  {r['sparsity']:>8.2%}  {r['pattern']}")
+    typer.echo(
+        f"{summary['format']} checkpoint, {summary['bytes'] / 2**20:.1f} MiB; "
+        f"{summary['sparsity']:.2%} of {summary['prunable_parameters']:,} prunable "
+        "weights are zero"
+    )
+
+
+@app.command("compare")
+def compare_command(
+    models_: Annotated[
+        list[str],
+        typer.Argument(metavar="MODELS...", help="Checkpoints; the first is the reference for KL."),
+    ],
+    data: Annotated[str, typer.Option(help="Evaluation text.")] = "sample-eval",
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    max_windows: Annotated[
+        int | None, typer.Option(help="Evaluate at most this many windows.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """One table for several checkpoints: perplexity, KL to the first, sparsity, size on disk."""
+    if quiet:
+        _quiet_transformers()
+    from . import api, models
+    from . import data as data_module
+    from .summary import checkpoint_summary
+
+    if seqlen < 2:
+        raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
+    dev = api.pick_device(device)
+    data_module.check_source(data)
+    paths = [models.check_checkpoint(m)[0] for m in models_]
+    reference, tokenizer, _, _ = models.load(paths[0])
+    rows = []
+    for i, path in enumerate(paths):
+        model = reference if i == 0 else models.load(path)[0]
+        result = api.evaluate(
+            model,
+            data,
+            seqlen=seqlen,
+            max_windows=max_windows,
+            tokenizer=tokenizer,
+            reference=None if i == 0 else reference,
+            device=dev,
+            progress=not quiet,
+        )
+        summary = checkpoint_summary(path)
+        rows.append(
+            {
+                "model": str(path),
+                "perplexity": result["perplexity"],
+                "kl_to_first": result.get("kl_to_reference", 0.0),
+                "sparsity": summary["sparsity"],
+                "format": summary["format"],
+                "mib": summary["bytes"] / 2**20,
+                "tokens": result["tokens"],
+            }
+        )
+        del model
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    width = max(len(r["model"]) for r in rows)
+    typer.echo(f"{'model':<{width}}  {'ppl':>9}  {'KL':>8}  {'sparsity':>8}  {'MiB':>8}  format")
+    for r in rows:
         typer.echo(
-            f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
-            f"({result['windows']} windows of {result['seqlen']})"
+            f"{r['model']:<{width}}  {r['perplexity']:>9.3f}  {r['kl_to_first']:>8.4f}  "
+            f"{r['sparsity']:>8.2%}  {r['mib']:>8.1f}  {r['format']}"
         )
 
 

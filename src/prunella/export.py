@@ -20,6 +20,7 @@ from .plots import allocation_figure
 
 REPORT = "prune_report.json"
 ALLOCATION_FIGURE = "allocation.png"
+REPORT_HTML = "report.html"
 
 
 def check_out_dir(out_dir: str | Path, model_dir: str | Path | None, overwrite: bool) -> Path:
@@ -74,7 +75,13 @@ def _temporary_sibling(out: Path) -> Path:
 
 
 def _write_extras(folder: Path, report: dict | None, recipe=None) -> None:
-    """The report, the allocation picture and the resolved recipe."""
+    """The report (JSON and HTML), the allocation picture and the resolved recipe."""
+    from .recipe import RECIPE
+    from .report import render
+
+    recipe_yaml = recipe.to_yaml() if recipe is not None else None
+    if recipe_yaml is not None:
+        (folder / RECIPE).write_text(recipe_yaml, encoding="utf-8")
     if report is not None:
         (folder / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if report.get("allocation"):
@@ -82,10 +89,7 @@ def _write_extras(folder: Path, report: dict | None, recipe=None) -> None:
                 layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]
             }
             allocation_figure(report["allocation"], sizes, folder / ALLOCATION_FIGURE)
-    if recipe is not None:
-        from .recipe import RECIPE
-
-        (folder / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+        (folder / REPORT_HTML).write_text(render(report, recipe_yaml), encoding="utf-8")
 
 
 def _install(tmp: Path, out: Path) -> None:

@@ -291,8 +291,9 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def packed_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """``(name, dense tensor, shard file name)`` of a packed checkpoint, one at a time."""
+def packed_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, str, bool]]:
+    """``(name, dense tensor, shard file name, was packed)`` of a packed checkpoint, one at
+    a time."""
     for file in _shards(folder):
         with _open(file) as handle:
             metadata = handle.metadata() or {}
@@ -319,9 +320,9 @@ def packed_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
                             f"packed weight {prefix} in {file.name} fails its "
                             "checksum: the file is corrupt"
                         )
-                    yield f"{prefix}.weight", bitmask_decompress(parts, prefix), file.name
+                    yield f"{prefix}.weight", bitmask_decompress(parts, prefix), file.name, True
                 else:
-                    yield key, handle.get_tensor(key), file.name
+                    yield key, handle.get_tensor(key), file.name, False
 
 
 def unpack(
@@ -341,7 +342,7 @@ def unpack(
     try:
         writers: dict[str, ShardWriter] = {}
         weight_map = {}
-        for name, tensor, shard in tqdm(
+        for name, tensor, shard, _ in tqdm(
             packed_tensors(src), desc="unpacking", unit="tensor", disable=not progress
         ):
             if shard not in writers:

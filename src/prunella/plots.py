@@ -58,3 +58,29 @@ def allocation_figure(plan: dict, layer_sizes: dict[str, int], path: str | Path)
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def layer_figure(report: dict, path: str | Path) -> Path:
+    """Per layer: achieved sparsity (bars) and relative reconstruction error (line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    x = list(range(len(layers)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.05 * len(layers) + 4), 3.6), dpi=120)
+    ax.bar(x, [layer["sparsity"] for layer in layers], color="#9bbb59", width=1.0, label="sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("linear layer (in model order)")
+    ax.set_ylabel("sparsity")
+    twin = ax.twinx()
+    twin.plot(
+        x, [layer["rel_error"] for layer in layers], color="#4f81bd", lw=1, label="relative error"
+    )
+    twin.set_ylabel("||(W - W_hat) X|| / ||W X||", color="#4f81bd")
+    ax.set_title(f"per-layer sparsity and reconstruction error ({report['solver']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

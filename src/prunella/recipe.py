@@ -58,6 +58,9 @@ class Recipe(BaseModel):
     passes: Literal["auto", 1, 2] = Field(
         "auto", description="forward passes per block: 1, 2 (the papers'), auto"
     )
+    save_format: Literal["dense", "packed"] = "dense"
+    eval_data: str | None = Field(None, description="text to evaluate dense and pruned on")
+    eval_max_windows: int | None = Field(None, ge=1)
     percdamp: float = Field(0.01, ge=0.0, description="SparseGPT dampening")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block")
 

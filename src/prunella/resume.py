@@ -83,6 +83,12 @@ class WorkDir:
     def results(self) -> list[dict]:
         return json.loads((self.path / "results.json").read_text(encoding="utf-8"))
 
+    def save_json(self, name: str, data) -> None:
+        _write_json(self.path / name, data)
+
+    def load_json(self, name: str):
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
     def block_file(self, index: int) -> Path:
         return self.blocks / f"block-{index:05d}.safetensors"
 

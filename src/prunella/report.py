@@ -1,0 +1,118 @@
+"""``report.html``: one self-contained page about a prune (figures embedded as data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import tempfile
+from pathlib import Path
+
+from .plots import allocation_figure, layer_figure
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:72em;
+color:#222;padding:0 1em}h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;
+border-bottom:1px solid #ddd}table{border-collapse:collapse;font-size:.9em}
+td,th{padding:.25em .7em;border-bottom:1px solid #eee;text-align:left}
+th{background:#f5f5f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:1em;overflow:auto}
+.kv td:first-child{color:#666}
+"""
+
+
+def _png(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _rows(pairs) -> str:
+    return "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in pairs
+    )
+
+
+def _damp(row: dict) -> str:
+    """SparseGPT's dampening (relative to mean diag H), flagged when it had to be raised."""
+    if row.get("damp") is None:
+        return ""
+    return f"{row['damp']:.3g}" + (" (raised)" if row.get("damp_raised") else "")
+
+
+def render(report: dict, recipe_yaml: str | None = None) -> str:
+    """The HTML page for a prune report."""
+    e = html.escape
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = []
+        if report.get("allocation"):
+            sizes = {
+                layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]
+            }
+            figures.append(
+                _png(allocation_figure(report["allocation"], sizes, Path(tmp) / "allocation.png"))
+            )
+        figures.append(_png(layer_figure(report, Path(tmp) / "layers.png")))
+    calib = report.get("calibration", {})
+    summary = [
+        ("model", report.get("model")),
+        ("architecture", report.get("architecture")),
+        ("solver", f"{report.get('solver')} {report.get('solver_options') or ''}".strip()),
+        ("pattern", report.get("pattern")),
+        ("allocation", (report.get("allocation") or {}).get("method", "uniform")),
+        ("target sparsity", f"{report.get('target_sparsity', 0):.4%}"),
+        ("achieved sparsity", f"{report.get('sparsity', 0):.4%}"),
+        ("prunable weights", f"{report.get('prunable_parameters', 0):,}"),
+        (
+            "calibration",
+            f"{calib.get('source')}: {calib.get('nsamples')} x "
+            f"{calib.get('seqlen')} tokens, seed {report.get('seed')}",
+        ),
+        ("passes per block", report.get("passes", "")),
+        (
+            "device / dtype",
+            f"{report.get('device')} / {report.get('dtype')} "
+            f"(compute {report.get('compute_dtype')})",
+        ),
+        ("wall time", f"{report.get('wall_seconds', 0):.1f} s"),
+        (
+            "peak memory",
+            f"{report.get('peak_rss_mb', 0):.0f} MiB RSS"
+            + (f", {report['peak_cuda_mb']:.0f} MiB CUDA" if "peak_cuda_mb" in report else ""),
+        ),
+        ("Prunella / torch", f"{report.get('prunella_version')} / {report.get('torch')}"),
+    ]
+    phases = _rows((k, f"{v:.2f} s") for k, v in (report.get("seconds") or {}).items())
+    evaluation = ""
+    if report.get("evaluation"):
+        ev = report["evaluation"]
+        rows = [
+            ("data", ev.get("data")),
+            ("dense perplexity", f"{ev['dense_perplexity']:.3f}"),
+            ("pruned perplexity", f"{ev['perplexity']:.3f}"),
+        ]
+        if "kl_to_reference" in ev:
+            rows.append(("KL to dense (nats/token)", f"{ev['kl_to_reference']:.4f}"))
+        rows.append(("tokens", ev.get("tokens")))
+        evaluation = f"<h2>Evaluation</h2><table class=kv>{_rows(rows)}</table>"
+    layer_rows = "".join(
+        f"<tr><td>{e(r['name'])}</td><td>{r['shape'][0]}x{r['shape'][1]}</td>"
+        f"<td>{e(str(r['pattern']))}</td><td class=n>{r['target_sparsity']:.4f}</td>"
+        f"<td class=n>{r['sparsity']:.4f}</td><td class=n>{r['rel_error']:.4f}</td>"
+        f"<td class=n>{_damp(r)}</td></tr>"
+        for r in report["layers"]
+    )
+    recipe = f"<h2>Recipe</h2><pre>{e(recipe_yaml)}</pre>" if recipe_yaml else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Prunella report</title>
+<style>{CSS}</style></head><body>
+<h1>Prunella report</h1>
+<table class=kv>{_rows(summary)}</table>
+{evaluation}
+<h2>Where the sparsity went</h2>
+{"".join(f"<p>{f}</p>" for f in figures)}
+<h2>Time per phase</h2><table class=kv>{phases}</table>
+<h2>Layers</h2>
+<table><tr><th>layer</th><th>shape</th><th>pattern</th><th>target</th><th>sparsity</th>
+<th>rel. error</th><th>damp</th></tr>{layer_rows}</table>
+{recipe}
+</body></html>
+"""
