@@ -7,10 +7,12 @@ only when complete, so ``OUT_DIR`` never holds a half-written model. An existing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors import safe_open
@@ -66,12 +68,34 @@ def check_disk_space(folder: Path, needed: int) -> None:
         )
 
 
-def _temporary_sibling(out: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out``.
+
+    On any failure the temporary folder is removed and ``out`` is left as it was,
+    so ``out`` never holds a half-written checkpoint.
+    """
+    parent = out.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is a normal folder
-    return tmp
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.rename(out, old / out.name)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:
+                os.rename(old / out.name, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_extras(folder: Path, report: dict | None, recipe=None) -> None:
@@ -90,23 +114,6 @@ def _write_extras(folder: Path, report: dict | None, recipe=None) -> None:
             }
             allocation_figure(report["allocation"], sizes, folder / ALLOCATION_FIGURE)
         (folder / REPORT_HTML).write_text(render(report, recipe_yaml), encoding="utf-8")
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out``, replacing what was there."""
-    parent = out.resolve().parent
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-        os.rename(out, old / out.name)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old / out.name, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save(
@@ -132,16 +139,11 @@ def save(
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_disk_space(out.resolve().parent, model_nbytes(model))
-    tmp = _temporary_sibling(out)
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_extras(tmp, report, recipe)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -167,8 +169,7 @@ def save_streamed(
     count = len(adapter.blocks(model)) + 1
     rest = module_tensors(model, "", key_map)
     check_disk_space(out.resolve().parent, sum(t.numel() * t.element_size() for t in rest.values()))
-    tmp = _temporary_sibling(out)
-    try:
+    with atomic_folder(out) as tmp:
         weight_map = {}
         for i in range(count - 1):
             shard = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
@@ -192,8 +193,4 @@ def save_streamed(
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_extras(tmp, report, recipe)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -39,7 +39,7 @@ from safetensors import safe_open
 
 from . import __version__
 from .errors import PrunellaError
-from .export import _install, _temporary_sibling, check_disk_space, check_out_dir
+from .export import atomic_folder, check_disk_space, check_out_dir
 
 PARTS = ("compressed", "bitmask", "shape", "row_offsets")
 DTYPES = {
@@ -225,10 +225,9 @@ def pack(src: str | Path, out: str | Path, overwrite: bool = False, progress: bo
     targets = _targets(src)
     out = check_out_dir(out, src, overwrite)
     check_disk_space(out.resolve().parent, sum(f.stat().st_size for f in _shards(src)))
-    tmp = _temporary_sibling(out)
     zeros = total = 0
     structure = "2:4"
-    try:
+    with atomic_folder(out) as tmp:
         weight_map, size = {}, 0
         for file in tqdm(_shards(src), desc="packing", unit="shard", disable=not progress):
             writer = ShardWriter(tmp / file.name)
@@ -268,10 +267,6 @@ def pack(src: str | Path, out: str | Path, overwrite: bool = False, progress: bo
             "transform_config": {},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "packed_weights": total,
         "global_sparsity": zeros / total if total else 0.0,
@@ -338,8 +333,7 @@ def unpack(
     if fmt not in ("sparse-bitmask", "sparse-24-bitmask"):
         raise PrunellaError(f"{src} is not a packed checkpoint (sparsity format: {fmt})")
     out = check_out_dir(out, src, overwrite)
-    tmp = _temporary_sibling(out)
-    try:
+    with atomic_folder(out) as tmp:
         writers: dict[str, ShardWriter] = {}
         weight_map = {}
         for name, tensor, shard, _ in tqdm(
@@ -356,8 +350,4 @@ def unpack(
         config.pop("quantization_config", None)
         config.pop("compression_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
