@@ -20,7 +20,7 @@ pytestmark = [
 @pytest.mark.parametrize("solver", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("passes", [1, 2])
 def test_gpu_prune_matches_cpu_masks(tiny_llama, solver, passes):
-    cpu, cpu_report = prunella.prune(
+    cpu, _ = prunella.prune(
         tiny_llama,
         solver=solver,
         sparsity=0.5,
