@@ -96,7 +96,7 @@ def main() -> None:
         a.json.write_text(
             json.dumps(
                 {
-                    "args": vars(a),
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                     "phases": report["seconds"],
                     "prune_seconds": prune_seconds,
                     "floor_seconds": floor,

@@ -2,13 +2,16 @@
 
 Both tools prune SmolLM2-135M on the *same* calibration windows (drawn once by
 ``prunella.data.calibration_windows`` from the shipped text with the given seed,
-count and length, and handed to llm-compressor as a DataLoader), with
-llm-compressor's ``oneshot(..., pipeline="sequential")`` and its
-``SparseGPTModifier`` / ``WandaPruningModifier``. Each prune runs in its own process
-under ``/usr/bin/time -v`` (peak RSS from the OS); the two tools alternate within
-one run. The prune time is measured inside each process around the pruning call
-alone (model already loaded, nothing saved). Both outputs are evaluated by the same
-evaluator, ``prunella eval``.
+count and length, and handed to llm-compressor as a DataLoader; Prunella's CLI draws
+them itself with the same function and arguments), with llm-compressor's
+``oneshot(..., pipeline="sequential")`` and its ``SparseGPTModifier`` /
+``WandaPruningModifier``. Each prune runs in its own process under
+``/usr/bin/time -v`` (peak RSS from the OS, the whole process: load, prune,
+save); the two tools alternate within one run. Prunella runs as a user runs it,
+``prunella prune MODEL --out OUT ...`` (by default it streams the checkpoint block by
+block), and its prune time is the sum of its report's phases without loading and
+saving; llm-compressor's is timed around ``oneshot`` alone (model already loaded).
+Both outputs are evaluated by the same evaluator, ``prunella eval``.
 
 llm-compressor needs transformers <= 5.21, so this runs in an environment of its own:
 
@@ -62,24 +65,37 @@ def load_model(a):
     return AutoModelForCausalLM.from_pretrained(resolve(a.model), dtype=torch.float32).eval()
 
 
-def run_prunella(a, config: dict, out: Path) -> float:
-    import prunella
+def save(a, model, out: Path) -> None:
+    from transformers import AutoTokenizer
 
-    model, calib = load_model(a), windows(a)
-    start = time.perf_counter()
-    prunella.prune(
-        model,
-        calibration=calib,
-        solver=config["solver"],
-        sparsity=config["sparsity"] if config["pattern"] == "unstructured" else None,
-        pattern=config["pattern"],
-        allocation="owl" if config.get("owl") else "uniform",
-        passes=a.passes,
-        progress=False,
-    )
-    seconds = time.perf_counter() - start
+    from prunella.models import resolve
+
     model.save_pretrained(out)
-    return seconds
+    AutoTokenizer.from_pretrained(resolve(a.model)).save_pretrained(out)
+
+
+def prunella_command(a, config: dict, out: Path) -> list[str]:
+    """The ``prunella prune`` command a user would type for this row.
+
+    It draws its calibration windows with the same function, text, seed, count and
+    length as :func:`windows` hands llm-compressor, so both tools see the same tokens.
+    """
+    argv = [sys.executable, "-m", "prunella", "prune", a.model, "--out", str(out)]
+    argv += ["--solver", config["solver"], "--calib", a.calib, "--seed", str(a.seed)]
+    argv += ["--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--passes", str(a.passes)]
+    if config["pattern"] == "unstructured":
+        argv += ["--sparsity", str(config["sparsity"])]
+    else:
+        argv += ["--pattern", config["pattern"]]
+    if config.get("owl"):
+        argv += ["--allocation", "owl"]
+    return [*argv, "--quiet"]
+
+
+def prunella_seconds(out: Path) -> float:
+    """Prune time from the report: every phase but loading the model and saving it."""
+    phases = json.loads((out / "prune_report.json").read_text())["seconds"]
+    return sum(v for k, v in phases.items() if k not in ("load", "save"))
 
 
 def run_llmcompressor(a, config: dict, out: Path) -> float:
@@ -114,31 +130,35 @@ def run_llmcompressor(a, config: dict, out: Path) -> float:
         max_seq_length=a.seqlen,
     )
     seconds = time.perf_counter() - start
-    model.save_pretrained(out)
+    save(a, model, out)
     return seconds
 
 
 def measured(a, tool: str, name: str, out: Path) -> dict:
-    argv = [
-        sys.executable,
-        __file__,
-        "--one",
-        tool,
-        name,
-        str(out),
-        "--model",
-        a.model,
-        "--calib",
-        a.calib,
-        "--nsamples",
-        str(a.nsamples),
-        "--seqlen",
-        str(a.seqlen),
-        "--seed",
-        str(a.seed),
-        "--passes",
-        str(a.passes),
-    ]
+    """Run one tool on one row in its own process under ``/usr/bin/time -v``."""
+    argv = (
+        prunella_command(a, CONFIGS[name], out)
+        if tool == "prunella"
+        else [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            str(out),
+            "--model",
+            a.model,
+            "--calib",
+            a.calib,
+            "--nsamples",
+            str(a.nsamples),
+            "--seqlen",
+            str(a.seqlen),
+            "--seed",
+            str(a.seed),
+            "--passes",
+            str(a.passes),
+        ]
+    )
     done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     result = {
@@ -148,7 +168,11 @@ def measured(a, tool: str, name: str, out: Path) -> dict:
         "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None,
     }
     if result["ok"]:
-        result["prune_seconds"] = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        result["prune_seconds"] = (
+            prunella_seconds(out)
+            if tool == "prunella"
+            else json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        )
         ev = subprocess.run(
             [
                 sys.executable,
@@ -186,14 +210,13 @@ def main() -> None:
     parser.add_argument("--passes", default="auto", help="Prunella's passes per block")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--one", nargs=3, metavar=("TOOL", "CONFIG", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.passes in ("1", "2"):
         a.passes = int(a.passes)
     if a.one:
-        tool, name, out = a.one
-        run = run_prunella if tool == "prunella" else run_llmcompressor
-        print(json.dumps({"seconds": run(a, CONFIGS[name], Path(out))}))
+        name, out = a.one
+        print(json.dumps({"seconds": run_llmcompressor(a, CONFIGS[name], Path(out))}))
         return
 
     import llmcompressor

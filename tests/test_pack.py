@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_checkpoint
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import prunella
@@ -44,6 +43,14 @@ def pruned_checkpoint(tmp_path, tokenizer_dir, dtype, pattern) -> Path:
     return out
 
 
+def file_with(folder: Path, key: str) -> Path:
+    """The shard of ``folder`` that holds tensor ``key``."""
+    for file in sorted(folder.glob("*.safetensors")):
+        if key in load_file(file):
+            return file
+    raise KeyError(key)
+
+
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -73,15 +80,16 @@ def test_pack_then_unpack_is_bit_exact(tmp_path, tokenizer_dir, dtype, pattern):
 def test_packed_layout_is_compressed_tensors_sparse_bitmask(tmp_path, tokenizer_dir):
     pruned = pruned_checkpoint(tmp_path, tokenizer_dir, torch.float32, "unstructured")
     pack(pruned, tmp_path / "packed", progress=False)
-    with safe_open(tmp_path / "packed" / "model.safetensors", "pt") as f:
-        keys = set(f.keys())
-        prefix = "model.layers.0.mlp.up_proj"
-        assert {f"{prefix}.{p}" for p in ("compressed", "bitmask", "shape", "row_offsets")} <= keys
-        assert f"{prefix}.weight" not in keys and "model.embed_tokens.weight" in keys
-        assert f.get_tensor(f"{prefix}.bitmask").dtype == torch.uint8
-        assert f.get_tensor(f"{prefix}.shape").tolist() == [128, 64]
-        dense = load_file(pruned / "model.safetensors")[f"{prefix}.weight"]
-        assert f.get_tensor(f"{prefix}.compressed").numel() == (dense != 0).sum()
+    packed = tensors(tmp_path / "packed")
+    prefix = "model.layers.0.mlp.up_proj"
+    assert {f"{prefix}.{p}" for p in ("compressed", "bitmask", "shape", "row_offsets")} <= set(
+        packed
+    )
+    assert f"{prefix}.weight" not in packed and "model.embed_tokens.weight" in packed
+    assert packed[f"{prefix}.bitmask"].dtype == torch.uint8
+    assert packed[f"{prefix}.shape"].tolist() == [128, 64]
+    dense = tensors(pruned)[f"{prefix}.weight"]
+    assert packed[f"{prefix}.compressed"].numel() == (dense != 0).sum()
 
 
 @pytest.mark.parametrize("fmt", ["sparse_bitmask", "sparse_24_bitmask"])
@@ -124,10 +132,11 @@ def corrupt(file: Path, where: str) -> None:
 def test_corrupt_packed_files_are_errors(tmp_path, tokenizer_dir):
     pruned = pruned_checkpoint(tmp_path, tokenizer_dir, torch.float32, "unstructured")
     pack(pruned, tmp_path / "packed", progress=False)
-    file = tmp_path / "packed" / "model.safetensors"
+    key = "model.layers.1.mlp.down_proj.compressed"
+    file = file_with(tmp_path / "packed", key)
     good = file.read_bytes()
 
-    corrupt(file, "model.layers.1.mlp.down_proj.compressed")  # a value byte: checksum
+    corrupt(file, key)  # a value byte: checksum
     with pytest.raises(PrunellaError, match="checksum"):
         unpack(tmp_path / "packed", tmp_path / "a", progress=False)
 

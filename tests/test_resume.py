@@ -157,26 +157,28 @@ def test_streamed_run_keeps_one_block_in_memory(deep_llama, tmp_path, monkeypatc
     import prunella.engine as engine
 
     seen = []
-    original = engine.StatsCollector.__enter__
+    original = engine.BlockPruner.__call__
 
-    def spy(self):
+    def spy(self, *a, **k):
         model_blocks = spy.blocks
         seen.append([i for i, b in enumerate(model_blocks) if not next(b.parameters()).is_meta])
-        return original(self)
+        return original(self, *a, **k)
 
     import prunella.streaming as streaming
 
     real_empty = streaming.empty_model
 
-    def empty_model(path, dtype):
+    def empty_model(path, dtype=None):
         model = real_empty(path, dtype)
         spy.blocks = model.model.layers
         return model
 
     monkeypatch.setattr(streaming, "empty_model", empty_model)
-    monkeypatch.setattr(engine.StatsCollector, "__enter__", spy)
-    assert main(args(deep_llama, tmp_path / "out", "--offload", "disk")) == 0
-    assert seen and all(len(loaded) == 1 for loaded in seen), seen
+    monkeypatch.setattr(engine.BlockPruner, "__call__", spy)
+    for passes in ("1", "2"):
+        out = tmp_path / f"out{passes}"
+        assert main(args(deep_llama, out, "--offload", "disk", "--passes", passes)) == 0
+    assert len(seen) == 12 and all(len(loaded) == 1 for loaded in seen), seen
 
 
 def test_block_files_hold_checkpoint_keys(deep_llama, tmp_path):
@@ -202,16 +204,18 @@ def test_short_disk_is_refused_before_writing(deep_llama, tmp_path, monkeypatch,
 def test_short_disk_at_the_end_keeps_the_finished_work(deep_llama, tmp_path, monkeypatch, capsys):
     import prunella.export as export
 
-    real = export.save
+    real = export.save, export.save_streamed
 
     def full_disk(*a, **k):
         raise export.PrunellaError("not enough disk space in /x: the checkpoint needs 1 GiB")
 
-    monkeypatch.setattr(export, "save", full_disk)
+    monkeypatch.setattr(export, "save", full_disk)  # in memory
+    monkeypatch.setattr(export, "save_streamed", full_disk)  # streamed (the default)
     assert main(args(deep_llama, tmp_path / "out")) == 2
     assert "re-run the same command" in capsys.readouterr().err
     assert (tmp_path / "out.partial" / "state.json").is_file()
-    monkeypatch.setattr(export, "save", real)
+    monkeypatch.setattr(export, "save", real[0])
+    monkeypatch.setattr(export, "save_streamed", real[1])
     assert main(args(deep_llama, tmp_path / "out")) == 0
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert report["resumed_from_block"] == 6

@@ -9,7 +9,6 @@ prunella.save(model, "out/", report)   # tokenizer copied from the source checkp
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import resource
 import sys
@@ -72,11 +71,12 @@ def prunable_layers(model: torch.nn.Module, adapter: Adapter) -> dict[str, tuple
 
 
 def choose_passes(passes, model, windows, device: torch.device) -> int:
-    """1 or 2 passes per block; ``"auto"`` takes 1 when all windows fit as one batch.
+    """1 or 2 passes per block; ``"auto"`` takes 1 when the waiting batches fit.
 
-    The estimate: a few float32 activations of the widest layer for every
-    calibration token, against a quarter of the free memory (of the GPU, or of the
-    machine on CPU).
+    In one pass every batch waits at each layer until the last has arrived, holding
+    its residual stream and the layer's input: about ``(hidden + widest layer)``
+    float32 numbers per calibration token, twice over for safety, against a quarter
+    of the free memory (of the GPU, or of the machine on CPU).
     """
     if passes in (1, 2, "1", "2"):
         return int(passes)
@@ -85,13 +85,15 @@ def choose_passes(passes, model, windows, device: torch.device) -> int:
     nsamples, seqlen = windows.shape if isinstance(windows, torch.Tensor) else windows
     config = model.config
     width = max(getattr(config, "intermediate_size", 0) or 0, 4 * config.hidden_size)
-    need = 6 * nsamples * seqlen * width * 4
+    need = 2 * nsamples * seqlen * (config.hidden_size + width) * 4
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
     return 1 if free and need < free / 4 else 2
 
 
-def _default_batch_size(seqlen: int) -> int:
-    return max(1, 16384 // seqlen)
+def _default_batch_size(seqlen: int, device: torch.device | None = None) -> int:
+    """Windows per forward: 4096 tokens' worth on CPU (small temporaries), 16384 on a GPU."""
+    tokens = 16384 if device is not None and device.type == "cuda" else 4096
+    return max(1, tokens // seqlen)
 
 
 def _check_text_input(model, tokenizer, seqlen: int) -> None:
@@ -331,7 +333,7 @@ def prune(
 
     tick = time.perf_counter()
     windows, calib_name = _calibration(model, tokenizer, calibration, nsamples, seqlen, seed)
-    batch_size = batch_size or _default_batch_size(windows.shape[1])
+    batch_size = batch_size or _default_batch_size(windows.shape[1], dev)
     timings["calibration_data"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -454,30 +456,39 @@ def prune_to_dir(
     work = WorkDir(out)
     reader = streaming.CheckpointReader(path)
     offload = recipe.offload
-    if offload == "auto":
-        budget = available_memory()
-        offload = "disk" if budget and reader.nbytes() > budget / 2 else "none"
     if offload == "disk" and recipe.eval_data:
         raise PrunellaError(
             "--eval-data needs the whole model in memory; it cannot run with --offload disk "
             "(evaluate the result with 'prunella eval' instead)"
         )
+    from .pack import sparsity_format
+
+    if sparsity_format(path):
+        if offload == "disk":
+            raise PrunellaError(f"{path} is packed: streaming reads dense checkpoints only")
+        offload = "none"
 
     tick = time.perf_counter()
-    if offload == "disk":
-        config_dtype = (
-            json.loads((path / "config.json").read_text()).get("torch_dtype")
-            or json.loads((path / "config.json").read_text()).get("dtype")
-            or "float32"
-        )
-        model = streaming.empty_model(path, getattr(torch, config_dtype))
-        key_map = streaming.checkpoint_key_map(model, reader)
+    model = key_map = None
+    if offload == "disk" or (offload == "auto" and not recipe.eval_data):
+        # Streaming keeps one block in memory and writes the output block by block,
+        # so it is the default whenever the checkpoint's layout allows it.
+        model = streaming.empty_model(path)
+        try:
+            key_map = streaming.checkpoint_key_map(model, reader)
+        except PrunellaError:
+            if offload == "disk":
+                raise
+            model = None
+    if model is not None:
+        offload = "disk"
         streaming.materialize(model, "", reader, key_map, skip=adapter.blocks_path)
         assert_finite(model)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
+        offload = "none"
         model, tokenizer, _, _ = load(path)
         key_map = streaming.checkpoint_key_map(model, reader)
     timings["load"] = time.perf_counter() - tick
@@ -536,7 +547,7 @@ def prune_to_dir(
                 "min_sparsity": recipe.min_sparsity,
                 "max_sparsity": recipe.max_sparsity,
                 "device": dev,
-                "batch_size": recipe.batch_size or _default_batch_size(recipe.seqlen),
+                "batch_size": recipe.batch_size or _default_batch_size(recipe.seqlen, dev),
             },
             progress,
             visit_hooks=hooks,
@@ -553,6 +564,9 @@ def prune_to_dir(
     if isinstance(pattern, Unstructured):  # the resolved recipe names the sparsity it used
         recipe = recipe.model_copy(update={"sparsity": plan.target})
 
+    if not recipe.eval_data:
+        tokenizer = None  # not needed while pruning; the saved copy is read from the source
+
     def finish_block(i: int, block: torch.nn.Module, acts, block_results) -> None:
         results.extend(r.as_dict() for r in block_results)
         work.save_block(i, block_tensors(i, block), acts.hidden, results)
@@ -567,7 +581,7 @@ def prune_to_dir(
             chosen,
             device=dev,
             dtype=dtype,
-            batch_size=recipe.batch_size or _default_batch_size(windows.shape[1]),
+            batch_size=recipe.batch_size or _default_batch_size(windows.shape[1], dev),
             solver_options=recipe.solver_options(),
             one_pass=passes == 1,
             progress=progress,
@@ -577,7 +591,10 @@ def prune_to_dir(
             after_block=finish_block,
         )
     except PrunellaError:
-        if work.next_block() == 0:  # nothing finished: leave nothing behind
+        # A PrunellaError here is a fault of the model itself (NaN or Inf weights or
+        # activations): re-running cannot finish it, so a fresh run leaves nothing
+        # behind. A resumed run keeps the blocks an earlier run finished.
+        if not resuming or work.next_block() == 0:
             work.discard()
         raise
     timings.update(phase_times)
@@ -668,6 +685,10 @@ def _save_output(
             (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         return
     if offload == "disk":
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
         export.save_streamed(
             model, work, out, report, recipe, key_map, adapter, tokenizer, overwrite=overwrite
         )

@@ -137,6 +137,64 @@ class Activations:
         return f"NaN or Inf activations in block {index}{where}: the model is numerically broken"
 
 
+def run_in_lockstep(
+    acts: Activations,
+    block: nn.Module,
+    index: int,
+    linears: dict[str, nn.Module],
+    arrive: Callable[[str, nn.Module, torch.Tensor], None],
+    complete: Callable[[str, nn.Module], None],
+    resume: Callable[[str, nn.Module, torch.Tensor], None],
+) -> None:
+    """Run every batch through ``block`` once, the batches meeting at each linear layer.
+
+    Each batch's forward runs in a greenlet (a coroutine on this same thread), and
+    the batches take turns: when a batch reaches a linear layer, ``arrive(name,
+    layer, x)`` sees its input and the batch yields to the next one; once the last
+    batch has arrived, ``complete(name, layer)`` runs (the layer is pruned), and
+    every batch goes on in turn, calling ``resume(name, layer, x)`` with the pruned
+    layer in place. The outputs replace ``acts.hidden``. This is one forward pass
+    in which every layer sees all the calibration tokens, coming from the
+    already-pruned layers before it, with the memory of one batch's temporaries
+    plus what each waiting batch holds.
+    """
+    from greenlet import getcurrent, greenlet
+
+    scheduler = getcurrent()
+    count = len(acts.hidden)
+    arrivals: dict[str, int] = dict.fromkeys(linears, 0)
+
+    def meet(name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            arrive(name, module, args[0])
+            arrivals[name] += 1
+            if arrivals[name] == count:
+                complete(name, module)
+            scheduler.switch()  # let the other batches reach this layer
+            resume(name, module, args[0])
+
+        return pre_hook
+
+    def forward(b: int) -> None:
+        out = acts.run(block, index, b)
+        if not torch.isfinite(out).all():
+            raise PrunellaError(acts.locate_non_finite(block, index, b))
+        acts.hidden[b] = out
+
+    handles = [m.register_forward_pre_hook(meet(n)) for n, m in linears.items()]
+    try:
+        batches = [greenlet(forward, parent=scheduler) for _ in range(count)]
+        started = [False] * count
+        while not all(g.dead for g in batches):
+            for b, g in enumerate(batches):
+                if not g.dead:
+                    g.switch(*((b,) if not started[b] else ()))
+                    started[b] = True
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def capture(
     model: nn.Module,
@@ -265,28 +323,25 @@ class BlockPruner:
         collector = StatsCollector(linears, self.solver.needs)
         timings = self.timings
         if self.one_pass:
-            # One forward: each layer is pruned the moment its input arrives (from the
-            # already-pruned layers before it), and the forward goes on with it.
-            def prune_on_arrival(local: str):
-                def pre_hook(module: nn.Module, args: tuple) -> None:
+            # One forward: each layer is pruned once every batch's input to it has arrived
+            # (from the already-pruned layers before it), and the forward goes on with it.
+            def arrive(local: str, module: nn.Module, x: torch.Tensor) -> None:
+                if self.solver.needs:
                     tick = time.perf_counter()
-                    stats = collector.collect(local, args[0]) if self.solver.needs else None
+                    collector.collect(local, x)
                     timings["statistics"] += time.perf_counter() - tick
-                    dense[local], info[local] = self.solve(
-                        prefix + local, module, stats, storage[local]
-                    )
-                    probe.add(local, module, args[0])
 
-                return pre_hook
+            def complete(local: str, module: nn.Module) -> None:
+                dense[local], info[local] = self.solve(
+                    prefix + local, module, collector.stats.get(local), storage[local]
+                )
 
-            handles = [m.register_forward_pre_hook(prune_on_arrival(n)) for n, m in linears.items()]
+            def resume(local: str, module: nn.Module, x: torch.Tensor) -> None:
+                probe.add(local, module, x)
+
             inside = timings["statistics"] + timings["solve"]
             tick = time.perf_counter()
-            try:
-                acts.forward(block, index, update=True)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            run_in_lockstep(acts, block, index, linears, arrive, complete, resume)
             inside = timings["statistics"] + timings["solve"] - inside
             timings["propagate"] += time.perf_counter() - tick - inside
         else:
@@ -346,13 +401,11 @@ def prune_blocks(
     :class:`LayerResult` per pruned layer and the seconds spent per phase.
 
     ``one_pass``: instead of a statistics pass over the dense block and a second
-    pass over the pruned one (the papers' protocol), run all calibration windows as
-    one batch through the block once, pruning each layer from a pre-hook as its
-    input arrives; every layer is then calibrated on the outputs of the pruned
-    layers before it, and the block's outputs need no second pass.
+    pass over the pruned one (the papers' protocol), run the batches through the
+    block once, in lockstep (:func:`run_in_lockstep`), pruning each layer when all
+    its inputs have arrived; every layer is then calibrated on the outputs of the
+    pruned layers before it, and the block's outputs need no second pass.
     """
-    if one_pass:
-        batch_size = len(windows)
     timings = dict.fromkeys(("capture", "statistics", "solve", "propagate"), 0.0)
     tick = time.perf_counter()
     acts = capture(model, adapter, windows, batch_size, device, dtype)

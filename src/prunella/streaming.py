@@ -47,16 +47,15 @@ class CheckpointReader:
             for file in files:
                 with safe_open(file, framework="pt") as handle:
                     self.files.update(dict.fromkeys(handle.keys(), file))
-        self._handles: dict[Path, object] = {}
 
     def keys(self) -> list[str]:
         return list(self.files)
 
     def tensor(self, key: str) -> torch.Tensor:
-        file = self.files[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(key)
+        """A copy of one tensor; the file is mapped only while it is read, so the pages
+        of blocks already done do not stay in this process's resident memory."""
+        with safe_open(self.files[key], framework="pt") as handle:
+            return handle.get_tensor(key)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.files.values()))
@@ -89,12 +88,18 @@ def checkpoint_key_map(model: nn.Module, reader: CheckpointReader) -> dict[str, 
     return mapping
 
 
-def empty_model(path: Path, dtype: torch.dtype):
-    """The model of ``path`` with every parameter on the meta device and real buffers."""
+def empty_model(path: Path, dtype: torch.dtype | None = None):
+    """The model of ``path`` with every parameter on the meta device and real buffers.
+
+    ``dtype`` defaults to the checkpoint's own (from its config).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
