@@ -11,7 +11,9 @@ save); the two tools alternate within one run. Prunella runs as a user runs it,
 ``prunella prune MODEL --out OUT ...`` (by default it streams the checkpoint block by
 block), and its prune time is the sum of its report's phases without loading and
 saving; llm-compressor's is timed around ``oneshot`` alone (model already loaded).
-Both outputs are evaluated by the same evaluator, ``prunella eval``.
+Prunella runs once per ``--passes`` value (default ``1,2``: one pass in lockstep,
+and the papers' two-pass protocol, which is what llm-compressor's sequential
+pipeline does). Both outputs are evaluated by the same evaluator, ``prunella eval``.
 
 llm-compressor needs transformers <= 5.21, so this runs in an environment of its own:
 
@@ -74,7 +76,7 @@ def save(a, model, out: Path) -> None:
     AutoTokenizer.from_pretrained(resolve(a.model)).save_pretrained(out)
 
 
-def prunella_command(a, config: dict, out: Path) -> list[str]:
+def prunella_command(a, config: dict, out: Path, passes: str) -> list[str]:
     """The ``prunella prune`` command a user would type for this row.
 
     It draws its calibration windows with the same function, text, seed, count and
@@ -82,7 +84,7 @@ def prunella_command(a, config: dict, out: Path) -> list[str]:
     """
     argv = [sys.executable, "-m", "prunella", "prune", a.model, "--out", str(out)]
     argv += ["--solver", config["solver"], "--calib", a.calib, "--seed", str(a.seed)]
-    argv += ["--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--passes", str(a.passes)]
+    argv += ["--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--passes", passes]
     if config["pattern"] == "unstructured":
         argv += ["--sparsity", str(config["sparsity"])]
     else:
@@ -134,10 +136,10 @@ def run_llmcompressor(a, config: dict, out: Path) -> float:
     return seconds
 
 
-def measured(a, tool: str, name: str, out: Path) -> dict:
+def measured(a, tool: str, name: str, out: Path, passes: str = "") -> dict:
     """Run one tool on one row in its own process under ``/usr/bin/time -v``."""
     argv = (
-        prunella_command(a, CONFIGS[name], out)
+        prunella_command(a, CONFIGS[name], out, passes)
         if tool == "prunella"
         else [
             sys.executable,
@@ -155,8 +157,6 @@ def measured(a, tool: str, name: str, out: Path) -> dict:
             str(a.seqlen),
             "--seed",
             str(a.seed),
-            "--passes",
-            str(a.passes),
         ]
     )
     done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
@@ -164,6 +164,7 @@ def measured(a, tool: str, name: str, out: Path) -> dict:
     result = {
         "tool": tool,
         "config": name,
+        "passes": passes,
         "ok": done.returncode == 0 and out.is_dir(),
         "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None,
     }
@@ -207,13 +208,13 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--passes", default="auto", help="Prunella's passes per block")
+    parser.add_argument(
+        "--passes", default="1,2", help="Prunella's passes per block: one run per value"
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     a = parser.parse_args()
-    if a.passes in ("1", "2"):
-        a.passes = int(a.passes)
     if a.one:
         name, out = a.one
         print(json.dumps({"seconds": run_llmcompressor(a, CONFIGS[name], Path(out))}))
@@ -224,23 +225,23 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in a.configs.split(","):
-            pair = {}
-            for tool in ("llm-compressor", "prunella"):  # alternate, llm-compressor first
-                pair[tool] = measured(a, tool, name, Path(tmp) / f"{tool}-{name}")
-            rows.append({"config": name, **pair})
+        for name in a.configs.split(","):  # alternate the tools, llm-compressor first
+            llmc = measured(a, "llm-compressor", name, Path(tmp) / f"llmc-{name}")
+            for passes in a.passes.split(","):
+                out = Path(tmp) / f"prunella-{name}-{passes}"
+                ours = measured(a, "prunella", name, out, passes)
+                rows.append({"config": name, "llm-compressor": llmc, "prunella": ours})
 
     print(
         f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}, seed "
         f"{a.seed}), perplexity on {a.data}; llm-compressor {llmcompressor.__version__}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; Prunella passes="
-        f"{a.passes}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print(
-        "| work | llm-compressor: time (s) / peak RSS (MiB) / ppl | Prunella: time (s) / "
-        "peak RSS (MiB) / ppl | time ratio | RSS ratio | ppl ratio |"
+        "| work | llm-compressor: time (s) / peak RSS (MiB) / ppl | Prunella passes | "
+        "Prunella: time (s) / peak RSS (MiB) / ppl | time ratio | RSS ratio | ppl ratio |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         llmc, ours = row["llm-compressor"], row["prunella"]
 
@@ -256,7 +257,11 @@ def main() -> None:
                 f"{ours['peak_rss_mb'] / llmc['peak_rss_mb']:.2f}",
                 f"{ours['ppl'] / llmc['ppl']:.3f}",
             ]
-        print(f"| {row['config']} | {cell(llmc)} | {cell(ours)} | " + " | ".join(ratios) + " |")
+        print(
+            f"| {row['config']} | {cell(llmc)} | {ours['passes']} | {cell(ours)} | "
+            + " | ".join(ratios)
+            + " |"
+        )
     if a.json:
         a.json.write_text(
             json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2)

@@ -567,6 +567,12 @@ def prune_to_dir(
     if not recipe.eval_data:
         tokenizer = None  # not needed while pruning; the saved copy is read from the source
 
+    def next_block(i: int, block: torch.nn.Module) -> None:
+        if offload == "disk" and i == start:
+            # the first block's inputs are captured: embeddings and head wait on disk
+            streaming.release_outside(model, blocks_path)
+        load_block(i, block)
+
     def finish_block(i: int, block: torch.nn.Module, acts, block_results) -> None:
         results.extend(r.as_dict() for r in block_results)
         work.save_block(i, block_tensors(i, block), acts.hidden, results)
@@ -587,7 +593,7 @@ def prune_to_dir(
             progress=progress,
             start=start,
             hidden=hidden,
-            before_block=load_block,
+            before_block=next_block,
             after_block=finish_block,
         )
     except PrunellaError:
@@ -689,6 +695,12 @@ def _save_output(
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path)
+        from . import streaming
+
+        # read back what release_outside dropped (the blocks come from the work folder)
+        streaming.materialize(
+            model, "", streaming.CheckpointReader(path), key_map, skip=adapter.blocks_path
+        )
         export.save_streamed(
             model, work, out, report, recipe, key_map, adapter, tokenizer, overwrite=overwrite
         )

@@ -10,7 +10,10 @@ windows stacked) the solvers need at most:
 
 Layers that read the same tensor (``q/k/v_proj``, ``gate/up_proj``) share one
 :class:`LayerStats` object, so each Hessian is accumulated once per input, not
-once per layer. Accumulation is in place (``addmm_``), one call per batch.
+once per layer. Accumulation is in place (``addmm_``), one pass per batch, and
+fills only the lower triangle of the symmetric ``X^T X``, in row blocks of
+:data:`ROWS` (BLAS's ``syrk`` idea, about 40% less arithmetic than the full
+product); the upper triangle is mirrored once, when the Hessian is read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 HESSIAN = "hessian"
 COL_NORMS = "col_norms"
 KNOWN = frozenset({HESSIAN, COL_NORMS})
+ROWS = 256  # row block of the lower-triangular accumulation
 
 
 class LayerStats:
@@ -32,6 +36,7 @@ class LayerStats:
     def __init__(self, in_features: int, needs: Iterable[str], device: torch.device) -> None:
         needs = set(needs)
         self.tokens = 0
+        self._mirrored = True  # False while only the lower triangle of xtx is up to date
         # Quantities a solver derives from the sums (e.g. SparseGPT's inverse-Hessian
         # factor), kept here so layers that share this input compute them once.
         self.derived: dict = {}
@@ -50,8 +55,10 @@ class LayerStats:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.xtx is not None:
-            xt = x.t().contiguous()  # a contiguous X^T makes the GEMM ~20% faster on CPU
-            self.xtx.addmm_(xt, xt.t())
+            xt = x.t().contiguous()  # a contiguous X^T makes the GEMMs ~20% faster on CPU
+            for i in range(0, xt.shape[0], ROWS):  # rows i:i+ROWS, columns up to the diagonal
+                self.xtx[i : i + ROWS, : i + ROWS].addmm_(xt[i : i + ROWS], xt[: i + ROWS].t())
+            self._mirrored = False
         if self.sq_sum is not None:
             self.sq_sum.add_(x.square().sum(0))
 
@@ -60,6 +67,9 @@ class LayerStats:
         """``H = (2 / n) X^T X`` (float32)."""
         if self.xtx is None:
             raise RuntimeError("the Hessian was not gathered for this layer")
+        if not self._mirrored:
+            self.xtx.copy_(self.xtx.tril() + self.xtx.tril(-1).t())
+            self._mirrored = True
         return self.xtx * (2.0 / max(self.tokens, 1))
 
     @property

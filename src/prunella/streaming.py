@@ -146,6 +146,21 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
+def release_outside(model: nn.Module, skip: str) -> None:
+    """Drop the parameters outside the submodule ``skip`` (the blocks) to the meta device.
+
+    Once the first block's inputs are captured, the embeddings, final norm and LM
+    head are not needed until the checkpoint is written, and :func:`materialize`
+    reads them back then. Buffers (rotary frequencies) stay.
+    """
+    for name, sub in model.named_modules():
+        if name == skip or name.startswith(skip + "."):
+            continue
+        for key, param in sub._parameters.items():
+            if param is not None and not param.is_meta:
+                sub._parameters[key] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file atomically (temporary name, then rename)."""
     tmp = path.with_name(path.name + ".tmp")
