@@ -34,6 +34,7 @@ def main() -> None:
     passes = int(a.passes) if a.passes in ("1", "2") else a.passes
 
     import prunella
+    from prunella.api import resolve_compute_dtype
     from prunella.data import calibration_windows
     from prunella.engine import capture
     from prunella.models import load
@@ -42,17 +43,21 @@ def main() -> None:
     windows = calibration_windows(tokenizer, "sample", a.nsamples, a.seqlen, 0)
     batch = max(1, 16384 // a.seqlen)
 
+    # the floor runs in the dtype the prune's forward uses (bfloat16 on CPUs that have it)
+    dtype = resolve_compute_dtype(next(model.parameters()).dtype, torch.device("cpu"))
+    plain = copy.deepcopy(model).to(dtype)
     with torch.no_grad():
-        acts = capture(model, adapter, windows, batch, torch.device("cpu"), torch.float32)
+        acts = capture(plain, adapter, windows, batch, torch.device("cpu"), dtype)
         start = time.perf_counter()
         for _ in range(2):
             hidden = list(acts.hidden)
-            for i, block in enumerate(adapter.blocks(model)):
+            for i, block in enumerate(adapter.blocks(plain)):
                 for b in range(len(hidden)):
                     args, kwargs = acts.calls[b][i]
                     out = block(hidden[b], *args, **kwargs)
                     hidden[b] = out[0] if isinstance(out, tuple) else out
         floor = time.perf_counter() - start
+    del plain, acts
 
     _, report = prunella.prune(
         copy.deepcopy(model),
@@ -82,7 +87,8 @@ def main() -> None:
 
     print(
         f"SmolLM2-135M, {a.solver} {a.sparsity:.0%}, {a.nsamples} x {a.seqlen} tokens, "
-        f"passes={report['passes']}, {torch.get_num_threads()} threads\n"
+        f"passes={report['passes']}, forward in {report['compute_dtype']}, "
+        f"{torch.get_num_threads()} threads\n"
     )
     print("| phase | seconds |\n|---|---|")
     for phase, seconds in report["seconds"].items():

@@ -232,9 +232,13 @@ def main() -> None:
                 ours = measured(a, "prunella", name, out, passes)
                 rows.append({"config": name, "llm-compressor": llmc, "prunella": ours})
 
+    from prunella.api import resolve_compute_dtype
+
+    forward = resolve_compute_dtype(torch.float32, torch.device("cpu"))
     print(
         f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}, seed "
-        f"{a.seed}), perplexity on {a.data}; llm-compressor {llmcompressor.__version__}, "
+        f"{a.seed}), perplexity on {a.data}; llm-compressor {llmcompressor.__version__} "
+        f"(float32), Prunella's forward in {str(forward).removeprefix('torch.')} (auto), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print(

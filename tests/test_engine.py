@@ -132,13 +132,55 @@ def test_bfloat16_checkpoint_pruned_in_float32_and_saved_in_bfloat16(tmp_path, t
     from conftest import build_checkpoint
 
     src = build_checkpoint(tmp_path / "bf16", "llama", tokenizer_dir, dtype=torch.bfloat16)
-    model, report = prunella.prune(src, sparsity=0.5, nsamples=4, seqlen=32, progress=False)
+    model, report = prunella.prune(
+        src, sparsity=0.5, nsamples=4, seqlen=32, compute_dtype="float32", progress=False
+    )
     assert report["dtype"] == "bfloat16" and report["compute_dtype"] == "float32"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert abs(report["sparsity"] - 0.5) < 1e-6
     out = prunella.save(model, tmp_path / "out", report)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_dtype_on_cpu_follows_native_bfloat16(monkeypatch, native):
+    from prunella import api
+
+    monkeypatch.setattr(api, "native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native else torch.float32
+    assert api.resolve_compute_dtype(torch.float32, cpu) == expected
+    assert api.resolve_compute_dtype(torch.float32, cpu, "float32") == torch.float32
+    assert api.resolve_compute_dtype(torch.float16, torch.device("cuda")) == torch.float16
+
+
+def test_bfloat16_forward_prunes_close_to_float32(tiny_llama):
+    """The forward's dtype changes the calibration activations slightly, not the result."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        model, report = prunella.prune(
+            copy.deepcopy(tiny_llama),
+            sparsity=0.5,
+            nsamples=8,
+            seqlen=32,
+            compute_dtype=dtype,
+            progress=False,
+        )
+        assert report["compute_dtype"] == dtype
+        assert next(model.parameters()).dtype == torch.float32  # the weights stay float32
+        masks = {n: p == 0 for n, p in model.named_parameters() if "proj" in n}
+        errors = [layer["rel_error"] for layer in report["layers"]]
+        runs[dtype] = masks, sum(errors) / len(errors)
+    (masks32, error32), (masks16, error16) = runs["float32"], runs["bfloat16"]
+    for name, mask in masks32.items():
+        assert (mask == masks16[name]).float().mean().item() > 0.9, name
+    assert abs(error16 - error32) < 0.1 * error32
+
+
+def test_unknown_compute_dtype_is_an_error(tiny_llama):
+    with pytest.raises(prunella.PrunellaError, match="compute dtype"):
+        prunella.prune(tiny_llama, sparsity=0.5, nsamples=2, seqlen=16, compute_dtype="int8")
 
 
 def test_report_contents(tiny_llama):

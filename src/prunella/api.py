@@ -46,8 +46,35 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The model's own dtype on a GPU; float32 on CPU, where half precision is slow."""
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_compute_dtype(
+    model_dtype: torch.dtype, device: torch.device, requested: str = "auto"
+) -> torch.dtype:
+    """The dtype of the calibration forward passes; the solvers' maths is float32 always.
+
+    ``auto``: the model's own dtype on a GPU; on a CPU, bfloat16 where the CPU
+    multiplies it natively (about 3x float32's GEMM speed on AVX512-BF16), else
+    float32, since emulated half precision is slow.
+    """
+    if requested not in COMPUTE_DTYPES:
+        raise PrunellaError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {requested!r}")
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return model_dtype
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def eval_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Evaluation runs in the model's own dtype on a GPU and in float32 on CPU."""
     return model_dtype if device.type == "cuda" else torch.float32
 
 
@@ -131,6 +158,7 @@ def allocate(
     min_sparsity: float = 0.0,
     max_sparsity: float = 0.99,
     device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
     batch_size: int = 1,
     progress: bool = True,
     visit_hooks: dict | None = None,
@@ -182,7 +210,7 @@ def allocate(
         needs=chosen.needs,
         windows=windows,
         device=dev,
-        dtype=compute_dtype(next(model.parameters()).dtype, dev),
+        dtype=dtype or resolve_compute_dtype(next(model.parameters()).dtype, dev),
         batch_size=batch_size,
         progress=progress,
         desc=f"allocation ({method})",
@@ -302,6 +330,7 @@ def prune(
     batch_size: int | None = None,
     solver_options: dict | None = None,
     passes: str | int = "auto",
+    compute_dtype: str = "auto",
     progress: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
     """Prune ``model`` (a checkpoint path, a bundled name, or a loaded HF causal LM) in place.
@@ -313,8 +342,10 @@ def prune(
     a JSON-serialisable dict (see README, "The report"). ``passes`` is 1 (each
     block pruned in a single forward pass over all windows), 2 (a statistics pass, then
     a pass over the pruned block: the papers' protocol) or ``"auto"`` (1 when all
-    windows fit in memory as one batch); see :func:`prunella.engine.prune_blocks`. For a
-    checkpoint on disk, :func:`prune_to_dir` adds resuming and models larger than memory.
+    windows fit in memory as one batch); see :func:`prunella.engine.prune_blocks`.
+    ``compute_dtype`` is the dtype of the calibration forward passes (see
+    :func:`resolve_compute_dtype`). For a checkpoint on disk, :func:`prune_to_dir` adds
+    resuming and models larger than memory.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -331,6 +362,8 @@ def prune(
     else:
         adapter = adapter_for(model.config.model_type)
 
+    model_dtype = next(model.parameters()).dtype
+    dtype = resolve_compute_dtype(model_dtype, dev, compute_dtype)
     tick = time.perf_counter()
     windows, calib_name = _calibration(model, tokenizer, calibration, nsamples, seqlen, seed)
     batch_size = batch_size or _default_batch_size(windows.shape[1], dev)
@@ -350,14 +383,13 @@ def prune(
             "min_sparsity": min_sparsity,
             "max_sparsity": max_sparsity,
             "device": dev,
+            "dtype": dtype,
             "batch_size": batch_size,
         },
         progress,
     )
     timings["allocation"] = time.perf_counter() - tick
 
-    model_dtype = next(model.parameters()).dtype
-    dtype = compute_dtype(model_dtype, dev)
     results, phase_times = prune_blocks(
         model,
         adapter,
@@ -493,10 +525,13 @@ def prune_to_dir(
         key_map = streaming.checkpoint_key_map(model, reader)
     timings["load"] = time.perf_counter() - tick
     model_dtype = next(p for p in model.parameters()).dtype
-    dtype = compute_dtype(model_dtype, dev)
+    dtype = resolve_compute_dtype(model_dtype, dev, recipe.compute_dtype)
     blocks_path = adapter.blocks_path
     passes = choose_passes(recipe.passes, model, (recipe.nsamples, recipe.seqlen), dev)
-    recipe = recipe.model_copy(update={"passes": passes})  # resolved: resumes must match it
+    # resolved, so that a resume (perhaps on another machine) must match them
+    recipe = recipe.model_copy(
+        update={"passes": passes, "compute_dtype": str(dtype).removeprefix("torch.")}
+    )
 
     def load_block(i: int, block: torch.nn.Module) -> None:
         if offload == "disk":
@@ -547,6 +582,7 @@ def prune_to_dir(
                 "min_sparsity": recipe.min_sparsity,
                 "max_sparsity": recipe.max_sparsity,
                 "device": dev,
+                "dtype": dtype,
                 "batch_size": recipe.batch_size or _default_batch_size(recipe.seqlen, dev),
             },
             progress,
@@ -758,9 +794,7 @@ def evaluate(
     with contextlib.ExitStack() as stack:
         for m in (model, reference):
             if m is not None:
-                stack.enter_context(
-                    on_device(m, dev, compute_dtype(next(m.parameters()).dtype, dev))
-                )
+                stack.enter_context(on_device(m, dev, eval_dtype(next(m.parameters()).dtype, dev)))
         result = perplexity(
             model,
             windows,

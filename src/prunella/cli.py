@@ -6,7 +6,6 @@ before anything is written; progress bars go to stderr, results to stdout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Annotated
 import typer
 
 from .errors import PrunellaError
+from .heap import limit_heap_growth
 
 ALLOCATION_HELP = "Where the sparsity goes: uniform, owl or alphapruning."
 GRANULARITY_HELP = "block (all layers of a block share one sparsity) or layer."
@@ -96,6 +96,14 @@ def prune_command(
             "in the papers), or auto (1 when it fits in memory) [auto]."
         ),
     ] = None,
+    compute_dtype: Annotated[
+        str | None,
+        _opt(
+            "dtype of the calibration forward passes: float32, bfloat16, float16, or auto "
+            "(the model's on a GPU; bfloat16 on a CPU with native bfloat16, else float32) "
+            "[auto]. Solver maths is float32 always."
+        ),
+    ] = None,
     save_format: Annotated[
         str | None, _opt("dense (a plain checkpoint) or packed (sparse-bitmask) [dense].")
     ] = None,
@@ -141,6 +149,7 @@ def prune_command(
         farms=farms,
         offload=offload,
         passes=int(passes) if passes in ("1", "2") else passes,
+        compute_dtype=compute_dtype,
         save_format=save_format,
         eval_data=eval_data,
         eval_max_windows=eval_max_windows,
@@ -486,26 +495,9 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _limit_heap_growth() -> None:
-    """Make glibc return large freed blocks to the system (fixed 1 MiB mmap threshold).
-
-    glibc raises its mmap threshold after each large free, so the activations of
-    one block end up in a heap that never shrinks; on a long prune that doubles
-    the resident memory. A fixed threshold keeps every large tensor in its own
-    mapping, given back when freed.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
-    _limit_heap_growth()
+    limit_heap_growth()
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="prunella", standalone_mode=False)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_weight, set_weight
 from .errors import PrunellaError
+from .heap import trim_heap
 from .patterns import Pattern
 from .solvers import Solver
 from .stats import StatsCollector
@@ -437,6 +438,7 @@ def prune_blocks(
         storage = {local: get_weight(layer).dtype for local, layer in linears.items()}
         with on_device(block, device, dtype, write_back=True):
             block_results = pruner(i, block, prefix, acts, linears, storage)
+        trim_heap()  # give back what this block's temporaries held (see prunella.heap)
         results.extend(block_results)
         if after_block is not None:
             after_block(i, block, acts, block_results)

@@ -58,6 +58,9 @@ class Recipe(BaseModel):
     passes: Literal["auto", 1, 2] = Field(
         "auto", description="forward passes per block: 1, 2 (the papers'), auto"
     )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the calibration forward passes"
+    )
     save_format: Literal["dense", "packed"] = "dense"
     eval_data: str | None = Field(None, description="text to evaluate dense and pruned on")
     eval_max_windows: int | None = Field(None, ge=1)
