@@ -178,6 +178,29 @@ def test_bfloat16_forward_prunes_close_to_float32(tiny_llama):
     assert abs(error16 - error32) < 0.1 * error32
 
 
+def test_narrow_forward_leaves_the_checkpoint_precision_alone(tiny_llama):
+    """A bfloat16 forward must not round the float32 weights: magnitude (data-free)
+    gives bit for bit the same model, and unpruned tensors stay untouched."""
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    before = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    runs = []
+    for dtype in ("float32", "bfloat16"):
+        model, _ = prunella.prune(
+            copy.deepcopy(dense),
+            sparsity=0.5,
+            solver="magnitude",
+            calibration=torch.randint(0, dense.config.vocab_size, (2, 16)),
+            compute_dtype=dtype,
+            progress=False,
+        )
+        runs.append(dict(model.named_parameters()))
+    for name, weight in runs[0].items():
+        assert weight.dtype == torch.float32
+        assert torch.equal(weight, runs[1][name]), name
+        if "proj" not in name:
+            assert torch.equal(weight, before[name]), name
+
+
 def test_unknown_compute_dtype_is_an_error(tiny_llama):
     with pytest.raises(prunella.PrunellaError, match="compute dtype"):
         prunella.prune(tiny_llama, sparsity=0.5, nsamples=2, seqlen=16, compute_dtype="int8")

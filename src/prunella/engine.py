@@ -56,14 +56,12 @@ class _Recorder(nn.Module):
 
 
 @contextlib.contextmanager
-def on_device(
-    module: nn.Module, device: torch.device, dtype: torch.dtype, write_back: bool = False
-) -> Iterator[None]:
+def on_device(module: nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Run ``module`` with its parameters and buffers copied to ``device`` (floats in ``dtype``).
 
-    The original tensors are put back on exit, exactly as they were (so no buffer
-    changes dtype); with ``write_back`` the parameters' new values are first copied
-    into them. When nothing needs to move, the module runs on its own tensors.
+    The original tensors are put back on exit, exactly as they were: what happened
+    to the copies is dropped. When nothing needs to move, the module runs on its own
+    tensors.
     """
     copies: dict[int, torch.Tensor] = {}
     originals: list[tuple[dict, str, torch.Tensor]] = []
@@ -86,8 +84,6 @@ def on_device(
         yield
     finally:
         for store, key, tensor in originals:
-            if write_back and isinstance(tensor, nn.Parameter):
-                tensor.data.copy_(store[key].data)
             store[key] = tensor
 
 
@@ -236,8 +232,14 @@ class ErrorProbe:
     one input directly.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], tokens: int):
-        self.linears, self.dense, self.tokens = linears, dense, tokens
+    def __init__(
+        self,
+        linears: dict[str, nn.Module],
+        dense: dict[str, torch.Tensor],
+        pruned: dict[str, torch.Tensor],
+        tokens: int,
+    ):
+        self.linears, self.dense, self.pruned, self.tokens = linears, dense, pruned, tokens
         self.seen = dict.fromkeys(linears, 0)
         self.err = dict.fromkeys(linears, 0.0)
         self.ref = dict.fromkeys(linears, 0.0)
@@ -249,7 +251,8 @@ class ErrorProbe:
             return
         x = x.reshape(-1, x.shape[-1])[:take].float()
         w = self.dense[name].float()
-        self.err[name] += (x @ (w - get_weight(module).float()).t()).square().sum().item()
+        w_hat = self.pruned[name].to(device=w.device, dtype=torch.float32)
+        self.err[name] += (x @ (w - w_hat).t()).square().sum().item()
         self.ref[name] += (x @ w.t()).square().sum().item()
         self.seen[name] += x.shape[0]
 
@@ -295,17 +298,24 @@ class BlockPruner:
     one_pass: bool
     timings: dict[str, float]
 
-    def solve(self, name: str, layer: nn.Module, stats, storage: torch.dtype) -> tuple:
-        """Prune ``layer`` in place; return its dense weight and the solver's facts."""
+    def solve(self, name: str, layer: nn.Module, stats, master: torch.Tensor) -> tuple:
+        """Prune ``master`` (the checkpoint's weight of ``layer``) in place, and the copy
+        ``layer`` runs with; return the dense weight (float32) and the solver's facts.
+
+        The solver starts from ``master`` at full precision, never from the forward's
+        copy, which may be narrower (bfloat16 on CPU).
+        """
         tick = time.perf_counter()
-        weight = get_weight(layer)
-        if not torch.isfinite(weight).all():
+        running = get_weight(layer)
+        dense = master.detach().to(device=running.device, dtype=torch.float32, copy=True)
+        if not torch.isfinite(dense).all():
             raise PrunellaError(f"layer {name} has NaN or Inf weights")
-        dense = weight.detach().clone()
-        new, info = self.solver.prune(weight.float(), self.patterns[name], stats, **self.options)
+        new, info = self.solver.prune(dense.clone(), self.patterns[name], stats, **self.options)
         # Round to the checkpoint's dtype now, so that what follows is calibrated on
         # exactly the weights that will be saved.
-        set_weight(layer, new.to(storage))
+        master.copy_(new)
+        if running.data_ptr() != master.data_ptr():
+            set_weight(layer, master)
         self.timings["solve"] += time.perf_counter() - tick
         return dense, info
 
@@ -316,11 +326,11 @@ class BlockPruner:
         prefix: str,
         acts: Activations,
         linears: dict[str, nn.Module],
-        storage: dict[str, torch.dtype],
+        masters: dict[str, torch.Tensor],
     ) -> list:
         dense: dict[str, torch.Tensor] = {}
         info: dict[str, dict] = {}
-        probe = ErrorProbe(linears, dense, self.error_tokens)
+        probe = ErrorProbe(linears, dense, masters, self.error_tokens)
         collector = StatsCollector(linears, self.solver.needs)
         timings = self.timings
         if self.one_pass:
@@ -334,7 +344,7 @@ class BlockPruner:
 
             def complete(local: str, module: nn.Module) -> None:
                 dense[local], info[local] = self.solve(
-                    prefix + local, module, collector.stats.get(local), storage[local]
+                    prefix + local, module, collector.stats.get(local), masters[local]
                 )
 
             def resume(local: str, module: nn.Module, x: torch.Tensor) -> None:
@@ -353,7 +363,7 @@ class BlockPruner:
             timings["statistics"] += time.perf_counter() - tick
             for local, layer in linears.items():
                 dense[local], info[local] = self.solve(
-                    prefix + local, layer, collector.stats.get(local), storage[local]
+                    prefix + local, layer, collector.stats.get(local), masters[local]
                 )
             tick = time.perf_counter()
             with probe:
@@ -362,14 +372,14 @@ class BlockPruner:
         return [
             LayerResult(
                 name=prefix + local,
-                shape=tuple(get_weight(layer).shape),
+                shape=tuple(weight.shape),
                 pattern=str(self.patterns[prefix + local]),
                 target_sparsity=self.patterns[prefix + local].sparsity,
-                sparsity=(get_weight(layer) == 0).sum().item() / get_weight(layer).numel(),
+                sparsity=(weight == 0).sum().item() / weight.numel(),
                 rel_error=probe.relative_error(local),
                 info=info[local],
             )
-            for local, layer in linears.items()
+            for local, weight in masters.items()
         ]
 
 
@@ -435,9 +445,11 @@ def prune_blocks(
             for local, layer in adapter.linears(block).items()
             if prefix + local in patterns
         }
-        storage = {local: get_weight(layer).dtype for local, layer in linears.items()}
-        with on_device(block, device, dtype, write_back=True):
-            block_results = pruner(i, block, prefix, acts, linears, storage)
+        # The pruned weights go straight into the checkpoint's tensors (in its dtype);
+        # the block runs on a copy when it moves device or dtype.
+        masters = {local: get_weight(layer) for local, layer in linears.items()}
+        with on_device(block, device, dtype):
+            block_results = pruner(i, block, prefix, acts, linears, masters)
         trim_heap()  # give back what this block's temporaries held (see prunella.heap)
         results.extend(block_results)
         if after_block is not None:

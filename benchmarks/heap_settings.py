@@ -1,0 +1,116 @@
+"""Time and peak memory of one CLI prune under different heap and forward-dtype settings.
+
+Runs ``prunella prune smollm2-135m --passes 1`` (SparseGPT 50%, 32 x 512 tokens by
+default) once per setting, each in its own process under ``/usr/bin/time -v``, and
+reads wall time, peak RSS and minor page faults from the OS. A setting is the
+dtype of the forward passes (``--compute-dtype``), glibc's mmap threshold
+(``default`` leaves glibc's own, dynamic one) and whether the heap is trimmed
+after each block; the last two are set by patching ``prunella.heap`` before the
+CLI starts. The shipped default is bfloat16 (on a CPU with native bfloat16), a
+32 MiB threshold and a trim after each block (see ``prunella/heap.py``).
+
+    python benchmarks/heap_settings.py --json heap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# (forward dtype, mmap threshold in MiB or None for glibc's default, trim after each block)
+SETTINGS = [
+    ("float32", 1, False),
+    ("float32", None, False),
+    ("float32", 32, True),
+    ("bfloat16", None, False),
+    ("bfloat16", 32, False),
+    ("bfloat16", 32, True),
+]
+
+LAUNCH = """
+import sys
+import prunella.cli, prunella.engine, prunella.heap
+threshold, trim = sys.argv[1], sys.argv[2] == "1"
+if threshold == "default":
+    prunella.cli.limit_heap_growth = lambda: None
+else:
+    prunella.heap.MMAP_THRESHOLD = int(threshold) << 20
+if not trim:
+    prunella.engine.trim_heap = lambda: None
+sys.exit(prunella.cli.main(sys.argv[3:]))
+"""
+
+
+def measured(a, dtype: str, threshold: int | None, trim: bool, out: Path) -> dict:
+    argv = ["prune", a.model, "--out", str(out), "--sparsity", str(a.sparsity)]
+    argv += ["--solver", a.solver, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)]
+    argv += ["--passes", "1", "--compute-dtype", dtype, "--quiet"]
+    setting = ["default" if threshold is None else str(threshold), "1" if trim else "0"]
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-c", LAUNCH, *setting, *argv],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        sys.exit(f"prune failed ({dtype}, {threshold}, {trim}):\n{done.stderr[-3000:]}")
+
+    def field(label: str) -> str:
+        return re.search(rf"{label}: (\S+)", done.stderr).group(1)
+
+    minutes, seconds = field(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\)").split(":")[-2:]
+    return {
+        "compute_dtype": dtype,
+        "mmap_threshold_mb": threshold,
+        "trim_after_block": trim,
+        "wall_seconds": int(minutes) * 60 + float(seconds),
+        "peak_rss_mb": int(field(r"Maximum resident set size \(kbytes\)")) / 1024,
+        "minor_faults": int(field(r"Minor \(reclaiming a frame\) page faults")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--solver", default="sparsegpt")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--json", type=Path)
+    a = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (dtype, threshold, trim) in enumerate(SETTINGS):
+            rows.append(measured(a, dtype, threshold, trim, Path(tmp) / f"run{i}"))
+            print(f"done: {rows[-1]}", file=sys.stderr)
+
+    print(
+        f"prunella prune {a.model} --solver {a.solver} --sparsity {a.sparsity} --nsamples "
+        f"{a.nsamples} --seqlen {a.seqlen} --passes 1 (streamed), one process per row\n"
+    )
+    print(
+        "| forward dtype | mmap threshold | trim after each block | wall (s) | peak RSS (MiB) "
+        "| minor page faults |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        threshold = (
+            "glibc default" if r["mmap_threshold_mb"] is None else (f"{r['mmap_threshold_mb']} MiB")
+        )
+        print(
+            f"| {r['compute_dtype']} | {threshold} | {'yes' if r['trim_after_block'] else 'no'} "
+            f"| {r['wall_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['minor_faults']:,} |"
+        )
+    if a.json:
+        a.json.write_text(
+            json.dumps({"args": vars(a) | {"json": str(a.json)}, "rows": rows}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
