@@ -25,7 +25,6 @@ from pathlib import Path
 # (forward dtype, mmap threshold in MiB or None for glibc's default, trim after each block)
 SETTINGS = [
     ("float32", 1, False),
-    ("float32", None, False),
     ("float32", 32, True),
     ("bfloat16", None, False),
     ("bfloat16", 32, False),

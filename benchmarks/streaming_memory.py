@@ -74,7 +74,7 @@ def main() -> None:
         tmp = Path(tmp)
         smol = resolve("smollm2-135m")
         synth = synthetic_checkpoint(
-            tmp / "synthetic", a.synthetic_layers, a.synthetic_hidden, a.synthetic_ffn, 32000
+            tmp / "synthetic", a.synthetic_layers, a.synthetic_hidden, a.synthetic_ffn, 49152
         )
         cases = [
             ("SmolLM2-135M", smol, "sparsegpt", "none", 32, 512),
