@@ -3,12 +3,14 @@
 Each block's forward allocates and frees the same few activation sizes thousands of
 times. Served from fresh ``mmap`` s (glibc's behaviour for blocks over its mmap
 threshold, 128 KiB at first), every allocation faults its pages in again: on a
-SmolLM2-135M prune that was 13 million page faults and a quarter of the wall time.
-Served from the heap, they are reused, but glibc's heap only shrinks from the top, so
-it ratchets up block after block. The middle way, measured in README ("Where the
-time goes"): a fixed 32 MiB threshold (per-batch activations live in the heap and are
-reused within a block) and :func:`trim_heap` after each block (what the block freed
-goes back to the system).
+SmolLM2-135M prune with a 1 MiB threshold that was 13 million page faults and about
+a third of the wall time. Served from the heap, they are reused, but glibc's heap
+only shrinks from the top, so it can ratchet up block after block. The middle way:
+a fixed 32 MiB threshold (per-batch activations live in the heap and are reused
+within a block) and :func:`trim_heap` after each block (what the block freed goes
+back to the system). README ("Heap and forward dtype", ``benchmarks/heap_settings.py``)
+has the measurements, including a run where glibc's own dynamic threshold did as
+well; single runs vary too much to choose between the two.
 """
 
 from __future__ import annotations
