@@ -36,18 +36,22 @@ def main() -> None:
     import prunella
     from prunella.api import resolve_compute_dtype
     from prunella.data import calibration_windows
-    from prunella.engine import capture
+    from prunella.engine import capture, forward_precision, matmuls_in
     from prunella.models import load
 
     model, tokenizer, _, adapter = load(a.model)
     windows = calibration_windows(tokenizer, "sample", a.nsamples, a.seqlen, 0)
     batch = max(1, 16384 // a.seqlen)
 
-    # the floor runs in the dtype the prune's forward uses (bfloat16 on CPUs that have it)
-    dtype = resolve_compute_dtype(next(model.parameters()).dtype, torch.device("cpu"))
+    # the floor runs in the precision the prune's forward uses (on CPUs with native
+    # bfloat16: float32 weights and activations, matrix products in bfloat16)
+    cpu = torch.device("cpu")
+    dtype, matmul_dtype = forward_precision(
+        resolve_compute_dtype(next(model.parameters()).dtype, cpu), cpu
+    )
     plain = copy.deepcopy(model).to(dtype)
-    with torch.no_grad():
-        acts = capture(plain, adapter, windows, batch, torch.device("cpu"), dtype)
+    with torch.no_grad(), matmuls_in(matmul_dtype, cpu):
+        acts = capture(plain, adapter, windows, batch, cpu, dtype)
         start = time.perf_counter()
         for _ in range(2):
             hidden = list(acts.hidden)

@@ -201,6 +201,60 @@ def test_narrow_forward_leaves_the_checkpoint_precision_alone(tiny_llama):
             assert torch.equal(weight, before[name]), name
 
 
+def test_forward_precision_narrows_only_the_matmuls_on_cpu():
+    from prunella.engine import forward_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert forward_precision(torch.bfloat16, cpu) == (torch.float32, torch.bfloat16)
+    assert forward_precision(torch.float32, cpu) == (torch.float32, None)
+    assert forward_precision(torch.bfloat16, cuda) == (torch.bfloat16, None)
+
+
+def test_autocast_forward_sees_weights_pruned_in_place():
+    """Two passes prune a weight in place between two forwards: a cached bfloat16 cast
+    of the dense weight would be served to the second one."""
+    from prunella.engine import matmuls_in
+
+    layer = torch.nn.Linear(8, 4)  # a parameter that requires grad: autocast would cache it
+    x = torch.randn(3, 8)
+    with torch.no_grad(), matmuls_in(torch.bfloat16, torch.device("cpu")):
+        assert layer(x).dtype == torch.bfloat16  # the product did run in bfloat16
+        layer.weight.zero_()
+        assert torch.equal(layer(x), layer.bias.to(torch.bfloat16).expand(3, 4))
+
+
+def test_mixed_forward_keeps_statistics_in_float32(tiny_llama):
+    """Under the bfloat16 forward, layer inputs stay float32 and the Hessian is summed
+    in float32: block 0's q_proj reads the embeddings through RMSNorm (no product
+    before it), so its Hessian is bit for bit the float32 forward's."""
+    from prunella.engine import visit_blocks
+    from prunella.models import load
+    from prunella.stats import HESSIAN
+
+    model, _, _, adapter = load(tiny_llama)
+    windows = torch.randint(0, model.config.vocab_size, (4, 16))
+    hessians = {}
+    for dtype in (torch.float32, torch.bfloat16):
+
+        def visit(i, layers, dtype=dtype):
+            if i == 0:
+                hessians[dtype] = layers["model.layers.0.self_attn.q_proj"][1].hessian
+
+        visit_blocks(
+            model,
+            adapter,
+            visit,
+            needs=frozenset({HESSIAN}),
+            windows=windows,
+            device=torch.device("cpu"),
+            dtype=dtype,
+            batch_size=2,
+            progress=False,
+        )
+    assert hessians[torch.bfloat16].dtype == torch.float32
+    assert torch.equal(hessians[torch.float32], hessians[torch.bfloat16])
+
+
 def test_unknown_compute_dtype_is_an_error(tiny_llama):
     with pytest.raises(prunella.PrunellaError, match="compute dtype"):
         prunella.prune(tiny_llama, sparsity=0.5, nsamples=2, seqlen=16, compute_dtype="int8")

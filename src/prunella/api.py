@@ -62,7 +62,9 @@ def resolve_compute_dtype(
 
     ``auto``: the model's own dtype on a GPU; on a CPU, bfloat16 where the CPU
     multiplies it natively (about 3x float32's GEMM speed on AVX512-BF16), else
-    float32, since emulated half precision is slow.
+    float32, since emulated half precision is slow. On a CPU a narrower dtype applies
+    to the matrix products alone, the activations stay float32
+    (:func:`prunella.engine.forward_precision`).
     """
     if requested not in COMPUTE_DTYPES:
         raise PrunellaError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {requested!r}")

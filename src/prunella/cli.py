@@ -101,7 +101,8 @@ def prune_command(
         _opt(
             "dtype of the calibration forward passes: float32, bfloat16, float16, or auto "
             "(the model's on a GPU; bfloat16 on a CPU with native bfloat16, else float32) "
-            "[auto]. Solver maths is float32 always."
+            "[auto]. On a CPU only the matrix products narrow (autocast); activations "
+            "and solver maths are float32 always."
         ),
     ] = None,
     save_format: Annotated[

@@ -59,7 +59,7 @@ class Recipe(BaseModel):
         "auto", description="forward passes per block: 1, 2 (the papers'), auto"
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the calibration forward passes"
+        "auto", description="dtype of the calibration forward passes (on CPU: of their matmuls)"
     )
     save_format: Literal["dense", "packed"] = "dense"
     eval_data: str | None = Field(None, description="text to evaluate dense and pruned on")

@@ -111,7 +111,8 @@ class StatsCollector:
         stats = self.stats.get(name)
         if stats is None:
             stats = self.stats[name] = LayerStats(x.shape[-1], self.needs, x.device)
-        stats.add(x)
+        with torch.autocast(x.device.type, enabled=False):  # the sums stay float32
+            stats.add(x)
         self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
         self._seen[id(x)] = (weakref.ref(x), stats)
         return stats
