@@ -1,13 +1,15 @@
 """Time and peak memory of one CLI prune under different heap and forward-dtype settings.
 
 Runs ``prunella prune smollm2-135m --passes 1`` (SparseGPT 50%, 32 x 512 tokens by
-default) once per setting, each in its own process under ``/usr/bin/time -v``, and
-reads wall time, peak RSS and minor page faults from the OS. A setting is the
-dtype of the forward passes (``--compute-dtype``), glibc's mmap threshold
-(``default`` leaves glibc's own, dynamic one) and whether the heap is trimmed
-after each block; the last two are set by patching ``prunella.heap`` before the
+default) ``--repeat`` times per setting (3 by default, the settings interleaved),
+each in its own process under ``/usr/bin/time -v``, reads wall time, peak RSS and
+minor page faults from the OS, and prints each setting's median with its range. A
+setting is the dtype of the forward passes (``--compute-dtype``), glibc's mmap
+threshold (``default`` leaves glibc's own, dynamic one, and its arenas; a fixed
+threshold comes with one arena) and whether the heap is trimmed after each layer's
+solve and each block; the last two are set by patching ``prunella.heap`` before the
 CLI starts. The shipped default is bfloat16 (on a CPU with native bfloat16), a
-32 MiB threshold and a trim after each block (see ``prunella/heap.py``).
+32 MiB threshold, one arena and the trims (see ``prunella/heap.py``).
 
     python benchmarks/heap_settings.py --json heap.json
 """
@@ -17,15 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-# (forward dtype, mmap threshold in MiB or None for glibc's default, trim after each block)
+# (forward dtype, mmap threshold in MiB or None for glibc's default, trims)
 SETTINGS = [
     ("float32", 1, False),
-    ("float32", 32, True),
     ("bfloat16", None, False),
     ("bfloat16", 32, False),
     ("bfloat16", 32, True),
@@ -79,33 +81,43 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per setting")
     parser.add_argument("--json", type=Path)
     a = parser.parse_args()
 
-    rows = []
+    runs: list[list[dict]] = [[] for _ in SETTINGS]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (dtype, threshold, trim) in enumerate(SETTINGS):
-            rows.append(measured(a, dtype, threshold, trim, Path(tmp) / f"run{i}"))
-            print(f"done: {rows[-1]}", file=sys.stderr)
+        for r in range(a.repeat):  # interleaved, so drift over time hits every setting
+            for i, (dtype, threshold, trim) in enumerate(SETTINGS):
+                runs[i].append(measured(a, dtype, threshold, trim, Path(tmp) / f"run{r}-{i}"))
+                print(f"done: {runs[i][-1]}", file=sys.stderr)
+
+    def cell(values: list[float], digits: int) -> str:
+        median = f"{statistics.median(values):,.{digits}f}"
+        if len(values) == 1:
+            return median
+        return f"{median} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
     print(
         f"prunella prune {a.model} --solver {a.solver} --sparsity {a.sparsity} --nsamples "
-        f"{a.nsamples} --seqlen {a.seqlen} --passes 1 (streamed), one process per row\n"
+        f"{a.nsamples} --seqlen {a.seqlen} --passes 1 (streamed), one process per run; median "
+        f"(min-max) of {a.repeat} runs per setting\n"
     )
     print(
-        "| forward dtype | mmap threshold | trim after each block | wall (s) | peak RSS (MiB) "
+        "| forward dtype | mmap threshold | trims (layer, block) | wall (s) | peak RSS (MiB) "
         "| minor page faults |"
     )
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        threshold = (
-            "glibc default" if r["mmap_threshold_mb"] is None else (f"{r['mmap_threshold_mb']} MiB")
-        )
+    for (dtype, threshold, trim), setting in zip(SETTINGS, runs, strict=True):
+        where = "glibc default" if threshold is None else f"{threshold} MiB"
         print(
-            f"| {r['compute_dtype']} | {threshold} | {'yes' if r['trim_after_block'] else 'no'} "
-            f"| {r['wall_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['minor_faults']:,} |"
+            f"| {dtype} | {where} | {'yes' if trim else 'no'} "
+            f"| {cell([r['wall_seconds'] for r in setting], 1)} "
+            f"| {cell([r['peak_rss_mb'] for r in setting], 0)} "
+            f"| {cell([r['minor_faults'] for r in setting], 0)} |"
         )
     if a.json:
+        rows = [run for setting in runs for run in setting]
         a.json.write_text(
             json.dumps({"args": vars(a) | {"json": str(a.json)}, "rows": rows}, indent=2)
         )

@@ -354,6 +354,9 @@ class BlockPruner:
         master.copy_(new)
         if running.data_ptr() != master.data_ptr():
             set_weight(layer, master)
+        # With one pass every batch waits here holding its activations: give back the
+        # pages of the holes their temporaries left in the heap (see prunella.heap).
+        trim_heap()
         self.timings["solve"] += time.perf_counter() - tick
         return dense, info
 

@@ -4,13 +4,15 @@ Each block's forward allocates and frees the same few activation sizes thousands
 times. Served from fresh ``mmap`` s (glibc's behaviour for blocks over its mmap
 threshold, 128 KiB at first), every allocation faults its pages in again: on a
 SmolLM2-135M prune with a 1 MiB threshold that was 13 million page faults and about
-a third of the wall time. Served from the heap, they are reused, but glibc's heap
-only shrinks from the top, so it can ratchet up block after block. The middle way:
-a fixed 32 MiB threshold (per-batch activations live in the heap and are reused
-within a block) and :func:`trim_heap` after each block (what the block freed goes
-back to the system). README ("Heap and forward dtype", ``benchmarks/heap_settings.py``)
-has the measurements, including a run where glibc's own dynamic threshold did as
-well; single runs vary too much to choose between the two.
+a third of the wall time. Served from the heap, they are reused, but the heap keeps
+the pages of every hole its freed temporaries leave. So: a fixed 32 MiB threshold
+(per-batch activations live in the heap and are reused), one arena (the GEMM
+library's worker threads would otherwise each grow a heap of their own), and
+:func:`trim_heap` after each layer's solve and each block, when the holes' pages go
+back to the system. With one pass, where every batch waits at each layer holding
+its activations, the per-layer trim took a SmolLM2-135M Wanda prune from about
+900 to about 730 MiB peak RSS for about 2 s of page faults. README ("Heap and
+forward dtype", ``benchmarks/heap_settings.py``) has the measurements.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import ctypes.util
 import functools
 import sys
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3  # mallopt parameters, from glibc's malloc.h
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20
+ARENA_MAX = 1
 
 
 @functools.cache
@@ -43,6 +47,7 @@ def limit_heap_growth() -> None:
     if libc is not None:
         with contextlib.suppress(OSError):
             libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(M_ARENA_MAX, ARENA_MAX)
 
 
 def trim_heap() -> None:

@@ -28,6 +28,7 @@ HESSIAN = "hessian"
 COL_NORMS = "col_norms"
 KNOWN = frozenset({HESSIAN, COL_NORMS})
 ROWS = 256  # row block of the lower-triangular accumulation
+TOKENS = 1024  # input rows per accumulation step
 
 
 class LayerStats:
@@ -54,16 +55,22 @@ class LayerStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         self.tokens += x.shape[0]
+        # In chunks of TOKENS rows: the float32 temporaries stay a few MiB whatever the
+        # batch, and the heap reuses them instead of fragmenting around large ones.
+        for chunk in x.split(TOKENS):
+            if self.xtx is not None:
+                # X^T in float32, contiguous (the GEMMs run ~20% faster): one copy that
+                # transposes and casts (the forward may run in bfloat16)
+                xt = torch.empty(
+                    chunk.shape[1], chunk.shape[0], dtype=torch.float32, device=chunk.device
+                )
+                xt.copy_(chunk.t())
+                for i in range(0, xt.shape[0], ROWS):  # rows i:i+ROWS, columns to the diagonal
+                    self.xtx[i : i + ROWS, : i + ROWS].addmm_(xt[i : i + ROWS], xt[: i + ROWS].t())
+            if self.sq_sum is not None:
+                self.sq_sum.add_(chunk.float().square().sum(0))
         if self.xtx is not None:
-            # X^T in float32, contiguous (the GEMMs run ~20% faster): one copy that
-            # transposes and casts (the forward may run in bfloat16)
-            xt = torch.empty(x.shape[1], x.shape[0], dtype=torch.float32, device=x.device)
-            xt.copy_(x.t())
-            for i in range(0, xt.shape[0], ROWS):  # rows i:i+ROWS, columns up to the diagonal
-                self.xtx[i : i + ROWS, : i + ROWS].addmm_(xt[i : i + ROWS], xt[: i + ROWS].t())
             self._mirrored = False
-        if self.sq_sum is not None:
-            self.sq_sum.add_(x.float().square().sum(0))
 
     @property
     def hessian(self) -> torch.Tensor:
