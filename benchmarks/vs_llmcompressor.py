@@ -238,7 +238,8 @@ def main() -> None:
     print(
         f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}, seed "
         f"{a.seed}), perplexity on {a.data}; llm-compressor {llmcompressor.__version__} "
-        f"(float32), Prunella's forward in {str(forward).removeprefix('torch.')} (auto), "
+        f"(float32), Prunella's forward matmuls in {str(forward).removeprefix('torch.')} "
+        "(auto; activations float32), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print(
