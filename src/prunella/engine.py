@@ -34,7 +34,7 @@ from .errors import PrunellaError
 from .heap import trim_heap
 from .patterns import Pattern
 from .solvers import Solver
-from .stats import StatsCollector
+from .stats import StatsCollector, exact
 
 
 class _StopForward(Exception):
@@ -116,11 +116,6 @@ def matmuls_in(
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
-
-
-def exact(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Switch autocast off for maths on ``x``'s device (statistics, solvers, errors)."""
-    return torch.autocast(x.device.type, enabled=False)
 
 
 @dataclass

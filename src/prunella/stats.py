@@ -18,6 +18,7 @@ product); the upper triangle is mirrored once, when the Hessian is read.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterable
 
@@ -29,6 +30,11 @@ COL_NORMS = "col_norms"
 KNOWN = frozenset({HESSIAN, COL_NORMS})
 ROWS = 256  # row block of the lower-triangular accumulation
 TOKENS = 1024  # input rows per accumulation step
+
+
+def exact(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Switch autocast off for maths on ``x``'s device (statistics, solvers, errors)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class LayerStats:
@@ -118,7 +124,7 @@ class StatsCollector:
         stats = self.stats.get(name)
         if stats is None:
             stats = self.stats[name] = LayerStats(x.shape[-1], self.needs, x.device)
-        with torch.autocast(x.device.type, enabled=False):  # the sums stay float32
+        with exact(x):  # the sums stay float32 under an autocast forward
             stats.add(x)
         self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
         self._seen[id(x)] = (weakref.ref(x), stats)
