@@ -1,6 +1,8 @@
 """Where the time of a prune goes, against the floor of plain forward passes.
 
-Measures, on SmolLM2-135M and the same calibration windows: (1) two plain forward
+Measures, on SmolLM2-135M and the same calibration windows, both on the CPU and in
+batches of the prune's default size (``prunella.engine.default_batch_size``, also
+handed to the prune explicitly so that both agree): (1) two plain forward
 passes of the windows through the decoder blocks (no hooks, no pruning) -- the
 floor that a two-pass pruner cannot beat and that the ratio below is measured
 against -- and (2) a full prune, with its per-phase breakdown from the engine.
@@ -36,16 +38,18 @@ def main() -> None:
     import prunella
     from prunella.api import resolve_compute_dtype
     from prunella.data import calibration_windows
-    from prunella.engine import capture, forward_precision, matmuls_in
+    from prunella.engine import capture, default_batch_size, forward_precision, matmuls_in
     from prunella.models import load
 
     model, tokenizer, _, adapter = load(a.model)
     windows = calibration_windows(tokenizer, "sample", a.nsamples, a.seqlen, 0)
-    batch = max(1, 16384 // a.seqlen)
+    # the floor and the prune run on the CPU with the same windows per forward pass
+    # (the prune's default batch size, handed to it explicitly)
+    cpu = torch.device("cpu")
+    batch = default_batch_size(a.seqlen, cpu)
 
     # the floor runs in the precision the prune's forward uses (on CPUs with native
     # bfloat16: float32 weights and activations, matrix products in bfloat16)
-    cpu = torch.device("cpu")
     dtype, matmul_dtype = forward_precision(
         resolve_compute_dtype(next(model.parameters()).dtype, cpu), cpu
     )
@@ -69,6 +73,8 @@ def main() -> None:
         solver=a.solver,
         sparsity=a.sparsity,
         calibration=windows,
+        device=cpu,
+        batch_size=batch,
         passes=passes,
         progress=False,
     )
@@ -84,6 +90,8 @@ def main() -> None:
             solver=a.solver,
             sparsity=a.sparsity,
             calibration=windows,
+            device=cpu,
+            batch_size=batch,
             passes=passes,
             progress=False,
         )

@@ -8,15 +8,37 @@ import pytest
 import torch
 
 import prunella
+from prunella import allocation
 from prunella.adapters import get_weight
-from prunella.allocation import Plan, fit_budget, fit_nm_levels, load_plan
+from prunella.allocation import Plan, fit_budget, fit_nm_levels, get_method, load_plan
 from prunella.allocation.alphapruning import alpha_hill, esd, farms_esd
+from prunella.allocation.erk import erk_densities
 from prunella.allocation.owl import owl_outlier_ratio, owl_sparsities
-from prunella.api import allocate, prunable_layers
 from prunella.cli import main
 from prunella.errors import PrunellaError
 from prunella.models import load
 from prunella.patterns import NM, Unstructured
+from prunella.store import MemoryStore
+
+
+def allocate(model, adapter, method, pattern, *, windows=None, options=None, **kwargs):
+    """A plan for an in-memory model, on the CPU in float32."""
+    chosen = get_method(method)
+    return allocation.allocate(
+        MemoryStore(model, adapter),
+        chosen,
+        chosen.resolve(options),
+        pattern,
+        windows=windows,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        progress=False,
+        **kwargs,
+    )
+
+
+def prunable_layers(model, adapter):
+    return adapter.layers(model)
 
 
 def pareto(alpha: float, n: int, seed: int = 0) -> torch.Tensor:
@@ -114,6 +136,30 @@ def test_nm_levels_mix_around_the_target():
     assert (1 - n.double() / 8).mean().item() == pytest.approx(0.5, abs=1 / 8)
 
 
+def test_nm_levels_honour_the_sparsity_clamp():
+    sizes = torch.full((8,), 1000.0, dtype=torch.float64)
+    raw = torch.linspace(0.05, 0.95, 8, dtype=torch.float64)
+    free = fit_nm_levels(raw, sizes, 0.5, m=8)
+    assert min(free.tolist()) < 3 and max(free.tolist()) > 6  # the clamp below binds
+    n = fit_nm_levels(raw, sizes, 0.5, m=8, lo=0.25, hi=0.625)
+    assert set(n.tolist()) <= {3, 4, 5, 6}  # 1 - N/8 within [0.25, 0.625]
+    with pytest.raises(PrunellaError, match="no N:8 level"):
+        fit_nm_levels(raw, sizes, 0.5, m=8, lo=0.3, hi=0.35)
+
+
+def test_erk_densities_follow_perimeter_over_area_and_cap_at_dense():
+    # two layers: 10x10 (perimeter 20, area 100) and 100x100 (200, 10000)
+    perimeter = torch.tensor([20.0, 200.0], dtype=torch.float64)
+    sizes = torch.tensor([100.0, 10000.0], dtype=torch.float64)
+    d = erk_densities(perimeter, sizes, target=0.9)
+    assert (d * sizes).sum().item() == pytest.approx(0.1 * sizes.sum().item())
+    assert d[0].item() / d[1].item() == pytest.approx((20 / 100) / (200 / 10000))
+    # at 50% the small layer would need a density above 1: it stays dense, the rest pays
+    d = erk_densities(perimeter, sizes, target=0.5)
+    assert d[0].item() == 1.0
+    assert (d * sizes).sum().item() == pytest.approx(0.5 * sizes.sum().item())
+
+
 @pytest.fixture(scope="module")
 def model_and_windows(tmp_path_factory, tokenizer_dir):
     """A tiny Llama whose layers differ in size (q/o 64x64, k/v 32x64, MLP 128x64, 64x128)."""
@@ -127,7 +173,7 @@ def model_and_windows(tmp_path_factory, tokenizer_dir):
     return path, model, adapter, windows
 
 
-@pytest.mark.parametrize("method", ["uniform", "owl", "alphapruning"])
+@pytest.mark.parametrize("method", ["uniform", "owl", "alphapruning", "erk"])
 @pytest.mark.parametrize("granularity", ["block", "layer"])
 @pytest.mark.parametrize("target", [0.6, 0.7])
 def test_every_plan_meets_the_budget_exactly(model_and_windows, method, granularity, target):
@@ -139,15 +185,12 @@ def test_every_plan_meets_the_budget_exactly(model_and_windows, method, granular
         Unstructured(target),
         windows=windows,
         granularity=granularity,
-        progress=False,
     )
     layers = prunable_layers(model, adapter)
     sizes = {n: r * c for n, (r, c) in layers.items()}
     pruned = sum(round(plan.sparsity[n] * sizes[n]) for n in layers)
-    # uniform rounds each layer (within one weight per layer); the others are exact overall
-    tolerance = len(layers) / 2 if method == "uniform" else 1
-    assert abs(pruned - target * sum(sizes.values())) <= tolerance
-    if method != "uniform":
+    assert pruned == round(target * sum(sizes.values()))  # exact, for every method
+    if method != "uniform" and not (method == "erk" and granularity == "block"):
         assert len(set(plan.sparsity.values())) > 1
         assert len(plan.metric) == (3 if granularity == "block" else len(layers))
     if granularity == "block":
@@ -160,7 +203,7 @@ def test_weight_only_allocation_runs_no_forward_pass(model_and_windows, monkeypa
     _, model, adapter, _ = model_and_windows
     calls = []
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1))
-    allocate(model, adapter, "alphapruning", Unstructured(0.7), windows=None, progress=False)
+    allocate(model, adapter, "alphapruning", Unstructured(0.7), windows=None)
     assert calls == []
 
 
@@ -187,10 +230,16 @@ def test_allocation_composes_with_every_solver_and_pattern(model_and_windows, so
         for name, s in report["allocation"]["sparsity"].items():
             assert (weights[name] == 0).sum().item() == round(s * weights[name].numel())
     else:
+        kept = total = 0
         for name, (n, m) in report["allocation"]["nm"].items():
             assert layers[name]["pattern"] == f"{n}:{m}"
             zeros = (weights[name] == 0).view(weights[name].shape[0], -1, m).sum(-1)
-            assert (zeros >= m - n).all()
+            assert (zeros == m - n).all()
+            kept += weights[name].numel() * n // m
+            total += weights[name].numel()
+        # overall: exactly what the mixed levels give, and as close to 4:8 as they allow
+        assert report["sparsity"] == pytest.approx(1 - kept / total, abs=1e-12)
+        assert abs(report["sparsity"] - 0.5) <= 0.5 / 8
     assert report["allocation"]["method"] == "owl"
     assert report["allocation"]["metric_name"] == "outlier_ratio"
 
@@ -198,7 +247,7 @@ def test_allocation_composes_with_every_solver_and_pattern(model_and_windows, so
 def test_plan_file_round_trip_and_validation(model_and_windows, tmp_path):
     _, model, adapter, windows = model_and_windows
     layers = prunable_layers(model, adapter)
-    plan = allocate(model, adapter, "owl", Unstructured(0.7), windows=windows, progress=False)
+    plan = allocate(model, adapter, "owl", Unstructured(0.7), windows=windows)
     plan.save(tmp_path / "plan.json")
     again = load_plan(tmp_path / "plan.json", layers)
     assert again.sparsity == plan.sparsity and again.target == 0.7
@@ -215,6 +264,17 @@ def test_plan_file_round_trip_and_validation(model_and_windows, tmp_path):
     (tmp_path / "off.json").write_text(json.dumps(data))
     with pytest.raises(PrunellaError, match="not the target"):
         load_plan(tmp_path / "off.json", layers)
+
+    nm_plan = allocate(model, adapter, "owl", NM(4, 8), windows=windows)
+    data = nm_plan.to_json()
+    assert len(set(map(tuple, data["nm"].values()))) > 1  # mixed levels
+    nm_plan.save(tmp_path / "nm.json")
+    assert load_plan(tmp_path / "nm.json", layers).nm == nm_plan.nm
+    wrong = next(name for name, (n, m) in data["nm"].items() if n != 4)
+    data["nm"][wrong] = [8 - data["nm"][wrong][0], 8]  # the level no longer gives its sparsity
+    (tmp_path / "contradicts.json").write_text(json.dumps(data))
+    with pytest.raises(PrunellaError, match="has nm"):
+        load_plan(tmp_path / "contradicts.json", layers)
 
 
 def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, capsys):
@@ -261,8 +321,11 @@ def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, caps
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--allocation", "evopress"], "--allocation"),
-        (["--allocation", "alphapruning", "--lambda", "0.1"], "no option 'lam'"),
+        (["--allocation", "evopress"], "unknown allocation 'evopress'"),
+        (["--allocation", "alphapruning", "--allocation-opt", "lam=0.1"], "no option 'lam'"),
+        (["--allocation", "owl", "--allocation-opt", "lam=2"], "option 'lam' must be in [0, 1)"),
+        (["--allocation", "owl", "--allocation-opt", "lam"], "KEY=VALUE"),
+        (["--solver", "sparsegpt", "--solver-opt", "blocksize=x"], "must be int"),
         (["--allocation", "owl", "--granularity", "row"], "granularity"),
         (["--allocation", "owl", "--min-sparsity", "0.8"], "outside the clamp"),
     ],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import pathlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,12 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prunella
 from prunella.adapters import adapter_for, get_weight
-from prunella.api import prunable_layers
 from prunella.data import calibration_windows
 from prunella.engine import prune_blocks
 from prunella.patterns import NM, Unstructured
-from prunella.solvers import Solver, get_solver
+from prunella.registry import Method
+from prunella.solvers import get_solver
 from prunella.stats import COL_NORMS
+from prunella.store import MemoryStore
+
+
+def prunable_layers(model, adapter):
+    return adapter.layers(model)
 
 
 @pytest.fixture
@@ -37,8 +44,7 @@ def run(model, windows, solver="wanda", pattern=HALF, batch_size=2, **kw):
     patterns = {name: pattern for name in prunable_layers(model, adapter)}
     solver = get_solver(solver) if isinstance(solver, str) else solver
     return prune_blocks(
-        model,
-        adapter,
+        MemoryStore(model, adapter),
         windows,
         patterns,
         solver,
@@ -59,7 +65,8 @@ def test_statistics_come_from_the_pruned_model(llama, windows):
         seen.setdefault(len(seen), stats.col_norms.clone())
         return wanda.prune(weight, pattern, stats)
 
-    run(llama, windows, solver=Solver("recording", frozenset({COL_NORMS}), recording))
+    module = SimpleNamespace(PAPER="", NEEDS=frozenset({COL_NORMS}), OPTIONS=(), prune=recording)
+    run(llama, windows, solver=Method("solver", "recording", module))
     # q_proj is the first layer of each block; its input is input_layernorm(hidden_i)
     with torch.no_grad():
         hidden = llama(windows, output_hidden_states=True).hidden_states
@@ -105,7 +112,7 @@ def test_every_solver_honours_every_pattern(llama, windows, solver, pattern):
                 assert (w == 0).sum().item() == round(0.7 * w.numel()), (i, local)
     assert len(results) == 3 * 7
     assert all(0 < r.rel_error < 1.5 for r in results)
-    assert set(timings) == {"capture", "statistics", "solve", "propagate"}
+    assert set(timings) == {"capture", "read", "statistics", "solve", "propagate"}
 
 
 def test_only_planned_layers_are_pruned(llama, windows):
@@ -113,8 +120,7 @@ def test_only_planned_layers_are_pruned(llama, windows):
     patterns = {n: Unstructured(0.5) for n in prunable_layers(llama, adapter) if "mlp" in n}
     before = {n: p.clone() for n, p in llama.named_parameters()}
     prune_blocks(
-        llama,
-        adapter,
+        MemoryStore(llama, adapter),
         windows,
         patterns,
         get_solver("wanda"),
@@ -145,14 +151,14 @@ def test_bfloat16_checkpoint_pruned_in_float32_and_saved_in_bfloat16(tmp_path, t
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_compute_dtype_on_cpu_follows_native_bfloat16(monkeypatch, native):
-    from prunella import api
+    from prunella import device
 
-    monkeypatch.setattr(api, "native_bf16", lambda: native)
+    monkeypatch.setattr(device, "native_bf16", lambda: native)
     cpu = torch.device("cpu")
     expected = torch.bfloat16 if native else torch.float32
-    assert api.resolve_compute_dtype(torch.float32, cpu) == expected
-    assert api.resolve_compute_dtype(torch.float32, cpu, "float32") == torch.float32
-    assert api.resolve_compute_dtype(torch.float16, torch.device("cuda")) == torch.float16
+    assert device.resolve_compute_dtype(torch.float32, cpu) == expected
+    assert device.resolve_compute_dtype(torch.float32, cpu, "float32") == torch.float32
+    assert device.resolve_compute_dtype(torch.float16, torch.device("cuda")) == torch.float16
 
 
 def test_bfloat16_forward_prunes_close_to_float32(tiny_llama):
@@ -236,13 +242,12 @@ def test_mixed_forward_keeps_statistics_in_float32(tiny_llama):
     hessians = {}
     for dtype in (torch.float32, torch.bfloat16):
 
-        def visit(i, layers, dtype=dtype):
-            if i == 0:
+        def visit(prefix, layers, dtype=dtype):
+            if prefix == "model.layers.0.":
                 hessians[dtype] = layers["model.layers.0.self_attn.q_proj"][1].hessian
 
         visit_blocks(
-            model,
-            adapter,
+            MemoryStore(model, adapter),
             visit,
             needs=frozenset({HESSIAN}),
             windows=windows,
@@ -256,7 +261,7 @@ def test_mixed_forward_keeps_statistics_in_float32(tiny_llama):
 
 
 def test_unknown_compute_dtype_is_an_error(tiny_llama):
-    with pytest.raises(prunella.PrunellaError, match="compute dtype"):
+    with pytest.raises(prunella.PrunellaError, match="compute-dtype"):
         prunella.prune(tiny_llama, sparsity=0.5, nsamples=2, seqlen=16, compute_dtype="int8")
 
 
@@ -293,7 +298,8 @@ def test_one_pass_calibrates_each_layer_on_pruned_predecessors(llama, windows):
         seen.setdefault(len(seen), stats.col_norms.clone())
         return wanda.prune(weight, pattern, stats)
 
-    solver = Solver("recording", frozenset({COL_NORMS}), recording)
+    module = SimpleNamespace(PAPER="", NEEDS=frozenset({COL_NORMS}), OPTIONS=(), prune=recording)
+    solver = Method("solver", "recording", module)
     one, two = copy.deepcopy(llama), copy.deepcopy(llama)
     run(one, windows, solver=solver, one_pass=True)
     first = dict(seen)
@@ -311,3 +317,49 @@ def test_one_pass_equals_two_passes_for_magnitude(llama, windows):
     run(two, windows, solver="magnitude")
     for p, q in zip(one.parameters(), two.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_default_passes_depend_on_the_model_and_calibration_never_on_free_memory(
+    tiny_llama, monkeypatch
+):
+    """The same command gives the same masks on any machine: ``passes=auto`` is decided
+    from the model and the calibration size alone."""
+    from prunella import engine
+
+    config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
+    monkeypatch.setattr(engine, "ONE_PASS_BYTES", engine.one_pass_bytes(config, 4, 32))
+    assert engine.choose_passes("auto", config, 4, 32) == 1
+    assert engine.choose_passes("auto", config, 8, 32) == 2  # twice the activations
+    assert engine.choose_passes(2, config, 4, 32) == 2
+    reports = []
+    for free in (1 << 20, 1 << 40):  # a tiny machine and a huge one
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, free=free: (free, free))
+        monkeypatch.setattr("builtins.open", _fake_meminfo(open, free))
+        meminfo = f"MemAvailable: {free // 1024} kB\n"
+        real_read = pathlib.Path.read_text
+        monkeypatch.setattr(
+            pathlib.Path,
+            "read_text",
+            lambda self, *a, m=meminfo, r=real_read, **k: (
+                m if str(self) == "/proc/meminfo" else r(self, *a, **k)
+            ),
+        )
+        model, report = prunella.prune(
+            tiny_llama, sparsity=0.5, nsamples=8, seqlen=32, progress=False
+        )
+        reports.append((report["passes"], [p.clone() for p in model.parameters()]))
+    assert reports[0][0] == reports[1][0] == 2
+    for p, q in zip(reports[0][1], reports[1][1], strict=True):
+        assert torch.equal(p, q)
+
+
+def _fake_meminfo(real_open, free: int):
+    """``open`` that reports ``free`` bytes available in /proc/meminfo."""
+    import io
+
+    def fake(file, *args, **kwargs):
+        if str(file) == "/proc/meminfo":
+            return io.StringIO(f"MemTotal: {free // 1024} kB\nMemAvailable: {free // 1024} kB\n")
+        return real_open(file, *args, **kwargs)
+
+    return fake

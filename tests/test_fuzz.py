@@ -35,7 +35,8 @@ OPTIONS = {
     "--allocation": st.one_of(text, st.sampled_from(["owl", "alphapruning", "uniform"])),
     "--granularity": text,
     "--min-sparsity": number,
-    "--lambda": number,
+    "--solver-opt": st.one_of(text, st.sampled_from(["blocksize=64", "percdamp=x", "damp"])),
+    "--allocation-opt": st.one_of(text, st.sampled_from(["lam=0.1", "lam=7", "epsilon=0.2"])),
     "--offload": text,
     "--device": text,
     "--calib": text,
@@ -48,22 +49,28 @@ OPTIONS = {
         lambda keys: st.fixed_dictionaries({k: OPTIONS[k] for k in keys})
     )
 )
-def test_cli_bad_arguments_end_in_one_error_line(options):
-    """Whatever the values, the CLI ends with status 2 and one 'error:' line, never a traceback.
+def test_cli_bad_arguments_end_in_one_error_line(tiny_llama, options):
+    """Whatever the values, the CLI ends with status 2 and exactly one 'error:' line, never
+    a traceback, and writes nothing.
 
-    MODEL does not exist, so even a fully valid combination stops (at the model check),
-    after every argument has been parsed and validated.
+    MODEL is a real checkpoint, so every option reaches its validation; the output
+    folder is not empty (and --overwrite is not given), so even a fully valid
+    combination stops there, before any weight is read.
     """
-    argv = ["prune", "/nonexistent/model", "--out", "/tmp/prunella-fuzz-out"]
+    out = Path(tempfile.gettempdir()) / "prunella-fuzz-out"
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("precious")
+    argv = ["prune", str(tiny_llama), "--out", str(out)]
     for flag, value in options.items():
         argv += [flag, value]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
-    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    lines = err.getvalue().splitlines()
     assert code == 2, (argv, err.getvalue())
     assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err.getvalue())
-    assert not Path("/tmp/prunella-fuzz-out").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not out.with_name(out.name + ".partial").exists()
 
 
 LAYERS = {

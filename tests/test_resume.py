@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_checkpoint, tiny_config
+from conftest import FAMILIES, build_checkpoint, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,13 +18,31 @@ from prunella.cli import main
 
 KILL_AFTER_BLOCK = """
 import os, signal, sys
-import prunella.resume as resume
-original = resume.WorkDir.save_block
+import prunella.store as store
+original = store.WorkDir.save_block
 def save_block(self, index, *args):
     original(self, index, *args)
     if index == {block}:
         os.kill(os.getpid(), signal.SIGKILL)
-resume.WorkDir.save_block = save_block
+store.WorkDir.save_block = save_block
+from prunella.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# SIGKILL in the middle of writing a file of the work folder: half the bytes of its
+# temporary file are on disk when the process dies.
+KILL_WHILE_WRITING = """
+import os, signal, sys
+import prunella.store as store
+original = store.save_tensors
+def save_tensors(tensors, path):
+    if path.name == "{name}":
+        original(tensors, path.with_name("whole"))
+        data = path.with_name("whole").read_bytes()
+        path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(tensors, path)
+store.save_tensors = save_tensors
 from prunella.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -78,9 +96,9 @@ def args(model: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def run_killed(argv: list[str], block: int) -> subprocess.CompletedProcess:
+def run_killed(argv: list[str], block: int, script: str = KILL_AFTER_BLOCK, **fields):
     return subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_BLOCK.format(block=block), *argv],
+        [sys.executable, "-c", script.format(block=block, **fields), *argv],
         capture_output=True,
         text=True,
         timeout=300,
@@ -117,6 +135,64 @@ def test_sigkill_then_resume_gives_the_same_model(deep_llama, reference, tmp_pat
     assert tree_hash(deep_llama) == before
 
 
+@pytest.mark.parametrize("offload", ["none", "disk"])
+@pytest.mark.parametrize("name", ["block-00002.safetensors", "hidden-00003.safetensors"])
+def test_sigkill_while_writing_a_block_resumes_bit_identical(
+    deep_llama, reference, tmp_path, offload, name
+):
+    out = tmp_path / "out"
+    argv = args(deep_llama, out, "--offload", offload)
+    killed = run_killed(argv, block=0, script=KILL_WHILE_WRITING, name=name)
+    assert killed.returncode == -9, killed.stderr
+    partial = tmp_path / "out.partial"
+    assert json.loads((partial / "state.json").read_text())["next_block"] == 2
+    assert main([*argv, "--resume"]) == 0
+    resumed = weights(out)
+    assert resumed.keys() == reference.keys()
+    for key, tensor in reference.items():
+        assert torch.equal(resumed[key], tensor), key
+
+
+def test_resume_checks_the_input_weights_content(deep_llama, tmp_path, capsys):
+    """A checkpoint rewritten in place (same names, shapes and sizes) is not resumed."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(deep_llama, src)
+    out = tmp_path / "out"
+    assert run_killed(args(src, out), block=1).returncode == -9
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.4.mlp.up_proj.weight"][0, 0] += 1.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(args(src, out)) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and ": weights was" in err, err
+
+
+def test_nan_weights_stop_the_run_before_anything_is_written(
+    tmp_path, tokenizer_dir, monkeypatch, capsys
+):
+    import prunella.store as store
+
+    src = build_checkpoint(tmp_path / "src", "llama", tokenizer_dir)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.2.self_attn.o_proj.weight"][1, 1] = float("inf")
+    from safetensors.torch import save_file
+
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    started = []
+    monkeypatch.setattr(store.WorkDir, "start", lambda self, *a: started.append(a))
+    for offload in ("disk", "none"):
+        out = tmp_path / f"out-{offload}"
+        assert main(args(src, out, "--offload", offload)) == 2
+        err = capsys.readouterr().err
+        assert "model.layers.2.self_attn.o_proj.weight has NaN or Inf" in err, err
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert started == []
+
+
 def test_resume_with_different_arguments_is_refused(deep_llama, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_killed(args(deep_llama, out), block=0).returncode == -9
@@ -124,7 +200,7 @@ def test_resume_with_different_arguments_is_refused(deep_llama, tmp_path, capsys
     argv[argv.index("sparsegpt")] = "wanda"
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "solver was 'sparsegpt'" in err and "now 'wanda'" in err and "--restart" in err
+    assert "solver.name was 'sparsegpt'" in err and "now 'wanda'" in err and "--restart" in err
     assert main([*argv, "--restart"]) == 0
 
 
@@ -133,7 +209,7 @@ def test_resume_without_a_partial_run_is_an_error(deep_llama, tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_prune_equals_in_memory_prune(family, tmp_path, tokenizer_dir):
     src = build_checkpoint(tmp_path / "src", family, tokenizer_dir)
     common = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
@@ -164,16 +240,16 @@ def test_streamed_run_keeps_one_block_in_memory(deep_llama, tmp_path, monkeypatc
         seen.append([i for i, b in enumerate(model_blocks) if not next(b.parameters()).is_meta])
         return original(self, *a, **k)
 
-    import prunella.streaming as streaming
+    import prunella.store as store
 
-    real_empty = streaming.empty_model
+    real_empty = store.empty_model
 
     def empty_model(path, dtype=None):
         model = real_empty(path, dtype)
         spy.blocks = model.model.layers
         return model
 
-    monkeypatch.setattr(streaming, "empty_model", empty_model)
+    monkeypatch.setattr(store, "empty_model", empty_model)
     monkeypatch.setattr(engine.BlockPruner, "__call__", spy)
     for passes in ("1", "2"):
         out = tmp_path / f"out{passes}"
@@ -191,10 +267,10 @@ def test_block_files_hold_checkpoint_keys(deep_llama, tmp_path):
 def test_short_disk_is_refused_before_writing(deep_llama, tmp_path, monkeypatch, capsys):
     import shutil as real_shutil
 
-    import prunella.export as export
+    import prunella.folders as folders
 
     usage = real_shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     assert main(args(deep_llama, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "not enough disk space" in err and "GiB" in err
@@ -202,20 +278,19 @@ def test_short_disk_is_refused_before_writing(deep_llama, tmp_path, monkeypatch,
 
 
 def test_short_disk_at_the_end_keeps_the_finished_work(deep_llama, tmp_path, monkeypatch, capsys):
-    import prunella.export as export
+    import prunella.pipeline as pipeline
+    from prunella.errors import PrunellaError
 
-    real = export.save, export.save_streamed
+    real = pipeline.save_store
 
     def full_disk(*a, **k):
-        raise export.PrunellaError("not enough disk space in /x: the checkpoint needs 1 GiB")
+        raise PrunellaError("not enough disk space in /x: the checkpoint needs 1 GiB")
 
-    monkeypatch.setattr(export, "save", full_disk)  # in memory
-    monkeypatch.setattr(export, "save_streamed", full_disk)  # streamed (the default)
+    monkeypatch.setattr(pipeline, "save_store", full_disk)
     assert main(args(deep_llama, tmp_path / "out")) == 2
     assert "re-run the same command" in capsys.readouterr().err
     assert (tmp_path / "out.partial" / "state.json").is_file()
-    monkeypatch.setattr(export, "save", real[0])
-    monkeypatch.setattr(export, "save_streamed", real[1])
+    monkeypatch.setattr(pipeline, "save_store", real)
     assert main(args(deep_llama, tmp_path / "out")) == 0
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert report["resumed_from_block"] == 6
@@ -225,7 +300,12 @@ def test_recipe_round_trip(deep_llama, tmp_path):
     """The recipe written with the output reproduces the run exactly."""
     assert main(args(deep_llama, tmp_path / "a")) == 0
     recipe = (tmp_path / "a" / "recipe.yaml").read_text()
-    assert "sparsity: 0.6" in recipe and "solver: sparsegpt" in recipe
+    import yaml
+
+    loaded = yaml.safe_load(recipe)
+    assert loaded["sparsity"] == 0.6
+    solver = {"name": "sparsegpt", "options": {"blocksize": 128, "percdamp": 0.01}}
+    assert loaded["solver"] == solver
     assert (
         main(
             [

@@ -35,6 +35,15 @@ class Adapter:
             if isinstance(module, nn.Linear | Conv1D)
         }
 
+    def layers(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """Full name -> ``(out_features, in_features)`` of every prunable layer, in model
+        order (works on a model whose parameters are on the meta device)."""
+        return {
+            f"{self.blocks_path}.{i}.{local}": tuple(get_weight(layer).shape)
+            for i, block in enumerate(self.blocks(model))
+            for local, layer in self.linears(block).items()
+        }
+
 
 _LLAMA_LIKE = Adapter("llama", "model.layers")
 
@@ -58,6 +67,11 @@ def adapter_for(model_type: str) -> Adapter:
         raise PrunellaError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
         ) from None
+
+
+def block_index(layer_name: str) -> int:
+    """The block number in a layer's dotted name (``model.layers.3.mlp.up_proj`` -> 3)."""
+    return int(next(part for part in layer_name.split(".") if part.isdigit()))
 
 
 def get_weight(layer: nn.Module) -> torch.Tensor:

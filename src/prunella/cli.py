@@ -1,34 +1,28 @@
-"""The ``prunella`` command line: ``prune`` and ``eval``.
+"""The ``prunella`` command line: thin, flags -> :class:`~prunella.recipe.Recipe`, printing only.
 
-Every user mistake ends as one line on stderr (``error: ...``) and exit status 2,
-before anything is written; progress bars go to stderr, results to stdout.
+``prune`` and ``allocate`` take their flags from the recipe's fields (one list of
+options, :mod:`prunella.recipe`); each method's own options are given as
+``--solver-opt KEY=VALUE`` and ``--allocation-opt KEY=VALUE`` (``prunella methods``
+lists them). Every user mistake ends as one line on stderr (``error: ...``) and
+exit status 2, before anything is written; progress bars go to stderr, results to
+stdout.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from .errors import PrunellaError
 from .heap import limit_heap_growth
-
-ALLOCATION_HELP = "Where the sparsity goes: uniform, owl or alphapruning."
-GRANULARITY_HELP = "block (all layers of a block share one sparsity) or layer."
-LAMBDA_HELP = "OWL: sparsities stay within target +- lambda (default 0.08)."
-OUTLIER_M_HELP = "OWL: a score is an outlier above M times the mean (default 5)."
-EPSILON_HELP = "AlphaPruning: sparsities span target x [1 - eps, 1 + eps] (default 0.3)."
-FARMS_HELP = "AlphaPruning: estimate alpha with FARMS sub-matrix sampling."
-
-
-def _allocation_options(lam, outlier_m, epsilon, farms) -> dict:
-    """The method options given on the command line (the method rejects foreign ones)."""
-    given = {"lam": lam, "outlier_m": outlier_m, "epsilon": epsilon, "farms": farms}
-    return {key: value for key, value in given.items() if value is not None}
-
+from .recipe import Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -38,143 +32,113 @@ app = typer.Typer(
     help="One-shot pruning of Hugging Face causal language models.",
 )
 
+# the recipe fields that `prunella allocate` takes (the rest concern pruning and saving)
+ALLOCATE_FIELDS = (
+    "sparsity",
+    "pattern",
+    "allocation",
+    "granularity",
+    "min_sparsity",
+    "max_sparsity",
+    "calib",
+    "nsamples",
+    "seqlen",
+    "seed",
+    "device",
+    "batch_size",
+    "offload",
+    "compute_dtype",
+)
 
-def _opt(help_text: str, *names: str):
-    """A prune option whose default (None) means: from the recipe, or the recipe's default."""
-    return typer.Option(*names, help=help_text, show_default=False)
+
+def _click_type(annotation):
+    """The click type of a recipe field's annotation (``X | None`` is ``X``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _click_type(args[0])
+    return {float: float, int: int, str: str}.get(annotation, str)
 
 
-@app.command("prune")
-def prune_command(
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="Checkpoint folder, or a bundled name (smollm2-135m).", show_default=False
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None, _opt("Output folder for the pruned checkpoint.", "--out", "-o")
-    ] = None,
-    recipe: Annotated[
-        Path | None, _opt("YAML file of options; flags given here override it.")
-    ] = None,
-    sparsity: Annotated[
-        float | None, _opt("Fraction of weights to prune, in [0, 1) [0.5].")
-    ] = None,
-    pattern: Annotated[str | None, _opt("'unstructured' or N:M, e.g. 2:4 [unstructured].")] = None,
-    solver: Annotated[str | None, _opt("magnitude, wanda or sparsegpt [sparsegpt].")] = None,
-    calib: Annotated[
-        str | None, _opt("Calibration text: a file, 'sample' (shipped), wikitext2 or c4 [sample].")
-    ] = None,
-    nsamples: Annotated[int | None, _opt("Number of calibration windows [128].")] = None,
-    seqlen: Annotated[int | None, _opt("Tokens per calibration window [2048].")] = None,
-    seed: Annotated[int | None, _opt("Seed for drawing the calibration windows [0].")] = None,
-    device: Annotated[str | None, _opt("auto, cpu, cuda or cuda:N [auto].")] = None,
-    batch_size: Annotated[
-        int | None, _opt("Calibration windows per forward pass [16384 tokens' worth].")
-    ] = None,
-    allocation: Annotated[str | None, _opt(ALLOCATION_HELP + " [uniform]")] = None,
-    allocation_file: Annotated[
-        Path | None, _opt("A plan from 'prunella allocate --json' (overrides --allocation).")
-    ] = None,
-    granularity: Annotated[str | None, _opt(GRANULARITY_HELP + " [block]")] = None,
-    min_sparsity: Annotated[float | None, _opt("Lowest sparsity any layer gets [0].")] = None,
-    max_sparsity: Annotated[float | None, _opt("Highest sparsity any layer gets [0.99].")] = None,
-    lam: Annotated[float | None, _opt(LAMBDA_HELP, "--lambda")] = None,
-    outlier_m: Annotated[float | None, _opt(OUTLIER_M_HELP)] = None,
-    epsilon: Annotated[float | None, _opt(EPSILON_HELP)] = None,
-    farms: Annotated[bool | None, _opt(FARMS_HELP, "--farms/--no-farms")] = None,
-    offload: Annotated[
-        str | None,
-        _opt("none (whole model in memory), disk (one block at a time) or auto [auto]."),
-    ] = None,
-    passes: Annotated[
-        str | None,
-        _opt(
-            "Forward passes per block: 1 (all windows as one batch; each layer sees the "
-            "already-pruned layers before it), 2 (statistics pass, then the pruned block, as "
-            "in the papers), or auto (1 when it fits in memory) [auto]."
-        ),
-    ] = None,
-    compute_dtype: Annotated[
-        str | None,
-        _opt(
-            "dtype of the calibration forward passes: float32, bfloat16, float16, or auto "
-            "(the model's on a GPU; bfloat16 on a CPU with native bfloat16, else float32) "
-            "[auto]. On a CPU only the matrix products narrow (autocast); activations "
-            "and solver maths are float32 always."
-        ),
-    ] = None,
-    save_format: Annotated[
-        str | None, _opt("dense (a plain checkpoint) or packed (sparse-bitmask) [dense].")
-    ] = None,
-    eval_data: Annotated[
-        str | None, _opt("Evaluate perplexity before and after pruning on this text.")
-    ] = None,
-    eval_max_windows: Annotated[int | None, _opt("At most this many evaluation windows.")] = None,
-    resume: Annotated[bool, typer.Option(help="Insist on resuming OUT.partial.")] = False,
-    restart: Annotated[bool, typer.Option(help="Discard OUT.partial and start over.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
-) -> None:
-    """Prune MODEL and write a Hugging Face checkpoint, prune_report.json, allocation.png and
-    recipe.yaml to --out. Progress is kept in OUT.partial: re-running the same command after
-    a crash continues from the last finished block."""
+def recipe_flags(fields) -> list[click.Option]:
+    """One flag per recipe field (default ``None``: from the recipe, or its default), and
+    ``--solver-opt``/``--allocation-opt`` next to the method flags."""
+    flags = []
+    for name in fields:
+        field = Recipe.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        default = field.default.name if name in ("solver", "allocation") else field.default
+        shown = f" [{default}]" if default is not None else ""
+        names = [flag, "-o"] if name == "out" else [flag]
+        if name in ("solver", "allocation"):
+            flags.append(click.Option(names, help=field.description + shown))
+            flags.append(
+                click.Option(
+                    [flag + "-opt"],
+                    multiple=True,
+                    metavar="KEY=VALUE",
+                    help=f"An option of the chosen {name} (repeatable; see 'prunella methods').",
+                )
+            )
+        else:
+            flags.append(
+                click.Option(
+                    names, type=_click_type(field.annotation), help=field.description + shown
+                )
+            )
+    return flags
+
+
+def _build_recipe(recipe_file, solver_opt=(), allocation_opt=(), **values) -> Recipe:
+    from .recipe import build
+    from .registry import parse_pairs
+
+    return build(
+        recipe_file,
+        solver_options=parse_pairs(solver_opt, "--solver-opt"),
+        allocation_options=parse_pairs(allocation_opt, "--allocation-opt"),
+        **values,
+    )
+
+
+def _check_early(recipe: Recipe, overwrite: bool) -> None:
+    """Everything a user can get wrong, checked before any weight is read."""
+    from . import data
+    from .checkpoint import check_checkpoint
+    from .device import pick_device
+    from .folders import check_out_dir
+    from .patterns import parse_pattern
+
+    if recipe.model is None:
+        raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
+    parse_pattern(recipe.pattern, recipe.sparsity)
+    pick_device(recipe.device)
+    data.check_source(recipe.calib)
+    if recipe.eval_data is not None:
+        data.check_source(recipe.eval_data)
+    path, _ = check_checkpoint(recipe.model)
+    if recipe.out is not None:
+        check_out_dir(recipe.out, path, overwrite)
+    if recipe.allocation_file is not None and not Path(recipe.allocation_file).is_file():
+        raise PrunellaError(f"allocation file {recipe.allocation_file} not found")
+
+
+def prune_command(model, recipe, resume, restart, overwrite, quiet, **values) -> None:
+    """Prune MODEL and write a Hugging Face checkpoint, prune_report.json, report.html,
+    allocation.png and recipe.yaml to --out. Progress is kept in OUT.partial: re-running
+    the same command after a crash continues from the last finished block."""
     if quiet:
         _quiet_transformers()
-    from . import api, data, export, models
-    from .patterns import parse_pattern
-    from .recipe import build
+    from .pipeline import run
 
-    options = build(
-        recipe,
-        model=model,
-        out=str(out) if out is not None else None,
-        sparsity=sparsity,
-        pattern=pattern,
-        solver=solver,
-        calib=calib,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        batch_size=batch_size,
-        allocation=allocation,
-        allocation_file=str(allocation_file) if allocation_file is not None else None,
-        granularity=granularity,
-        min_sparsity=min_sparsity,
-        max_sparsity=max_sparsity,
-        lam=lam,
-        outlier_m=outlier_m,
-        epsilon=epsilon,
-        farms=farms,
-        offload=offload,
-        passes=int(passes) if passes in ("1", "2") else passes,
-        compute_dtype=compute_dtype,
-        save_format=save_format,
-        eval_data=eval_data,
-        eval_max_windows=eval_max_windows,
-    )
-    if options.model is None:
-        raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
+    options = _build_recipe(recipe, model=model, **values)
     if options.out is None:
         raise PrunellaError("missing --out: give it on the command line or in the recipe")
     if resume and restart:
         raise PrunellaError("--resume and --restart exclude each other")
-    parse_pattern(options.pattern, options.sparsity)
-    api.pick_device(options.device)
-    data.check_source(options.calib)
-    if options.eval_data is not None:
-        data.check_source(options.eval_data)
-    path, _ = models.check_checkpoint(options.model)
-    export.check_out_dir(options.out, path, overwrite)
-    if options.allocation_file is not None and not Path(options.allocation_file).is_file():
-        raise PrunellaError(f"allocation file {options.allocation_file} not found")
-    from .allocation import get_method, method_options
-
-    method_options(get_method(options.allocation), options.allocation_options())
-
-    report = api.prune_to_dir(
+    _check_early(options, overwrite)
+    _, report = run(
         options, overwrite=overwrite, resume=resume, restart=restart, progress=not quiet
     )
     typer.echo(
@@ -182,70 +146,59 @@ def prune_command(
         f"({report['pattern']}, {report['solver']}, {report['allocation']['method']} allocation) "
         f"in {report['wall_seconds']:.1f}s -> {options.out}"
     )
+    if "evaluation" in report:
+        ev = report["evaluation"]
+        typer.echo(
+            f"perplexity on {ev['data']}: dense {ev['dense_perplexity']:.3f} -> pruned "
+            f"{ev['perplexity']:.3f} ({ev['tokens']:,} tokens)"
+        )
 
 
-@app.command("allocate")
-def allocate_command(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, or a bundled name.")],
-    allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "owl",
-    sparsity: Annotated[
-        float | None, typer.Option(help="Target fraction of weights to prune (default 0.5).")
-    ] = None,
-    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M, e.g. 2:4.")] = "unstructured",
-    granularity: Annotated[str, typer.Option(help=GRANULARITY_HELP)] = "block",
-    min_sparsity: Annotated[float, typer.Option(help="Lowest sparsity any layer gets.")] = 0.0,
-    max_sparsity: Annotated[float, typer.Option(help="Highest sparsity any layer gets.")] = 0.99,
-    lam: Annotated[float | None, typer.Option("--lambda", help=LAMBDA_HELP)] = None,
-    outlier_m: Annotated[float | None, typer.Option(help=OUTLIER_M_HELP)] = None,
-    epsilon: Annotated[float | None, typer.Option(help=EPSILON_HELP)] = None,
-    farms: Annotated[bool | None, typer.Option("--farms/--no-farms", help=FARMS_HELP)] = None,
-    calib: Annotated[str, typer.Option(help="Calibration text (for owl).")] = "sample",
-    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed for drawing the calibration windows.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    json_out: Annotated[
-        Path | None,
-        typer.Option("--json", help="Write the plan here (for prune --allocation-file)."),
-    ] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
-) -> None:
+def allocate_command(model, recipe, json_out, quiet, **values) -> None:
     """Print the sparsity plan an allocation method gives MODEL, without pruning."""
     if quiet:
         _quiet_transformers()
-    from . import api, data, models
-    from .allocation import get_method
+    from .adapters import block_index
+    from .allocation import allocate, get_method
+    from .data import calibration
+    from .device import pick_device, resolve_compute_dtype
+    from .engine import default_batch_size
     from .patterns import parse_pattern
-    from .plots import block_index
+    from .store import open_store
 
-    chosen = parse_pattern(pattern, sparsity)
-    method = get_method(allocation)
-    options = _allocation_options(lam, outlier_m, epsilon, farms)
-    if method.needs:
-        if nsamples < 1:
-            raise PrunellaError(f"--nsamples must be at least 1, got {nsamples}")
-        data.check_source(calib)
-    dev = api.pick_device(device)
-    path, _ = models.check_checkpoint(model)
-    hf_model, tokenizer, _, adapter = models.load(path)
+    options = _build_recipe(recipe, model=model, **values)
+    _check_early(options, overwrite=False)
+    pattern = parse_pattern(options.pattern, options.sparsity)
+    method = get_method(options.allocation.name)
+    dev = pick_device(options.device)
+    store, tokenizer = open_store(options.model, options.offload)
     windows = None
-    if method.needs:
-        windows, _ = api._calibration(hf_model, tokenizer, calib, nsamples, seqlen, seed)
-    plan = api.allocate(
-        hf_model,
-        adapter,
-        allocation,
-        chosen,
+    if method.needs - {"weights"}:
+        windows, _ = calibration(
+            tokenizer,
+            options.calib,
+            options.nsamples,
+            options.seqlen,
+            options.seed,
+            getattr(store.model.config, "max_position_embeddings", None),
+        )
+    plan = allocate(
+        store,
+        method,
+        options.allocation.options,
+        pattern,
         windows=windows,
-        granularity=granularity,
-        options=options,
-        min_sparsity=min_sparsity,
-        max_sparsity=max_sparsity,
+        granularity=options.granularity,
+        min_sparsity=options.min_sparsity,
+        max_sparsity=options.max_sparsity,
         device=dev,
-        batch_size=api._default_batch_size(seqlen),
+        dtype=resolve_compute_dtype(
+            next(store.model.parameters()).dtype, dev, options.compute_dtype
+        ),
+        batch_size=options.batch_size or default_batch_size(options.seqlen, dev),
         progress=not quiet,
     )
-    sizes = {n: r * c for n, (r, c) in api.prunable_layers(hf_model, adapter).items()}
+    sizes = {n: r * c for n, (r, c) in store.layers().items()}
     per_block: dict[int, list[float]] = {}
     for name, value in plan.sparsity.items():
         entry = per_block.setdefault(block_index(name), [0.0, 0.0])
@@ -257,7 +210,7 @@ def allocate_command(
     header = f"{'block':>5}  {'sparsity':>8}"
     if plan.metric_name:
         header += f"  {plan.metric_name:>14}"
-    typer.echo(f"{allocation} allocation, target {plan.target:.2%} ({chosen})")
+    typer.echo(f"{method.name} allocation, target {plan.target:.2%} ({pattern})")
     typer.echo(header)
     for b in sorted(per_block):
         line = f"{b:>5}  {per_block[b][0] / per_block[b][1]:>8.2%}"
@@ -270,6 +223,95 @@ def allocate_command(
     if json_out is not None:
         plan.save(json_out)
         typer.echo(f"plan written to {json_out}")
+
+
+MODEL_ARGUMENT = click.Argument(["model"], required=False)
+RECIPE_FLAG = click.Option(
+    ["--recipe", "recipe"],
+    type=click.Path(path_type=Path),
+    help="YAML file of options; flags given here override it.",
+)
+QUIET_FLAG = click.Option(["--quiet"], is_flag=True, help="No progress bars.")
+
+
+def _command(name: str, callback, params: list) -> click.Command:
+    return click.Command(name, callback=callback, params=params, help=callback.__doc__)
+
+
+PRUNE = _command(
+    "prune",
+    prune_command,
+    [
+        MODEL_ARGUMENT,
+        RECIPE_FLAG,
+        *recipe_flags(f for f in Recipe.model_fields if f != "model"),
+        click.Option(["--resume"], is_flag=True, help="Insist on resuming OUT.partial."),
+        click.Option(["--restart"], is_flag=True, help="Discard OUT.partial and start over."),
+        click.Option(["--overwrite"], is_flag=True, help="Replace a non-empty output folder."),
+        QUIET_FLAG,
+    ],
+)
+ALLOCATE = _command(
+    "allocate",
+    allocate_command,
+    [
+        MODEL_ARGUMENT,
+        RECIPE_FLAG,
+        *recipe_flags(ALLOCATE_FIELDS),
+        click.Option(
+            ["--json", "json_out"],
+            type=click.Path(path_type=Path),
+            help="Write the plan here (for prune --allocation-file).",
+        ),
+        QUIET_FLAG,
+    ],
+)
+
+
+@app.command("methods")
+def methods_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Every solver and allocation method: its paper, what it needs, its options."""
+    from .allocation import ALLOCATIONS
+    from .solvers import SOLVERS
+
+    listing = {
+        registry.kind: [
+            {
+                "name": method.name,
+                "paper": method.paper,
+                "needs": sorted(method.needs),
+                "options": [
+                    {
+                        "name": o.name,
+                        "type": o.type.__name__,
+                        "default": o.default,
+                        "allowed": o.bounds(),
+                        "help": o.help,
+                    }
+                    for o in method.options
+                ],
+            }
+            for method in map(registry.get, registry.names())
+        ]
+        for registry in (SOLVERS, ALLOCATIONS)
+    }
+    if as_json:
+        typer.echo(json.dumps(listing))
+        return
+    for kind, methods in listing.items():
+        flag = f"--{kind}-opt"
+        typer.echo(f"{kind}s (--{kind} NAME, {flag} KEY=VALUE):")
+        for m in methods:
+            needs = f" [needs: {', '.join(m['needs'])}]" if m["needs"] else ""
+            typer.echo(f"  {m['name']}{needs}\n      {m['paper']}")
+            for o in m["options"]:
+                allowed = f", {o['allowed']}" if o["allowed"] else ""
+                typer.echo(
+                    f"      {o['name']} ({o['type']}, default {o['default']}{allowed}): {o['help']}"
+                )
+        typer.echo("")
 
 
 @app.command("eval")
@@ -305,9 +347,11 @@ def eval_command(
     tasks through lm-eval."""
     if quiet:
         _quiet_transformers()
-    from . import api, models
     from . import data as data_module
-    from .evaluation import zero_shot
+    from .checkpoint import check_checkpoint
+    from .device import pick_device
+    from .evaluation import evaluate, zero_shot
+    from .models import load
 
     if seqlen < 2:
         raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
@@ -317,12 +361,12 @@ def eval_command(
         raise PrunellaError(f"--batch-size must be at least 1, got {batch_size}")
     if task_path is not None and not task_path.is_dir():
         raise PrunellaError(f"--task-path {task_path} is not a folder")
-    dev = api.pick_device(device)
+    dev = pick_device(device)
     data_module.check_source(data)
-    path, _ = models.check_checkpoint(model)
-    ref_path = models.check_checkpoint(reference)[0] if reference is not None else None
-    hf_model, tokenizer, _, _ = models.load(path)
-    result = api.evaluate(
+    path, _ = check_checkpoint(model)
+    ref_path = check_checkpoint(reference)[0] if reference is not None else None
+    hf_model, tokenizer, _, _ = load(path)
+    result = evaluate(
         hf_model,
         data,
         seqlen=seqlen,
@@ -367,7 +411,7 @@ def pack_command(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Write a packed (sparse-bitmask) copy of a pruned checkpoint: about half the bytes at 50%."""
-    from .models import check_checkpoint
+    from .checkpoint import check_checkpoint
     from .pack import pack
 
     path, _ = check_checkpoint(model)
@@ -441,20 +485,23 @@ def compare_command(
     """One table for several checkpoints: perplexity, KL to the first, sparsity, size on disk."""
     if quiet:
         _quiet_transformers()
-    from . import api, models
     from . import data as data_module
+    from .checkpoint import check_checkpoint
+    from .device import pick_device
+    from .evaluation import evaluate
+    from .models import load
     from .summary import checkpoint_summary
 
     if seqlen < 2:
         raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
-    dev = api.pick_device(device)
+    dev = pick_device(device)
     data_module.check_source(data)
-    paths = [models.check_checkpoint(m)[0] for m in models_]
-    reference, tokenizer, _, _ = models.load(paths[0])
+    paths = [check_checkpoint(m)[0] for m in models_]
+    reference, tokenizer, _, _ = load(paths[0])
     rows = []
     for i, path in enumerate(paths):
-        model = reference if i == 0 else models.load(path)[0]
-        result = api.evaluate(
+        model = reference if i == 0 else load(path)[0]
+        result = evaluate(
             model,
             data,
             seqlen=seqlen,
@@ -500,18 +547,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
     limit_heap_growth()
     command = typer.main.get_command(app)
+    command.add_command(PRUNE)
+    command.add_command(ALLOCATE)
     try:
         result = command.main(args=argv, prog_name="prunella", standalone_mode=False)
     except PrunellaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except typer.Abort:
+    except click.exceptions.Exit as exc:  # --help
+        return exc.exit_code
+    except click.Abort:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except typer.TyperException as exc:  # usage errors: bad option values, missing arguments
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        print(f"error: {message}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+    except click.ClickException as exc:  # usage errors: bad option values, missing arguments
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -159,3 +159,30 @@ def evaluation_windows(
             f"fewer than one window of seqlen={seqlen}"
         )
     return tokens[: count * seqlen].view(count, seqlen)
+
+
+def calibration(
+    tokenizer, source, nsamples: int, seqlen: int, seed: int, max_positions: int | None = None
+) -> tuple[torch.Tensor, str]:
+    """Calibration windows and a description of their source.
+
+    ``source`` is a text source (see :func:`calibration_windows`) or ready token
+    windows, ``LongTensor[nsamples, seqlen]``. Windows longer than the model's
+    context (``max_positions``) are refused.
+    """
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2:
+            raise PrunellaError("calibration windows must be a 2-D LongTensor [nsamples, seqlen]")
+        return source.long(), "token windows given by the caller"
+    check_text_input(tokenizer, seqlen, max_positions)
+    return calibration_windows(tokenizer, source, nsamples, seqlen, seed), describe(source)
+
+
+def check_text_input(tokenizer, seqlen: int, max_positions: int | None) -> None:
+    """Reading text needs a tokenizer and windows no longer than the model's context."""
+    if tokenizer is None:
+        raise PrunellaError("a tokenizer is needed to read text: pass tokenizer=")
+    if max_positions and seqlen > max_positions:
+        raise PrunellaError(
+            f"seqlen {seqlen} exceeds the model's context of {max_positions} tokens"
+        )

@@ -15,7 +15,9 @@
 
 Solvers that need no statistics (magnitude) skip step (a). Calibration windows
 are processed in batches of ``batch_size`` windows; the activations of all
-windows for the current block are the only large buffer.
+windows for the current block are the only large buffer. Blocks come from a
+:mod:`store <prunella.store>` (in memory or streamed from disk), which the
+engine asks to load each block before it and release it after.
 """
 
 from __future__ import annotations
@@ -29,12 +31,38 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, get_weight, set_weight
+from .adapters import get_weight, set_weight
 from .errors import PrunellaError
 from .heap import trim_heap
 from .patterns import Pattern
 from .solvers import Solver
 from .stats import StatsCollector, exact
+
+ONE_PASS_BYTES = 4 * 2**30  # the waiting activations one pass may hold, at most
+
+
+def default_batch_size(seqlen: int, device: torch.device | None = None) -> int:
+    """Windows per forward: 4096 tokens' worth on CPU (small temporaries), 16384 on a GPU."""
+    tokens = 16384 if device is not None and device.type == "cuda" else 4096
+    return max(1, tokens // seqlen)
+
+
+def one_pass_bytes(config, nsamples: int, seqlen: int) -> int:
+    """What one pass holds while every batch waits at a layer: about ``(hidden + widest
+    layer)`` float32 numbers per calibration token, twice over for temporaries."""
+    width = max(getattr(config, "intermediate_size", 0) or 0, 4 * config.hidden_size)
+    return 2 * nsamples * seqlen * (config.hidden_size + width) * 4
+
+
+def choose_passes(passes: int | str, config, nsamples: int, seqlen: int) -> int:
+    """1 or 2 passes per block; ``"auto"`` takes 1 when :func:`one_pass_bytes` is at most
+    :data:`ONE_PASS_BYTES`. It depends on the model and the calibration size only, never
+    on the machine's free memory, so the same command gives the same masks anywhere."""
+    if passes in (1, 2, "1", "2"):
+        return int(passes)
+    if passes != "auto":
+        raise PrunellaError(f"passes must be 1, 2 or auto, got {passes!r}")
+    return 1 if one_pass_bytes(config, nsamples, seqlen) <= ONE_PASS_BYTES else 2
 
 
 class _StopForward(Exception):
@@ -226,14 +254,13 @@ def run_in_lockstep(
 @torch.no_grad()
 def capture(
     model: nn.Module,
-    adapter: Adapter,
+    blocks: nn.ModuleList,
     windows: torch.Tensor,
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
 ) -> Activations:
     """Hidden states entering block 0 and every block's call arguments, per batch."""
-    blocks = adapter.blocks(model)
     originals = list(blocks)
     hidden, calls = [], []
     use_cache = getattr(model.config, "use_cache", None)
@@ -421,8 +448,7 @@ class BlockPruner:
 
 @torch.no_grad()
 def prune_blocks(
-    model: nn.Module,
-    adapter: Adapter,
+    store,
     windows: torch.Tensor,
     patterns: dict[str, Pattern],
     solver: Solver,
@@ -435,17 +461,16 @@ def prune_blocks(
     progress: bool = True,
     start: int = 0,
     hidden: list[torch.Tensor] | None = None,
-    before_block: Callable[[int, nn.Module], None] | None = None,
-    after_block: Callable[[int, nn.Module, Activations, list[LayerResult]], None] | None = None,
+    after_block: Callable[[int, Activations, list[LayerResult]], None] | None = None,
     one_pass: bool = False,
 ) -> tuple[list[LayerResult], dict[str, float]]:
     """Prune every linear layer named in ``patterns``, block by block, in place.
 
-    ``start`` and ``hidden`` resume at a block with its saved inputs;
-    ``before_block(i, block)`` runs before block ``i`` is touched (to read it from
-    disk) and ``after_block(i, block, activations, results)`` once it is pruned and
-    its outputs computed (to save progress, or drop it from memory). Returns one
-    :class:`LayerResult` per pruned layer and the seconds spent per phase.
+    ``store`` holds the model (:mod:`prunella.store`): each block is loaded before
+    it is pruned and released after ``after_block(i, activations, results)`` has run
+    (to save progress). ``start`` and ``hidden`` resume at a block with its saved
+    inputs. Returns one :class:`LayerResult` per pruned layer and the seconds spent
+    per phase (``read`` is the time the store took to load blocks).
 
     ``one_pass``: instead of a statistics pass over the dense block and a second
     pass over the pruned one (the papers' protocol), run the batches through the
@@ -453,17 +478,19 @@ def prune_blocks(
     its inputs have arrived; every layer is then calibrated on the outputs of the
     pruned layers before it, and the block's outputs need no second pass.
     """
-    timings = dict.fromkeys(("capture", "statistics", "solve", "propagate"), 0.0)
+    timings = dict.fromkeys(("capture", "read", "statistics", "solve", "propagate"), 0.0)
     tick = time.perf_counter()
     dtype, matmul_dtype = forward_precision(dtype, device)
-    acts = capture(model, adapter, windows, batch_size, device, dtype)
+    blocks = store.blocks()
+    acts = capture(store.model, blocks, windows, batch_size, device, dtype)
     if hidden is not None:
         acts.hidden = [h.to(device=device, dtype=dtype) for h in hidden]
+    store.after_capture()
     timings["capture"] = time.perf_counter() - tick
     pruner = BlockPruner(patterns, solver, solver_options or {}, error_tokens, one_pass, timings)
+    blocks_path = store.adapter.blocks_path
 
     results: list[LayerResult] = []
-    blocks = adapter.blocks(model)
     bar = tqdm(
         range(start, len(blocks)),
         desc=f"pruning ({solver.name})",
@@ -473,13 +500,13 @@ def prune_blocks(
         total=len(blocks),
     )
     for i in bar:
-        block = blocks[i]
-        if before_block is not None:
-            before_block(i, block)
-        prefix = f"{adapter.blocks_path}.{i}."
+        tick = time.perf_counter()
+        block = store.load(i)
+        timings["read"] += time.perf_counter() - tick
+        prefix = f"{blocks_path}.{i}."
         linears = {
             local: layer
-            for local, layer in adapter.linears(block).items()
+            for local, layer in store.adapter.linears(block).items()
             if prefix + local in patterns
         }
         # The pruned weights go straight into the checkpoint's tensors (in its dtype);
@@ -490,47 +517,46 @@ def prune_blocks(
         trim_heap()  # give back what this block's temporaries held (see prunella.heap)
         results.extend(block_results)
         if after_block is not None:
-            after_block(i, block, acts, block_results)
+            after_block(i, acts, block_results)
+        store.release(i)
     return results, timings
 
 
 @torch.no_grad()
 def visit_blocks(
-    model: nn.Module,
-    adapter: Adapter,
-    visit,
+    store,
+    visit: Callable[[str, dict], None],
     *,
     needs: frozenset[str] = frozenset(),
+    read: bool = True,
     windows: torch.Tensor | None = None,
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "measuring",
-    before: Callable[[int, nn.Module], None] | None = None,
-    after: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
-    """Call ``visit(i, {name: (weight, stats)})`` for every block of the *dense* model.
+    """Call ``visit(prefix, {name: (weight, stats)})`` for every block of the *dense* model.
 
     With ``needs``, the calibration ``windows`` flow through the dense blocks (no
     pruning) and each layer's statistics are gathered on the way; without, no
-    forward pass runs and ``stats`` is ``None``.
+    forward pass runs and ``stats`` is ``None``. Without ``read`` (and ``needs``)
+    the blocks are not loaded: the weights may be on the meta device, shapes only.
     """
     dtype, matmul_dtype = forward_precision(dtype, device)
-    acts = capture(model, adapter, windows, batch_size, device, dtype) if needs else None
-    blocks = adapter.blocks(model)
+    blocks = store.blocks()
+    acts = capture(store.model, blocks, windows, batch_size, device, dtype) if needs else None
+    load = read or bool(needs)
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
-        block = blocks[i]
-        if before is not None:
-            before(i, block)
-        linears = adapter.linears(block)
-        prefix = f"{adapter.blocks_path}.{i}."
-        with on_device(block, device, dtype):
+        block = store.load(i) if load else blocks[i]
+        linears = store.adapter.linears(block)
+        prefix = f"{store.adapter.blocks_path}.{i}."
+        with on_device(block, device, dtype) if load else contextlib.nullcontext():
             stats = {}
             if needs:
                 with StatsCollector(linears, needs) as collector, matmuls_in(matmul_dtype, device):
                     acts.forward(block, i, update=True)
                 stats = collector.stats
-            visit(i, {prefix + n: (get_weight(m), stats.get(n)) for n, m in linears.items()})
-        if after is not None:
-            after(i, block)
+            visit(prefix, {prefix + n: (get_weight(m), stats.get(n)) for n, m in linears.items()})
+        if load:
+            store.release(i)

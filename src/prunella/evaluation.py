@@ -12,13 +12,19 @@ at low sparsity.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import check_text_input, describe, evaluation_windows
+from .device import eval_dtype, pick_device
+from .engine import on_device
 from .errors import PrunellaError
+from .models import load
 
 
 @torch.no_grad()
@@ -57,6 +63,50 @@ def perplexity(
     }
     if reference is not None:
         result["kl_to_reference"] = kl / tokens
+    return result
+
+
+def evaluate(
+    model,
+    data: str | Path | torch.Tensor = "sample-eval",
+    *,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    tokenizer=None,
+    reference=None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of ``model`` (a path, a bundled name or a loaded model) on ``data``.
+
+    With ``reference`` (another model, or its path), also the KL divergence from the
+    reference's next-token distribution to the model's (``kl_to_reference``, nats per
+    token). Models run on ``device`` (in float32 on CPU) without being changed.
+    """
+    dev = pick_device(device)
+    if isinstance(model, str | Path):
+        model, tokenizer, _, _ = load(model)
+    if isinstance(reference, str | Path):
+        reference = load(reference)[0]
+    if isinstance(data, torch.Tensor):
+        windows = data.long()
+    else:
+        check_text_input(tokenizer, seqlen, getattr(model.config, "max_position_embeddings", None))
+        windows = evaluation_windows(tokenizer, data, seqlen, max_windows)
+    with contextlib.ExitStack() as stack:
+        for m in (model, reference):
+            if m is not None:
+                stack.enter_context(on_device(m, dev, eval_dtype(next(m.parameters()).dtype, dev)))
+        result = perplexity(
+            model,
+            windows,
+            reference=reference,
+            device=dev,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    result["data"] = describe(data) if not isinstance(data, torch.Tensor) else "token windows"
     return result
 
 

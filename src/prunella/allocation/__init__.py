@@ -1,283 +1,120 @@
 """Sparsity allocation: how much each block, or each layer, loses.
 
-An allocation method turns a per-unit *metric* (a unit is a decoder block, or
-one linear layer with ``granularity="layer"``) into per-unit sparsities around
-the target; this module then makes the budget exact and expands units to
-layers. Methods are registered by name, one module each, declaring the
-statistics they need (``NEEDS``): weight-only methods (``alphapruning``) run no
-calibration pass; ``owl`` gathers input norms on the dense model.
-
-Exact budget: with ``n_l`` weights in layer ``l`` and raw sparsities ``s_l``,
-find the shift ``c`` with ``sum_l n_l clip(s_l + c, lo, hi) = target * sum_l n_l``
-(bisection; the sum is monotone in ``c``), then round to whole weights and hand
-the leftover weights to the layers with the largest rounding remainders, so the
-number of pruned weights is exactly ``round(target * sum_l n_l)``.
-
-With an ``N:M`` pattern, allocation mixes ``N:M`` levels of the same ``M``
-(e.g. 3:8, 4:8, 5:8): each layer gets ``N_l = round((1 - s_l) M)`` in
-``[1, M - 1]``, with one common shift chosen so the parameter-weighted sparsity is
-as close to the target as these discrete levels allow (reported, not exact).
+An allocation method is one module (see :mod:`prunella.registry`): ``NEEDS``
+says what it reads (nothing but shapes, the weights, or calibration statistics
+of the dense model), ``unit_metric`` scores a unit (a block, or one layer with
+``granularity="layer"``) and ``sparsities`` maps the scores to raw sparsities
+around the target; :mod:`prunella.allocation.plan` makes the budget exact.
+Third-party methods register through the ``prunella.allocations`` entry point
+group.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from types import ModuleType
-
 import torch
 
+from ..engine import visit_blocks
 from ..errors import PrunellaError
-from ..patterns import NM, Pattern, Unstructured, check_sparsity
-from . import alphapruning, owl, uniform
+from ..patterns import Pattern
+from ..registry import Method, Registry
+from ..stats import WEIGHTS
+from . import alphapruning, erk, owl, uniform
+from .plan import GRANULARITIES, Plan, build_plan, fit_budget, fit_nm_levels, load_plan
 
+ALLOCATIONS = Registry(
+    "allocation",
+    "prunella.allocations",
+    {
+        "uniform": uniform,
+        "owl": owl,
+        "alphapruning": alphapruning,
+        "erk": erk,
+    },
+    hooks=("METRIC", "unit_metric", "sparsities"),
+)
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    needs: frozenset[str]
-    defaults: dict
-    metric_name: str | None
-    unit_metric: Callable
-    sparsities: Callable
-
-
-def _register(name: str, module: ModuleType, sparsities: Callable) -> Method:
-    return Method(
-        name, module.NEEDS, module.DEFAULTS, module.METRIC, module.unit_metric, sparsities
-    )
-
-
-METHODS: dict[str, Method] = {
-    "uniform": _register("uniform", uniform, uniform.uniform_sparsities),
-    "owl": _register("owl", owl, owl.owl_sparsities),
-    "alphapruning": _register("alphapruning", alphapruning, alphapruning.alphapruning_sparsities),
-}
-GRANULARITIES = ("block", "layer")
+__all__ = [
+    "ALLOCATIONS",
+    "GRANULARITIES",
+    "Plan",
+    "allocate",
+    "build_plan",
+    "fit_budget",
+    "fit_nm_levels",
+    "get_method",
+    "load_plan",
+]
 
 
 def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise PrunellaError(
-            f"unknown allocation {name!r}; choose one of: {', '.join(METHODS)}"
-        ) from None
+    return ALLOCATIONS.get(name)
 
 
-def method_options(method: Method, options: dict | None) -> dict:
-    """The method's defaults updated with ``options``; unknown keys are an error."""
-    options = dict(options or {})
-    unknown = set(options) - set(method.defaults)
-    if unknown:
-        allowed = ", ".join(method.defaults) or "none"
-        raise PrunellaError(
-            f"allocation {method.name!r} has no option {sorted(unknown)[0]!r} (options: {allowed})"
-        )
-    return {**method.defaults, **options}
-
-
-@dataclass
-class Plan:
-    """A sparsity per prunable layer, with how it was derived. Serialises to JSON."""
-
-    target: float
-    sparsity: dict[str, float]
-    method: str = "uniform"
-    granularity: str = "block"
-    params: dict = field(default_factory=dict)
-    metric_name: str | None = None
-    metric: dict[str, float] = field(default_factory=dict)
-    nm: dict[str, list[int]] | None = None
-
-    def patterns(self) -> dict[str, Pattern]:
-        if self.nm is not None:
-            return {name: NM(*self.nm[name]) for name in self.sparsity}
-        return {name: Unstructured(s) for name, s in self.sparsity.items()}
-
-    def to_json(self) -> dict:
-        return {"format": "prunella-allocation/1", **asdict(self)}
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-
-
-def fit_budget(
-    raw: torch.Tensor, sizes: torch.Tensor, target: float, lo: float = 0.0, hi: float = 0.99
-) -> torch.Tensor:
-    """Shift and clip ``raw`` so the ``sizes``-weighted mean is exactly ``target``.
-
-    Returns per-layer sparsities ``k_l / n_l`` with integer ``k_l`` summing to
-    ``round(target * sum n_l)``.
-    """
-    if not lo <= target <= hi:
-        raise PrunellaError(f"target sparsity {target} lies outside the clamp [{lo}, {hi}]")
-    raw, sizes = raw.double(), sizes.double()
-    total = target * sizes.sum()
-
-    def pruned(shift: float) -> float:
-        return (sizes * (raw + shift).clamp(lo, hi)).sum().item()
-
-    a, b = lo - raw.max().item(), hi - raw.min().item()
-    for _ in range(200):
-        mid = (a + b) / 2
-        a, b = (mid, b) if pruned(mid) < total else (a, mid)
-    exact = (sizes * (raw + (a + b) / 2).clamp(lo, hi)).clamp(min=0)
-    counts = exact.floor()
-    leftover = round(total.item()) - int(counts.sum().item())
-    if leftover > 0:
-        order = (exact - counts).argsort(descending=True)
-        counts[order[:leftover]] += 1
-    elif leftover < 0:
-        order = (exact - counts).argsort()
-        counts[order[:-leftover]] -= 1
-    return counts / sizes
-
-
-def fit_nm_levels(raw: torch.Tensor, sizes: torch.Tensor, target: float, m: int) -> torch.Tensor:
-    """Per-layer ``N`` (kept of every ``m``) with the weighted sparsity closest to ``target``."""
-    raw, sizes = raw.double(), sizes.double()
-
-    def levels(shift: float) -> torch.Tensor:
-        return ((1 - raw - shift) * m).round().clamp(1, m - 1)
-
-    def sparsity(n: torch.Tensor) -> float:
-        return (sizes * (1 - n / m)).sum().item() / sizes.sum().item()
-
-    a, b = -1.0, 1.0
-    for _ in range(60):
-        mid = (a + b) / 2
-        a, b = (mid, b) if sparsity(levels(mid)) < target else (a, mid)
-    best = min((levels(a), levels(b)), key=lambda n: abs(sparsity(n) - target))
-    return best.long()
-
-
-def build_plan(
+def allocate(
+    store,
     method: Method,
-    unit_metric: dict[str, float],
-    units: dict[str, list[str]],
-    sizes: dict[str, int],
-    target: float,
+    options: dict,
     pattern: Pattern,
-    granularity: str,
-    params: dict,
-    lo: float = 0.0,
-    hi: float = 0.99,
+    *,
+    windows: torch.Tensor | None = None,
+    granularity: str = "block",
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 0.99,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    progress: bool = True,
 ) -> Plan:
-    """Per-layer sparsities from per-unit metrics (``units`` maps unit -> its layer names)."""
-    names = list(sizes)
-    unit_names = list(units)
-    metric = torch.tensor([unit_metric[u] for u in unit_names], dtype=torch.float64)
-    unit_sizes = torch.tensor(
-        [sum(sizes[n] for n in units[u]) for u in unit_names], dtype=torch.float64
-    )
-    per_unit = method.sparsities(metric, target, sizes=unit_sizes, **params)
-    raw = {n: per_unit[i].item() for i, u in enumerate(unit_names) for n in units[u]}
-    raw_t = torch.tensor([raw[n] for n in names], dtype=torch.float64)
-    size_t = torch.tensor([sizes[n] for n in names], dtype=torch.float64)
-    plan = Plan(
-        target=target,
-        sparsity={},
-        method=method.name,
-        granularity=granularity,
-        params=params | {"min_sparsity": lo, "max_sparsity": hi},
-        metric_name=method.metric_name,
-        metric=dict(unit_metric),
-    )
-    if isinstance(pattern, NM):
-        n_levels = fit_nm_levels(raw_t, size_t, target, pattern.m)
-        plan.nm = {name: [int(n), pattern.m] for name, n in zip(names, n_levels, strict=True)}
-        plan.sparsity = {
-            name: 1 - int(n) / pattern.m for name, n in zip(names, n_levels, strict=True)
-        }
-    else:
-        fitted = fit_budget(raw_t, size_t, target, lo, hi)
-        plan.sparsity = {name: s.item() for name, s in zip(names, fitted, strict=True)}
-    return plan
+    """A :class:`Plan` for ``pattern``'s target by allocation ``method`` (options resolved).
 
+    Methods that need calibration statistics run one dense forward pass over
+    ``windows``; methods that read the weights visit every block without a
+    forward pass; methods that need only shapes read nothing.
+    """
+    if granularity not in GRANULARITIES:
+        raise PrunellaError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
+        raise PrunellaError(
+            f"need 0 <= min sparsity <= max sparsity < 1, got {min_sparsity}, {max_sparsity}"
+        )
+    statistics = method.needs - {WEIGHTS}
+    if statistics and windows is None:
+        raise PrunellaError(f"allocation {method.name!r} needs calibration data")
+    metric: dict[str, float] = {}
+    units: dict[str, list[str]] = {}
 
-def load_plan(
-    path: str | Path, layers: dict[str, tuple[int, int]], target: float | None = None
-) -> Plan:
-    """Read and validate a plan written by ``prunella allocate --json`` (or edited by hand)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PrunellaError(f"allocation file {path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrunellaError(f"allocation file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("sparsity"), dict):
-        raise PrunellaError(f"allocation file {path} has no 'sparsity' mapping of layer -> value")
-    sparsity = data["sparsity"]
-    unknown = sorted(set(sparsity) - set(layers))
-    if unknown:
-        raise PrunellaError(
-            f"allocation file {path} names {len(unknown)} layer(s) this model does not have, "
-            f"e.g. {unknown[0]!r}"
-        )
-    missing = sorted(set(layers) - set(sparsity))
-    if missing:
-        raise PrunellaError(
-            f"allocation file {path} gives no sparsity for {len(missing)} layer(s), "
-            f"e.g. {missing[0]!r}"
-        )
-    for name, value in sparsity.items():
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise PrunellaError(f"allocation file {path}: sparsity of {name!r} is not a number")
-        try:
-            check_sparsity(value)
-        except PrunellaError:
-            raise PrunellaError(
-                f"allocation file {path}: sparsity of {name!r} must be in [0, 1), got {value}"
-            ) from None
-    file_target = data.get("target")
-    if file_target is not None:
-        try:
-            file_target = check_sparsity(file_target)
-        except PrunellaError:
-            raise PrunellaError(
-                f"allocation file {path}: target must be in [0, 1), got {file_target!r}"
-            ) from None
-    if target is None:
-        target = file_target
-    elif file_target is not None and abs(file_target - target) > 1e-9:
-        raise PrunellaError(
-            f"allocation file {path} is for target {file_target}, but --sparsity is {target}"
-        )
-    sizes = {name: rows * cols for name, (rows, cols) in layers.items()}
-    total = sum(sizes.values())
-    pruned = sum(round(sparsity[n] * sizes[n]) for n in layers)
-    if target is None:
-        target = pruned / total
-    check_sparsity(target)
-    if abs(pruned - target * total) > len(layers):
-        raise PrunellaError(
-            f"allocation file {path} prunes {pruned / total:.4%} of the weights, not the "
-            f"target {target:.4%} (allowed: one weight per layer)"
-        )
-    for key in ("params", "metric"):
-        if data.get(key) is not None and not isinstance(data[key], dict):
-            raise PrunellaError(f"allocation file {path}: {key!r} must be a mapping")
-    nm = data.get("nm")
-    if nm is not None:
-        if not isinstance(nm, dict) or set(nm) != set(layers):
-            raise PrunellaError(f"allocation file {path}: 'nm' must give N:M for every layer")
-        for name, pair in nm.items():
-            if not (
-                isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair)
-            ):
-                raise PrunellaError(f"allocation file {path}: 'nm' of {name!r} must be [N, M]")
-            NM(*pair)
-    return Plan(
-        target=target,
-        sparsity={n: float(sparsity[n]) for n in layers},
-        method=str(data.get("method", "file")),
-        granularity=str(data.get("granularity", "layer")),
-        params=dict(data.get("params") or {}),
-        metric_name=str(data["metric_name"]) if data.get("metric_name") is not None else None,
-        metric=dict(data.get("metric") or {}),
-        nm=nm,
+    def visit(prefix: str, block_layers: dict) -> None:
+        if granularity == "block":
+            unit = prefix.removesuffix(".")
+            units[unit] = list(block_layers)
+            metric[unit] = method.unit_metric(list(block_layers.values()), **options)
+        else:
+            for name, pair in block_layers.items():
+                units[name] = [name]
+                metric[name] = method.unit_metric([pair], **options)
+
+    visit_blocks(
+        store,
+        visit,
+        needs=statistics,
+        read=bool(method.needs),
+        windows=windows,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"allocation ({method.name})",
+    )
+    sizes = {name: rows * cols for name, (rows, cols) in store.layers().items()}
+    return build_plan(
+        method,
+        metric,
+        units,
+        sizes,
+        pattern.sparsity,
+        pattern,
+        granularity,
+        options,
+        min_sparsity,
+        max_sparsity,
     )

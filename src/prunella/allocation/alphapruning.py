@@ -36,8 +36,27 @@ import math
 
 import torch
 
-NEEDS: frozenset[str] = frozenset()
-DEFAULTS = {"epsilon": 0.3, "farms": False, "xmin": "peak"}
+from ..registry import Option
+from ..stats import WEIGHTS
+
+PAPER = (
+    "Lu et al., AlphaPruning: Using Heavy-Tailed Self Regularization Theory for Improved "
+    "Layer-wise Pruning of Large Language Models, NeurIPS 2024"
+)
+NEEDS = frozenset({WEIGHTS})
+OPTIONS = (
+    Option(
+        "epsilon",
+        float,
+        0.3,
+        "sparsities span target x [1 - eps, 1 + eps]",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    ),
+    Option("farms", bool, False, "estimate alpha with FARMS sub-matrix sampling (Hu et al. 2025)"),
+    Option("xmin", str, "peak", "where the power-law tail starts", choices=("peak", "mid")),
+)
 METRIC = "alpha_hill"
 
 
@@ -118,3 +137,6 @@ def alphapruning_sparsities(
         return torch.full_like(metric, target)
     factors = (metric - metric.min()) / spread * (2 * epsilon) + (1 - epsilon)
     return factors * target * (sizes.sum() / (sizes * factors).sum())
+
+
+sparsities = alphapruning_sparsities  # the registry's hook

@@ -24,11 +24,34 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import Option
 from ..solvers.wanda import wanda_scores
-from ..stats import COL_NORMS
+from ..stats import COL_NORMS, WEIGHTS
 
-NEEDS = frozenset({COL_NORMS})
-DEFAULTS = {"outlier_m": 5.0, "lam": 0.08}
+PAPER = (
+    "Yin et al., Outlier Weighed Layerwise Sparsity (OWL): "
+    "A Missing Secret Sauce for Pruning LLMs to High Sparsity, ICML 2024"
+)
+NEEDS = frozenset({WEIGHTS, COL_NORMS})
+OPTIONS = (
+    Option(
+        "outlier_m",
+        float,
+        5.0,
+        "a score is an outlier above M times the mean",
+        low=0.0,
+        low_open=True,
+    ),
+    Option(
+        "lam",
+        float,
+        0.08,
+        "sparsities stay within target +- lambda",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    ),
+)
 METRIC = "outlier_ratio"
 
 
@@ -51,3 +74,6 @@ def owl_sparsities(metric: torch.Tensor, target: float, lam: float = 0.08, **_) 
     ratios = (metric - metric.min()) / spread * (2 * lam)
     keep = ratios - ratios.mean() + (1 - target)
     return 1 - keep
+
+
+sparsities = owl_sparsities  # the registry's hook

@@ -3,42 +3,31 @@
 A solver prunes one weight matrix ``W`` (``[out_features, in_features]``, float32)
 under a :mod:`pattern <prunella.patterns>`, given the layer statistics it
 declares in ``NEEDS``; it returns the new weight (pruned entries exactly zero,
-survivors possibly updated) and a dict of facts for the report. Adding a solver
-means adding one module with ``NEEDS`` and ``prune`` and one line below.
+survivors possibly updated) and a dict of facts for the report. A solver is one
+module with ``PAPER``, ``NEEDS``, ``OPTIONS`` and ``prune(weight, pattern, stats,
+**options)`` (see :mod:`prunella.registry`), and one line below; third-party
+solvers register through the ``prunella.solvers`` entry point group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType
+from ..registry import Method, Registry
+from . import magnitude, random, sparsegpt, wanda
 
-from ..errors import PrunellaError
-from . import magnitude, sparsegpt, wanda
+Solver = Method
 
-
-@dataclass(frozen=True)
-class Solver:
-    name: str
-    needs: frozenset[str]
-    prune: Callable
-
-
-def _register(name: str, module: ModuleType) -> Solver:
-    return Solver(name, module.NEEDS, module.prune)
-
-
-SOLVERS: dict[str, Solver] = {
-    "magnitude": _register("magnitude", magnitude),
-    "wanda": _register("wanda", wanda),
-    "sparsegpt": _register("sparsegpt", sparsegpt),
-}
+SOLVERS = Registry(
+    "solver",
+    "prunella.solvers",
+    {
+        "magnitude": magnitude,
+        "wanda": wanda,
+        "sparsegpt": sparsegpt,
+        "random": random,
+    },
+    hooks=("prune",),
+)
 
 
 def get_solver(name: str) -> Solver:
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise PrunellaError(
-            f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}"
-        ) from None
+    return SOLVERS.get(name)

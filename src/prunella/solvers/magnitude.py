@@ -14,7 +14,11 @@ import torch
 from ..patterns import NM, Pattern, lowest_k_mask, nm_mask, pruned_count
 from ..stats import LayerStats
 
+PAPER = (
+    "Han et al., Learning both Weights and Connections for Efficient Neural Networks, NeurIPS 2015"
+)
 NEEDS: frozenset[str] = frozenset()
+OPTIONS = ()
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,18 @@ from __future__ import annotations
 import torch
 
 from ..patterns import NM, Pattern, lowest_k_mask, nm_mask, pruned_count
+from ..registry import Option
 from ..stats import HESSIAN, LayerStats
 
+PAPER = (
+    "Frantar & Alistarh, "
+    "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot, ICML 2023"
+)
 NEEDS = frozenset({HESSIAN})
+OPTIONS = (
+    Option("blocksize", int, 128, "columns per block of the lazy batch update", low=1),
+    Option("percdamp", float, 0.01, "dampening, as a fraction of mean diag(H)", low=0.0),
+)
 
 
 def inverse_hessian_cholesky(

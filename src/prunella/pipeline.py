@@ -1,0 +1,259 @@
+"""The one pipeline that ``prunella prune``, ``prunella.prune`` and ``prunella.prune_to_dir`` run.
+
+    resolve the recipe -> open the store -> calibrate -> allocate -> prune the blocks
+    -> evaluate (optional) -> report -> save
+
+The store (:mod:`prunella.store`) is chosen once: the whole model in memory, or
+one block at a time streamed from the checkpoint; nothing below branches on it.
+With an output folder, progress is kept in ``OUT.partial`` after every block
+(:class:`prunella.store.WorkDir`), and re-running the same recipe continues from
+the last finished block, in memory or streamed alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from . import __version__
+from .adapters import block_index
+from .allocation import Plan, allocate, get_method, load_plan
+from .checkpoint import assert_finite, resolve, scan
+from .data import calibration, describe
+from .device import pick_device, resolve_compute_dtype
+from .engine import choose_passes, default_batch_size, prune_blocks
+from .errors import PrunellaError
+from .evaluation import evaluate
+from .export import save_store
+from .folders import check_disk_space, check_out_dir
+from .heap import limit_heap_growth
+from .patterns import Unstructured, parse_pattern
+from .recipe import Recipe
+from .report import build_report
+from .solvers import get_solver
+from .store import Store, WorkDir, open_store
+
+
+def fingerprint(recipe: Recipe, path: Path, weights_digest: str) -> dict:
+    """What determines the pruned weights; a resumed run must match it exactly."""
+    fields = recipe.model_dump(exclude={"out", "offload", "model"})
+    for key in ("allocation_file", "calib"):
+        if fields[key] is not None and Path(fields[key]).is_file():
+            fields[key] = hashlib.sha256(Path(fields[key]).read_bytes()).hexdigest()
+    return {
+        "model": str(path.resolve()),
+        "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+        "weights": weights_digest,
+        "calibration": describe(recipe.calib),
+        **fields,
+        "prunella_version": __version__,
+    }
+
+
+def run(
+    recipe: Recipe,
+    *,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    windows: torch.Tensor | None = None,
+    plan: Plan | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+) -> tuple[Store, dict]:
+    """Prune as ``recipe`` says; returns the store (holding the pruned model) and the report.
+
+    ``model`` (a loaded model), ``windows`` (token windows) and ``plan`` stand in for the
+    recipe's ``model``, ``calib`` and ``allocation`` when given. With ``recipe.out``
+    the result is saved there, resumably (``resume`` insists on resuming, ``restart``
+    discards a previous partial run).
+    """
+    limit_heap_growth()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    recipe = recipe.resolved()
+    if recipe.model is None and model is None:
+        raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
+    if resume and restart:
+        raise PrunellaError("--resume and --restart exclude each other")
+    pattern = parse_pattern(recipe.pattern, recipe.sparsity)
+    solver = get_solver(recipe.solver.name)
+    dev = pick_device(recipe.device)
+    out = work = None
+    if recipe.out is not None:
+        out = check_out_dir(recipe.out, resolve(recipe.model) if model is None else None, overwrite)
+        work = WorkDir(out)
+
+    # the store: chosen once, here
+    tick = time.perf_counter()
+    store, tokenizer = open_store(
+        model if model is not None else recipe.model,
+        recipe.offload if out is not None else "none",  # nowhere to stream to
+        whole_model=recipe.eval_data is not None,
+        tokenizer=tokenizer,
+    )
+    if model is not None:
+        assert_finite(model)
+    timings["load"] = time.perf_counter() - tick
+    config = store.model.config
+    model_dtype = next(store.model.parameters()).dtype
+    dtype = resolve_compute_dtype(model_dtype, dev, recipe.compute_dtype)
+    nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
+    batch_size = recipe.batch_size or default_batch_size(seqlen, dev)
+    # resolved, so that a resume (perhaps on another machine) must match them
+    recipe = recipe.model_copy(
+        update={
+            "passes": choose_passes(recipe.passes, config, nsamples, seqlen),
+            "compute_dtype": str(dtype).removeprefix("torch."),
+        }
+    )
+
+    resuming = False
+    if work is not None:
+        # reads every tensor once: NaN weights stop the run here, before anything is written
+        stamp = fingerprint(recipe, store.path, scan(store.path))
+        if work.exists() and restart:
+            work.discard()
+        resuming = work.exists()
+        if resume and not resuming:
+            raise PrunellaError(f"nothing to resume: {work.path} does not exist")
+        check_disk_space(out.resolve().parent, store.run_bytes())
+    source = str(store.path) if store.path is not None else "model object"
+    calib_name = describe(recipe.calib) if windows is None else "token windows given by the caller"
+
+    if resuming:
+        work.check(stamp)
+        windows = work.windows()
+        data = work.load_json("plan.json")
+        plan = Plan(**{k: v for k, v in data.items() if k != "format"})
+        start = work.next_block()
+        hidden = work.hidden(start) if start else None
+        results = [r for r in work.load_json("results.json") if block_index(r["name"]) < start]
+        for i in range(start):
+            store.restore(i, load_file(work.block_file(i)))
+        if progress:
+            print(f"resuming {work.path} at block {start}", file=sys.stderr)
+    else:
+        tick = time.perf_counter()
+        max_positions = getattr(config, "max_position_embeddings", None)
+        windows, calib_name = calibration(
+            tokenizer,
+            windows if windows is not None else recipe.calib,
+            recipe.nsamples,
+            recipe.seqlen,
+            recipe.seed,
+            max_positions,
+        )
+        timings["calibration_data"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        if plan is None and recipe.allocation_file is not None:
+            plan = load_plan(recipe.allocation_file, store.layers(), recipe.sparsity)
+        elif plan is None:
+            plan = allocate(
+                store,
+                get_method(recipe.allocation.name),
+                recipe.allocation.options,
+                pattern,
+                windows=windows,
+                granularity=recipe.granularity,
+                min_sparsity=recipe.min_sparsity,
+                max_sparsity=recipe.max_sparsity,
+                device=dev,
+                dtype=dtype,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        timings["allocation"] = time.perf_counter() - tick
+        start, hidden, results = 0, None, []
+        if work is not None:
+            work.start(stamp, windows, plan.to_json())
+        if recipe.eval_data is not None:
+            tick = time.perf_counter()
+            dense = _evaluate(store, tokenizer, recipe, dev, progress)
+            if work is not None:
+                work.save_json("dense_eval.json", dense)
+            timings["evaluation"] = time.perf_counter() - tick
+    if isinstance(pattern, Unstructured):  # the resolved recipe names the sparsity it used
+        recipe = recipe.model_copy(update={"sparsity": plan.target})
+
+    def finish_block(i: int, acts, block_results) -> None:
+        results.extend(r.as_dict() for r in block_results)
+        if work is not None:
+            work.save_block(i, store.block_tensors(i), acts.hidden, results)
+
+    try:
+        _, phase_times = prune_blocks(
+            store,
+            windows,
+            plan.patterns(),
+            solver,
+            device=dev,
+            dtype=dtype,
+            batch_size=batch_size,
+            solver_options=recipe.solver.options,
+            one_pass=recipe.passes == 1,
+            progress=progress,
+            start=start,
+            hidden=hidden,
+            after_block=finish_block,
+        )
+    except PrunellaError:
+        # A PrunellaError here is a fault of the model itself (NaN or Inf activations):
+        # re-running cannot finish it, so a fresh run leaves nothing behind. A resumed
+        # run keeps the blocks an earlier run finished.
+        if work is not None and (not resuming or work.next_block() == 0):
+            work.discard()
+        raise
+    timings.update(phase_times)
+
+    extra = {"offload": store.offload, "resumed_from_block": start}
+    if recipe.eval_data is not None:
+        tick = time.perf_counter()
+        dense = work.load_json("dense_eval.json") if work is not None else dense
+        pruned = _evaluate(store, tokenizer, recipe, dev, progress)
+        extra["evaluation"] = {**pruned, "dense_perplexity": dense["perplexity"]}
+        timings["evaluation"] = timings.get("evaluation", 0.0) + time.perf_counter() - tick
+    report = build_report(
+        model=store.model,
+        source=source,
+        recipe=recipe,
+        pattern=pattern,
+        plan=plan,
+        calibration=calib_name,
+        windows=windows,
+        device=dev,
+        dtype=dtype,
+        started=started,
+        timings=timings,
+        results=results,
+        extra=extra,
+    )
+    if out is not None:
+        try:
+            save_store(store, work, out, report, recipe, tokenizer, overwrite)
+        except PrunellaError as exc:
+            raise PrunellaError(
+                f"{exc}; the pruned blocks are kept in {work.path}: re-run the same command "
+                "to finish"
+            ) from None
+        work.discard()
+    return store, report
+
+
+def _evaluate(store: Store, tokenizer, recipe: Recipe, device, progress: bool) -> dict:
+    return evaluate(
+        store.model,
+        recipe.eval_data,
+        seqlen=recipe.seqlen,
+        max_windows=recipe.eval_max_windows,
+        tokenizer=tokenizer,
+        device=device,
+        progress=progress,
+    )

@@ -1,0 +1,204 @@
+"""Methods by name: each solver and each allocation method is one module that declares
+its options next to its one function, and a registry binds a name to that module.
+
+A method module declares:
+
+* ``PAPER``   -- the paper it implements, one line;
+* ``NEEDS``   -- the layer statistics it needs (see :mod:`prunella.stats`; an
+  allocation method may also need ``"weights"``);
+* ``OPTIONS`` -- a tuple of :class:`Option` (name, type, default, bounds, one-line help);
+
+and its function(s): a solver ``prune(weight, pattern, stats, **options)``; an
+allocation method ``unit_metric(layers, **options)`` and ``sparsities(metric,
+target, sizes, **options)`` plus ``METRIC`` (the metric's name, or ``None``).
+
+Built-in methods are listed in ``prunella.solvers`` and ``prunella.allocation``;
+third-party packages add theirs through the entry point groups
+``prunella.solvers`` and ``prunella.allocations`` (``name = "package.module"``).
+Nothing outside a method's module knows its options: the CLI, the recipe, the
+report and the pipeline read them from here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from .errors import PrunellaError
+
+TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: ``name`` of ``type``, ``default``, optional bounds or choices.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+
+    def bounds(self) -> str:
+        """The allowed values, in words (``"in (0, 1)"``, ``"one of a, b"``, or ``""``)."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.low is None and self.high is None:
+            return ""
+        left = ("(" if self.low_open else "[") + ("-inf" if self.low is None else f"{self.low:g}")
+        right = ("inf" if self.high is None else f"{self.high:g}") + (
+            ")" if self.high_open else "]"
+        )
+        return f"in {left}, {right}"
+
+    def check(self, value: Any, owner: str) -> Any:
+        """``value`` converted to :attr:`type` (from text too) and checked; one-line errors."""
+        where = f"{owner} option {self.name!r}"
+        if isinstance(value, str) and self.type is not str:
+            text = value.strip().lower()
+            try:
+                if self.type is bool:
+                    if text not in TRUE + FALSE:
+                        raise ValueError
+                    value = text in TRUE
+                else:
+                    value = self.type(text)
+            except ValueError:
+                raise PrunellaError(
+                    f"{where} must be {self.type.__name__}, got {value!r}"
+                ) from None
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
+            raise PrunellaError(f"{where} must be {self.type.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise PrunellaError(f"{where} must be {self.bounds()}, got {value!r}")
+        low_bad = self.low is not None and (
+            value < self.low or (self.low_open and value == self.low)
+        )
+        high_bad = self.high is not None and (
+            value > self.high or (self.high_open and value == self.high)
+        )
+        if low_bad or high_bad:
+            raise PrunellaError(f"{where} must be {self.bounds()}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its ``kind`` (solver or allocation), name and module."""
+
+    kind: str
+    name: str
+    module: ModuleType
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset(self.module.NEEDS)
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        return tuple(self.module.OPTIONS)
+
+    @property
+    def paper(self) -> str:
+        return self.module.PAPER
+
+    def defaults(self) -> dict:
+        return {option.name: option.default for option in self.options}
+
+    def resolve(self, given: dict | None) -> dict:
+        """Every option's value: ``given`` (checked) over the defaults; unknown keys are errors."""
+        declared = {option.name: option for option in self.options}
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            allowed = ", ".join(declared) or "none"
+            raise PrunellaError(
+                f"{self.kind} {self.name!r} has no option {unknown[0]!r} (options: {allowed})"
+            )
+        owner = f"{self.kind} {self.name!r}"
+        return {
+            name: option.check(given[name], owner) if name in given else option.default
+            for name, option in declared.items()
+        }
+
+    def __getattr__(self, attr: str):
+        """The module's functions (``prune``, ``unit_metric``, ``sparsities``, ``METRIC``)."""
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self.module, attr)
+
+
+class Registry:
+    """Name -> :class:`Method` for one kind: built-in modules, then entry points."""
+
+    def __init__(self, kind: str, group: str, builtin: dict[str, ModuleType], hooks: tuple):
+        self.kind, self.group, self.hooks = kind, group, hooks
+        self._methods = {name: self._method(name, module) for name, module in builtin.items()}
+        self._loaded = False
+
+    def _method(self, name: str, module: ModuleType) -> Method:
+        missing = [a for a in ("PAPER", "NEEDS", "OPTIONS", *self.hooks) if not hasattr(module, a)]
+        if missing:
+            raise PrunellaError(
+                f"{self.kind} {name!r} ({module.__name__}) does not declare {', '.join(missing)}"
+            )
+        return Method(self.kind, name, module)
+
+    def _load_entry_points(self) -> None:
+        """Third-party methods (entry point group :attr:`group`); built-in names win."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for entry in importlib.metadata.entry_points(group=self.group):
+            if entry.name in self._methods:
+                continue
+            try:
+                module = entry.load()
+            except Exception as exc:
+                raise PrunellaError(
+                    f"{self.kind} {entry.name!r} from entry point {entry.value!r} "
+                    f"failed to import: {exc}"
+                ) from None
+            self._methods[entry.name] = self._method(entry.name, module)
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return list(self._methods)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+    def get(self, name: str) -> Method:
+        self._load_entry_points()
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise PrunellaError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self._methods)}"
+            ) from None
+
+
+def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` (repeated CLI options) as a dict of strings."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PrunellaError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options
