@@ -24,7 +24,8 @@ METHODS = {
     "uniform": [],
     "owl": ["--allocation", "owl"],
     "alphapruning": ["--allocation", "alphapruning"],
-    "alphapruning+farms": ["--allocation", "alphapruning", "--farms"],
+    "alphapruning+farms": ["--allocation", "alphapruning", "--allocation-opt", "farms=true"],
+    "erk": ["--allocation", "erk"],
 }
 
 

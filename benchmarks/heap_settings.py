@@ -35,10 +35,11 @@ SETTINGS = [
 
 LAUNCH = """
 import sys
-import prunella.cli, prunella.engine, prunella.heap
+import prunella.cli, prunella.engine, prunella.heap, prunella.pipeline
 threshold, trim = sys.argv[1], sys.argv[2] == "1"
 if threshold == "default":
     prunella.cli.limit_heap_growth = lambda: None
+    prunella.pipeline.limit_heap_growth = lambda: None
 else:
     prunella.heap.MMAP_THRESHOLD = int(threshold) << 20
 if not trim:

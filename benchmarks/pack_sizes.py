@@ -54,7 +54,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunella.models import resolve
+    from prunella.checkpoint import resolve
     from prunella.pack import packed_tensors
 
     rows = []

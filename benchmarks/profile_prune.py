@@ -36,8 +36,8 @@ def main() -> None:
     passes = int(a.passes) if a.passes in ("1", "2") else a.passes
 
     import prunella
-    from prunella.api import resolve_compute_dtype
     from prunella.data import calibration_windows
+    from prunella.device import resolve_compute_dtype
     from prunella.engine import capture, default_batch_size, forward_precision, matmuls_in
     from prunella.models import load
 

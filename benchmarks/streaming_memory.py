@@ -2,9 +2,15 @@
 
 Each prune runs as its own process under ``/usr/bin/time -v``; its peak RSS is
 read from the OS and reported as a ratio to the checkpoint's size on disk.
-Besides SmolLM2-135M, a synthetic Llama-architecture checkpoint of several GB
-(random weights from a config) is built in a temporary folder and pruned
-streamed, to show that peak memory follows one block, not the model.
+Besides SmolLM2-135M, a synthetic Llama-architecture checkpoint of about 3.1 GiB
+(12 blocks, hidden 2048, MLP 5632, untied 49152-word embeddings and LM head of
+384 MiB each; random weights from a config) is built in a temporary folder and
+pruned streamed, to show that peak memory follows one block, not the model.
+
+The floor of a streamed prune is printed too: the runtime (a process that imports
+Prunella and builds the model skeleton with no weights, measured the same way),
+plus the larger of one block and the largest tensor outside the blocks, plus the
+calibration activations (``nsamples x seqlen x hidden`` float32 numbers).
 
     python benchmarks/streaming_memory.py --json streaming.json
 """
@@ -20,13 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 
 def synthetic_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: int) -> Path:
     """A Llama checkpoint with random weights (float32), written shard by shard."""
     code = f"""
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from prunella.models import resolve
+from prunella.checkpoint import resolve
 config = LlamaConfig(hidden_size={hidden}, intermediate_size={ffn}, num_hidden_layers={layers},
                      num_attention_heads={hidden // 128}, num_key_value_heads={hidden // 128},
                      vocab_size={vocab}, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -41,17 +49,53 @@ AutoTokenizer.from_pretrained(resolve("smollm2-135m")).save_pretrained("{folder}
 
 
 def measured(argv: list[str]) -> dict:
+    """Peak RSS and wall time of ``python -m prunella ARGV`` (or ``python -c CODE``)."""
     start = time.perf_counter()
+    command = argv if argv[0] == "-c" else ["-m", "prunella", *argv]
     done = subprocess.run(
-        ["/usr/bin/time", "-v", sys.executable, "-m", "prunella", *argv],
-        capture_output=True,
-        text=True,
+        ["/usr/bin/time", "-v", sys.executable, *command], capture_output=True, text=True
     )
     wall = time.perf_counter() - start
     if done.returncode:
-        sys.exit(f"prunella {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     return {"peak_rss_mb": rss_kb / 1024, "wall_seconds": wall}
+
+
+def floor_mb(model: Path, nsamples: int, seqlen: int) -> dict:
+    """Runtime + max(one block, largest tensor outside the blocks) + activations, in MiB."""
+    runtime = measured(
+        [
+            "-c",
+            f"import prunella.pipeline\nfrom prunella.checkpoint import empty_model\n"
+            f"empty_model({str(model)!r})",
+        ]
+    )["peak_rss_mb"]
+    from safetensors import safe_open
+
+    from prunella.safetensors_io import CheckpointReader
+
+    reader = CheckpointReader(model)
+    block, outside = {}, []
+    for key, file in reader.files.items():
+        with safe_open(file, framework="pt") as handle:
+            shape = handle.get_slice(key).get_shape()
+        nbytes = 4 * int(torch.tensor(shape).prod()) if shape else 4
+        if ".layers." in key:
+            index = key.split(".layers.")[1].split(".")[0]
+            block[index] = block.get(index, 0) + nbytes
+        else:
+            outside.append(nbytes)
+    config = json.loads((model / "config.json").read_text())
+    activations = nsamples * seqlen * config["hidden_size"] * 4
+    largest = max(max(block.values()), max(outside))
+    return {
+        "runtime_mb": runtime,
+        "block_mb": max(block.values()) / 2**20,
+        "largest_outside_mb": max(outside) / 2**20,
+        "activations_mb": activations / 2**20,
+        "floor_mb": runtime + (largest + activations) / 2**20,
+    }
 
 
 def size_mb(folder: Path) -> float:
@@ -61,13 +105,13 @@ def size_mb(folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--synthetic-layers", type=int, default=22)
+    parser.add_argument("--synthetic-layers", type=int, default=12)
     parser.add_argument("--synthetic-hidden", type=int, default=2048)
     parser.add_argument("--synthetic-ffn", type=int, default=5632)
     parser.add_argument("--skip-in-memory-synthetic", action="store_true")
     a = parser.parse_args()
 
-    from prunella.models import resolve
+    from prunella.checkpoint import resolve
 
     rows = []
     with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -110,6 +154,7 @@ def main() -> None:
                     "offload": offload,
                     "calibration": f"{nsamples} x {seqlen}",
                     **result,
+                    **(floor_mb(model, nsamples, seqlen) if offload == "disk" else {}),
                 }
             )
             print(f"done: {name} {offload}: {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
@@ -117,15 +162,28 @@ def main() -> None:
 
     print(
         "| model | checkpoint (MiB, fp32) | solver | calibration | offload | peak RSS (MiB) "
-        "| peak RSS / checkpoint | wall (s) |"
+        "| peak RSS / checkpoint | floor (MiB) | floor / checkpoint | wall (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["peak_rss_mb"] / r["checkpoint_mb"]
+        floor = (
+            f"{r['floor_mb']:.0f} | {r['floor_mb'] / r['checkpoint_mb']:.2f}"
+            if "floor_mb" in r
+            else "- | -"
+        )
         print(
             f"| {r['model']} | {r['checkpoint_mb']:.0f} | {r['solver']} | {r['calibration']} | "
-            f"{r['offload']} | {r['peak_rss_mb']:.0f} | {ratio:.2f} | {r['wall_seconds']:.0f} |"
+            f"{r['offload']} | {r['peak_rss_mb']:.0f} | {ratio:.2f} | {floor} | "
+            f"{r['wall_seconds']:.0f} |"
         )
+    for r in rows:
+        if "floor_mb" in r:
+            print(
+                f"floor of {r['model']} streamed: runtime {r['runtime_mb']:.0f} MiB + "
+                f"max(one block {r['block_mb']:.0f}, largest tensor outside the blocks "
+                f"{r['largest_outside_mb']:.0f}) + activations {r['activations_mb']:.0f} MiB"
+            )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))
 

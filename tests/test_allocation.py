@@ -293,7 +293,7 @@ def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, caps
         ]
     )
     out = capsys.readouterr().out
-    assert code == 0 and "alpha_hill" in out and "overall" in out
+    assert code == 0 and "alpha_hill" in out and "overall" in out, capsys.readouterr().err
     code = main(
         [
             "prune",

@@ -1,13 +1,12 @@
 """Prunella: one-shot pruning of causal language models, and where the sparsity goes."""
 
-__version__ = "0.1.0"
-
 from .api import evaluate, prune, prune_to_dir
 from .api import load_model as load
 from .errors import PrunellaError
 from .export import save
 from .pack import pack, unpack
 from .recipe import Recipe
+from .version import __version__
 
 __all__ = [
     "PrunellaError",

@@ -159,45 +159,24 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
     if quiet:
         _quiet_transformers()
     from .adapters import block_index
-    from .allocation import allocate, get_method
-    from .data import calibration
+    from .allocation import get_method
     from .device import pick_device, resolve_compute_dtype
     from .engine import default_batch_size
     from .patterns import parse_pattern
+    from .pipeline import calibrate, make_plan
+    from .stats import WEIGHTS
     from .store import open_store
 
     options = _build_recipe(recipe, model=model, **values)
     _check_early(options, overwrite=False)
     pattern = parse_pattern(options.pattern, options.sparsity)
-    method = get_method(options.allocation.name)
     dev = pick_device(options.device)
     store, tokenizer = open_store(options.model, options.offload)
-    windows = None
-    if method.needs - {"weights"}:
-        windows, _ = calibration(
-            tokenizer,
-            options.calib,
-            options.nsamples,
-            options.seqlen,
-            options.seed,
-            getattr(store.model.config, "max_position_embeddings", None),
-        )
-    plan = allocate(
-        store,
-        method,
-        options.allocation.options,
-        pattern,
-        windows=windows,
-        granularity=options.granularity,
-        min_sparsity=options.min_sparsity,
-        max_sparsity=options.max_sparsity,
-        device=dev,
-        dtype=resolve_compute_dtype(
-            next(store.model.parameters()).dtype, dev, options.compute_dtype
-        ),
-        batch_size=options.batch_size or default_batch_size(options.seqlen, dev),
-        progress=not quiet,
-    )
+    needs_data = get_method(options.allocation.name).needs - {WEIGHTS}
+    windows = calibrate(options, store, tokenizer)[0] if needs_data else None
+    dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, dev, options.compute_dtype)
+    batch_size = options.batch_size or default_batch_size(options.seqlen, dev)
+    plan = make_plan(options, store, pattern, windows, dev, dtype, batch_size, not quiet)
     sizes = {n: r * c for n, (r, c) in store.layers().items()}
     per_block: dict[int, list[float]] = {}
     for name, value in plan.sparsity.items():
@@ -210,7 +189,7 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
     header = f"{'block':>5}  {'sparsity':>8}"
     if plan.metric_name:
         header += f"  {plan.metric_name:>14}"
-    typer.echo(f"{method.name} allocation, target {plan.target:.2%} ({pattern})")
+    typer.echo(f"{plan.method} allocation, target {plan.target:.2%} ({pattern})")
     typer.echo(header)
     for b in sorted(per_block):
         line = f"{b:>5}  {per_block[b][0] / per_block[b][1]:>8.2%}"

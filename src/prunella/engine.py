@@ -96,7 +96,7 @@ def on_device(module: nn.Module, device: torch.device, dtype: torch.dtype) -> It
     for sub in module.modules():
         for store in (sub._parameters, sub._buffers):
             for key, tensor in store.items():
-                if tensor is None:
+                if tensor is None or tensor.is_meta:  # not in memory, and not used
                     continue
                 target = dtype if tensor.is_floating_point() else tensor.dtype
                 if tensor.device == device and tensor.dtype == target:

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from . import __version__
 from .checkpoint import prunable_keys, sparsity_format
 from .errors import PrunellaError
 from .folders import atomic_folder, check_disk_space, check_out_dir
 from .safetensors_io import ShardWriter, raw_bytes, write_index
+from .version import __version__
 
 PARTS = ("compressed", "bitmask", "shape", "row_offsets")
 CRC_KEY = "prunella.crc32."

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
 from .adapters import block_index
 from .allocation import Plan, allocate, get_method, load_plan
 from .checkpoint import assert_finite, resolve, scan
@@ -38,6 +37,7 @@ from .recipe import Recipe
 from .report import build_report
 from .solvers import get_solver
 from .store import Store, WorkDir, open_store
+from .version import __version__
 
 
 def fingerprint(recipe: Recipe, path: Path, weights_digest: str) -> dict:
@@ -103,8 +103,7 @@ def run(
         assert_finite(model)
     timings["load"] = time.perf_counter() - tick
     config = store.model.config
-    model_dtype = next(store.model.parameters()).dtype
-    dtype = resolve_compute_dtype(model_dtype, dev, recipe.compute_dtype)
+    dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, dev, recipe.compute_dtype)
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
     batch_size = recipe.batch_size or default_batch_size(seqlen, dev)
     # resolved, so that a resume (perhaps on another machine) must match them
@@ -142,34 +141,11 @@ def run(
             print(f"resuming {work.path} at block {start}", file=sys.stderr)
     else:
         tick = time.perf_counter()
-        max_positions = getattr(config, "max_position_embeddings", None)
-        windows, calib_name = calibration(
-            tokenizer,
-            windows if windows is not None else recipe.calib,
-            recipe.nsamples,
-            recipe.seqlen,
-            recipe.seed,
-            max_positions,
-        )
+        windows, calib_name = calibrate(recipe, store, tokenizer, windows)
         timings["calibration_data"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        if plan is None and recipe.allocation_file is not None:
-            plan = load_plan(recipe.allocation_file, store.layers(), recipe.sparsity)
-        elif plan is None:
-            plan = allocate(
-                store,
-                get_method(recipe.allocation.name),
-                recipe.allocation.options,
-                pattern,
-                windows=windows,
-                granularity=recipe.granularity,
-                min_sparsity=recipe.min_sparsity,
-                max_sparsity=recipe.max_sparsity,
-                device=dev,
-                dtype=dtype,
-                batch_size=batch_size,
-                progress=progress,
-            )
+        if plan is None:
+            plan = make_plan(recipe, store, pattern, windows, dev, dtype, batch_size, progress)
         timings["allocation"] = time.perf_counter() - tick
         start, hidden, results = 0, None, []
         if work is not None:
@@ -245,6 +221,50 @@ def run(
             ) from None
         work.discard()
     return store, report
+
+
+def calibrate(
+    recipe: Recipe, store: Store, tokenizer, windows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, str]:
+    """The calibration windows (``windows`` if given, else drawn from ``recipe.calib``)
+    and a description of their source."""
+    return calibration(
+        tokenizer,
+        windows if windows is not None else recipe.calib,
+        recipe.nsamples,
+        recipe.seqlen,
+        recipe.seed,
+        getattr(store.model.config, "max_position_embeddings", None),
+    )
+
+
+def make_plan(
+    recipe: Recipe,
+    store: Store,
+    pattern,
+    windows: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    progress: bool = True,
+) -> Plan:
+    """The plan: read from ``recipe.allocation_file``, or made by the recipe's allocation."""
+    if recipe.allocation_file is not None:
+        return load_plan(recipe.allocation_file, store.layers(), recipe.sparsity)
+    return allocate(
+        store,
+        get_method(recipe.allocation.name),
+        recipe.allocation.options,
+        pattern,
+        windows=windows,
+        granularity=recipe.granularity,
+        min_sparsity=recipe.min_sparsity,
+        max_sparsity=recipe.max_sparsity,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 def _evaluate(store: Store, tokenizer, recipe: Recipe, device, progress: bool) -> dict:

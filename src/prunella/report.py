@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .device import peak_memory_mb
 from .plots import allocation_figure, layer_figure
+from .version import __version__
 
 # The columns every layer row has; anything else in a row is the solver's own facts.
 LAYER_KEYS = ("name", "shape", "pattern", "target_sparsity", "sparsity", "rel_error")

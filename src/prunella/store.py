@@ -125,7 +125,17 @@ class StreamedStore:
         self.reader = CheckpointReader(path)
         self.model = empty_model(path)
         self.key_map = checkpoint_key_map(self.model, self.reader)
-        self._materialize(self.model, "", skip=adapter.blocks_path)
+        # The capture runs the model up to the last block: the LM head (a second
+        # embedding-sized matrix when untied) is never needed in memory.
+        skip = (adapter.blocks_path, *self._untied_head())
+        self._materialize(self.model, "", skip=skip)
+
+    def _untied_head(self) -> tuple[str, ...]:
+        """The name of the LM head module when it does not share the input embeddings."""
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is None or (embed is not None and head.weight is embed.weight):
+            return ()
+        return tuple(name for name, module in self.model.named_modules() if module is head)
 
     def blocks(self) -> nn.ModuleList:
         return self.adapter.blocks(self.model)
@@ -133,14 +143,18 @@ class StreamedStore:
     def layers(self) -> dict[str, tuple[int, int]]:
         return self.adapter.layers(self.model)
 
-    def _materialize(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
+    def _materialize(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> None:
         """Read the parameters (and stored buffers) of ``module`` (named ``prefix...``).
 
-        Submodules named ``skip`` are left alone. Tied parameters are re-tied
-        afterwards; any parameter still empty is an error.
+        Submodules named in ``skip`` are left alone. Tied parameters are re-tied
+        afterwards; any other parameter still empty is an error.
         """
+
+        def skipped(name: str) -> bool:
+            return any(name == s or name.startswith(s + ".") for s in skip)
+
         for name, sub in module.named_modules():
-            if skip is not None and (name == skip or name.startswith(skip + ".")):
+            if skipped(name):
                 continue
             full = f"{prefix}{name}." if name else prefix
             for store in (sub._parameters, sub._buffers):
@@ -159,7 +173,7 @@ class StreamedStore:
         if hasattr(module, "tie_weights"):
             module.tie_weights()
         for name, param in module.named_parameters():
-            if param.is_meta and not (skip is not None and name.startswith(skip + ".")):
+            if param.is_meta and not skipped(name):
                 raise PrunellaError(f"the checkpoint has no tensor for {prefix + name!r}")
 
     def load(self, i: int) -> nn.Module:
