@@ -19,10 +19,10 @@ magnitude, Wanda and SparseGPT at 50% unstructured and at 2:4) and the OWL and
 AlphaPruning runs at 70% with Wanda and SparseGPT of
 ``benchmarks/allocation_smollm2.py``, with their calibration (the shipped
 ``sample`` text, the CLI's default; 32 windows of 512 tokens). Like those
-benchmarks, the rows leave ``--passes`` at its default (``auto``: one pass when the
-calibration activations fit in a quarter of the free memory); give ``--passes 1``
-or ``--passes 2`` to pin it, as the choice can differ between two runs on a busy
-machine (the ``passes`` each run used is in the JSON rows, and a note is printed
+benchmarks, the rows leave ``--passes`` at its default (``auto``; since the
+one-pipeline redesign it depends on the model and calibration size only, but
+older checkouts chose from the free memory); give ``--passes 1`` or ``--passes 2``
+to pin it (the ``passes`` each run used is in the JSON rows, and a note is printed
 when they differ). The command lines use only options that old and new
 checkouts both accept.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .allocation import Plan
+from .errors import PrunellaError
 from .evaluation import evaluate
 from .models import load
 from .pipeline import run
@@ -49,6 +50,11 @@ def prune(
     checkpoint on disk, :func:`prune_to_dir` adds resuming and models larger than
     memory.
     """
+    if options.get("out") is not None:
+        raise PrunellaError(
+            "prunella.prune returns the model in memory: save it with prunella.save, "
+            "or use prunella.prune_to_dir to prune a checkpoint into an output folder"
+        )
     windows = calibration if isinstance(calibration, torch.Tensor) else None
     if calibration is not None and windows is None:
         options["calib"] = str(calibration)

@@ -11,8 +11,9 @@ library's worker threads would otherwise each grow a heap of their own), and
 :func:`trim_heap` after each layer's solve and each block, when the holes' pages go
 back to the system. With one pass, where every batch waits at each layer holding
 its activations, the per-layer trim took a SmolLM2-135M Wanda prune from about
-900 to about 730 MiB peak RSS for about 2 s of page faults. README ("Heap and
-forward dtype", ``benchmarks/heap_settings.py``) has the measurements.
+900 to about 730 MiB peak RSS for about 2 s of page faults. docs/heap.md
+(``benchmarks/heap_settings.py``) has the measurements. The pipeline applies these
+settings at the start of every run, so API users get them as the CLI does.
 """
 
 from __future__ import annotations

@@ -152,9 +152,9 @@ def run(
             work.start(stamp, windows, plan.to_json())
         if recipe.eval_data is not None:
             tick = time.perf_counter()
-            dense = _evaluate(store, tokenizer, recipe, dev, progress)
+            dense_eval = _evaluate(store, tokenizer, recipe, dev, progress)
             if work is not None:
-                work.save_json("dense_eval.json", dense)
+                work.save_json("dense_eval.json", dense_eval)
             timings["evaluation"] = time.perf_counter() - tick
     if isinstance(pattern, Unstructured):  # the resolved recipe names the sparsity it used
         recipe = recipe.model_copy(update={"sparsity": plan.target})
@@ -192,9 +192,10 @@ def run(
     extra = {"offload": store.offload, "resumed_from_block": start}
     if recipe.eval_data is not None:
         tick = time.perf_counter()
-        dense = work.load_json("dense_eval.json") if work is not None else dense
+        if resuming:
+            dense_eval = work.load_json("dense_eval.json")
         pruned = _evaluate(store, tokenizer, recipe, dev, progress)
-        extra["evaluation"] = {**pruned, "dense_perplexity": dense["perplexity"]}
+        extra["evaluation"] = {**pruned, "dense_perplexity": dense_eval["perplexity"]}
         timings["evaluation"] = timings.get("evaluation", 0.0) + time.perf_counter() - tick
     report = build_report(
         model=store.model,

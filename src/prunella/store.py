@@ -64,7 +64,25 @@ def model_nbytes(model: nn.Module) -> int:
     return total
 
 
-class MemoryStore:
+class _Blocks:
+    """What both stores share: the model's blocks and layers, by the adapter's names."""
+
+    model: nn.Module
+    adapter: Adapter
+    key_map: dict[str, str]
+
+    def blocks(self) -> nn.ModuleList:
+        return self.adapter.blocks(self.model)
+
+    def layers(self) -> dict[str, tuple[int, int]]:
+        return self.adapter.layers(self.model)
+
+    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s weights under the checkpoint's keys."""
+        return module_tensors(self.blocks()[i], f"{self.adapter.blocks_path}.{i}.", self.key_map)
+
+
+class MemoryStore(_Blocks):
     """The whole model in memory."""
 
     offload = "none"
@@ -78,12 +96,6 @@ class MemoryStore:
             else {name: name for name in names}
         )
 
-    def blocks(self) -> nn.ModuleList:
-        return self.adapter.blocks(self.model)
-
-    def layers(self) -> dict[str, tuple[int, int]]:
-        return self.adapter.layers(self.model)
-
     def load(self, i: int) -> nn.Module:
         return self.blocks()[i]
 
@@ -92,9 +104,6 @@ class MemoryStore:
 
     def after_capture(self) -> None:
         pass
-
-    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        return module_tensors(self.blocks()[i], f"{self.adapter.blocks_path}.{i}.", self.key_map)
 
     def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Put a finished block's pruned weights (from the work folder) back."""
@@ -113,7 +122,7 @@ class MemoryStore:
         self.model.save_pretrained(folder)
 
 
-class StreamedStore:
+class StreamedStore(_Blocks):
     """One block in memory at a time, read from the checkpoint and written out when done."""
 
     offload = "disk"
@@ -136,12 +145,6 @@ class StreamedStore:
         if head is None or (embed is not None and head.weight is embed.weight):
             return ()
         return tuple(name for name, module in self.model.named_modules() if module is head)
-
-    def blocks(self) -> nn.ModuleList:
-        return self.adapter.blocks(self.model)
-
-    def layers(self) -> dict[str, tuple[int, int]]:
-        return self.adapter.layers(self.model)
 
     def _materialize(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> None:
         """Read the parameters (and stored buffers) of ``module`` (named ``prefix...``).
@@ -196,9 +199,6 @@ class StreamedStore:
                 if param is not None and not param.is_meta:
                     sub._parameters[key] = nn.Parameter(param.to("meta"), requires_grad=False)
 
-    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        return module_tensors(self.blocks()[i], f"{self.adapter.blocks_path}.{i}.", self.key_map)
-
     def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         pass  # finished blocks stay in the work folder; the save links them from there
 
@@ -247,17 +247,6 @@ class StreamedStore:
 Store = MemoryStore | StreamedStore
 
 
-def can_stream(path: Path) -> bool:
-    """Whether the checkpoint's layout lets it be streamed (dense, no tensor conversions)."""
-    if sparsity_format(path):
-        return False
-    try:
-        checkpoint_key_map(empty_model(path), CheckpointReader(path))
-    except PrunellaError:
-        return False
-    return True
-
-
 def open_store(
     model: str | Path | nn.Module, offload: str = "auto", whole_model: bool = False, tokenizer=None
 ) -> tuple[Store, object]:
@@ -273,8 +262,12 @@ def open_store(
             "--eval-data needs the whole model in memory; it cannot run with --offload disk "
             "(evaluate the result with 'prunella eval' instead)"
         )
-    if offload == "disk" or (offload == "auto" and not whole_model and can_stream(path)):
-        return StreamedStore(path, adapter), tokenizer or load_tokenizer(path)
+    if offload == "disk" or (offload == "auto" and not whole_model and not sparsity_format(path)):
+        try:
+            return StreamedStore(path, adapter), tokenizer or load_tokenizer(path)
+        except PrunellaError:  # a layout that needs tensor conversions: load it whole
+            if offload == "disk":
+                raise
     hf_model, loaded_tokenizer, path, adapter = load(path)
     return MemoryStore(hf_model, adapter, path), tokenizer or loaded_tokenizer
 
