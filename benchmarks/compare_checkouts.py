@@ -137,21 +137,28 @@ def describe(checkout: Path) -> str:
 
 
 def run_prune(checkout: Path, argv: list[str], logs: Path) -> dict:
-    """Run one prune in ``checkout``; its wall time and peak RSS (this process alone)."""
+    """Run one prune in ``checkout``; its wall time and peak RSS (that process alone).
+
+    The peak RSS is read by ``/usr/bin/time`` (a small process of its own): a child
+    forked straight from this script would report this script's own peak, which
+    grows while it compares the checkpoints, because Linux keeps the parent's
+    high-water mark across fork and exec.
+    """
     logs.mkdir(parents=True, exist_ok=True)
+    rss_file = logs / "max_rss_kib.txt"
     with open(logs / "stdout.txt", "wb") as out, open(logs / "stderr.txt", "wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            argv, cwd=checkout, env=checkout_env(checkout), stdout=out, stderr=err
+        done = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv],
+            cwd=checkout,
+            env=checkout_env(checkout),
+            stdout=out,
+            stderr=err,
         )
-        # wait4 gives the resource usage of this one child (and what it waited for)
-        _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    # ru_maxrss is in KiB on Linux, in bytes on macOS
-    rss_kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
+    rss_kib = int(rss_file.read_text().split()[-1])
     return {
-        "returncode": proc.returncode,
+        "returncode": done.returncode,
         "seconds": seconds,
         "peak_rss_mb": rss_kib / 1024,
         "stderr": (logs / "stderr.txt").read_text(errors="replace"),

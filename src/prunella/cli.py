@@ -533,14 +533,20 @@ def main(argv: list[str] | None = None) -> int:
     except PrunellaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:  # --help
+    # typer carries a click of its own for the typer commands; prune and allocate are
+    # built with click itself, so both families of exceptions can arrive here
+    except (click.exceptions.Exit, typer.Exit) as exc:  # --help
         return exc.exit_code
-    except click.Abort:
+    except (click.Abort, typer.Abort):
         print("error: interrupted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:  # usage errors: bad option values, missing arguments
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        return exc.exit_code
+    except (click.ClickException, typer.TyperException) as exc:  # bad values, missing arguments
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if not argv and not sys.argv[1:]:  # no command at all: the usage, as help
+            print(message, file=sys.stderr)
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -86,10 +86,16 @@ def run(
     pattern = parse_pattern(recipe.pattern, recipe.sparsity)
     solver = get_solver(recipe.solver.name)
     dev = pick_device(recipe.device)
+    if model is not None and recipe.out is not None:
+        raise PrunellaError("a loaded model is pruned in memory: save it with prunella.save")
     out = work = None
     if recipe.out is not None:
-        out = check_out_dir(recipe.out, resolve(recipe.model) if model is None else None, overwrite)
+        path = resolve(recipe.model)
+        out = check_out_dir(recipe.out, path, overwrite)
         work = WorkDir(out)
+        # reads every tensor once, before anything is loaded (so it adds nothing to the
+        # peak): NaN weights stop the run here, before anything is written
+        weights_digest = scan(path)
 
     # the store: chosen once, here
     tick = time.perf_counter()
@@ -116,8 +122,7 @@ def run(
 
     resuming = False
     if work is not None:
-        # reads every tensor once: NaN weights stop the run here, before anything is written
-        stamp = fingerprint(recipe, store.path, scan(store.path))
+        stamp = fingerprint(recipe, store.path, weights_digest)
         if work.exists() and restart:
             work.discard()
         resuming = work.exists()
