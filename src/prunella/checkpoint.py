@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,10 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for
 from .errors import PrunellaError
-from .safetensors_io import CheckpointReader, raw_bytes
+from .safetensors_io import DTYPES, CheckpointReader
+
+SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+SCAN_CHUNK = 64 * 2**20  # bytes per read; a multiple of every element size
 
 BUNDLED = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -164,21 +168,39 @@ def sparsity_format(folder: Path) -> str | None:
 
 
 def scan(path: Path) -> str:
-    """A digest of every tensor's content (in key order), refusing NaN or Inf values.
+    """A digest of every tensor's content, refusing NaN or Inf values.
 
-    One tensor is in memory at a time. The digest goes into a resumable run's
-    fingerprint, so that a checkpoint rewritten in place (same names and sizes,
-    other values) is not resumed as if it were the same model.
+    The files are read in chunks of :data:`SCAN_CHUNK` bytes with plain reads (no
+    tensor is built and nothing is memory-mapped), so scanning adds nothing to the
+    peak memory of a run. The digest goes into a resumable run's fingerprint, so
+    that a checkpoint rewritten in place (same names and sizes, other values) is
+    not resumed as if it were the same model.
     """
-    reader = CheckpointReader(path)
     digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(reader.keys()):
-        tensor = reader.tensor(key)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise PrunellaError(f"tensor {key} has NaN or Inf values: a broken checkpoint")
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(raw_bytes(tensor).data)
-        del tensor
+    buffer = bytearray(SCAN_CHUNK)
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
+                info = header[key]
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)
+                digest.update(f"{key}:{info['dtype']}:{info['shape']}".encode())
+                start, end = info["data_offsets"]
+                handle.seek(8 + length + start)
+                while start < end:
+                    view = memoryview(buffer)[: min(SCAN_CHUNK, end - start)]
+                    read = handle.readinto(view)
+                    if not read:
+                        raise PrunellaError(f"corrupt safetensors file {file}: {key} is cut short")
+                    start += read
+                    digest.update(view[:read])
+                    values = torch.frombuffer(view[:read], dtype=dtype)
+                    if dtype.is_floating_point and not torch.isfinite(values).all():
+                        raise PrunellaError(
+                            f"tensor {key} has NaN or Inf values: a broken checkpoint"
+                        )
     return digest.hexdigest()
 
 
