@@ -287,7 +287,9 @@ class ErrorProbe:
     """Relative error ``||(W - W_hat) X|| / ||W X||`` of each layer on its first input tokens.
 
     As a context manager it measures with forward pre-hooks; :meth:`add` measures
-    one input directly.
+    one input directly. A layer's dense weight is dropped from ``dense`` as soon as
+    its tokens are measured (or its last batch has passed), so that a block's dense
+    copies do not all stay in memory while the batches go through it.
     """
 
     def __init__(
@@ -296,24 +298,29 @@ class ErrorProbe:
         dense: dict[str, torch.Tensor],
         pruned: dict[str, torch.Tensor],
         tokens: int,
+        batches: int,
     ):
         self.linears, self.dense, self.pruned, self.tokens = linears, dense, pruned, tokens
+        self.batches = batches
         self.seen = dict.fromkeys(linears, 0)
+        self.calls = dict.fromkeys(linears, 0)
         self.err = dict.fromkeys(linears, 0.0)
         self.ref = dict.fromkeys(linears, 0.0)
         self._handles: list = []
 
     def add(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        self.calls[name] += 1
         take = self.tokens - self.seen[name]
-        if take <= 0:
-            return
-        with exact(x):
-            x = x.reshape(-1, x.shape[-1])[:take].float()
-            w = self.dense[name].float()
-            w_hat = self.pruned[name].to(device=w.device, dtype=torch.float32)
-            self.err[name] += (x @ (w - w_hat).t()).square().sum().item()
-            self.ref[name] += (x @ w.t()).square().sum().item()
-            self.seen[name] += x.shape[0]
+        if take > 0:
+            with exact(x):
+                x = x.reshape(-1, x.shape[-1])[:take].float()
+                w = self.dense[name].float()
+                w_hat = self.pruned[name].to(device=w.device, dtype=torch.float32)
+                self.err[name] += (x @ (w - w_hat).t()).square().sum().item()
+                self.ref[name] += (x @ w.t()).square().sum().item()
+                self.seen[name] += x.shape[0]
+        if self.seen[name] >= self.tokens or self.calls[name] == self.batches:
+            self.dense.pop(name, None)
 
     def __enter__(self) -> ErrorProbe:
         self._handles = [
@@ -393,7 +400,7 @@ class BlockPruner:
     ) -> list:
         dense: dict[str, torch.Tensor] = {}
         info: dict[str, dict] = {}
-        probe = ErrorProbe(linears, dense, masters, self.error_tokens)
+        probe = ErrorProbe(linears, dense, masters, self.error_tokens, len(acts.hidden))
         collector = StatsCollector(linears, self.solver.needs)
         timings = self.timings
         if self.one_pass:

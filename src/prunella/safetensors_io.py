@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import PrunellaError
 
@@ -70,13 +69,25 @@ class CheckpointReader:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file atomically (temporary name, then rename)."""
+    """Write a safetensors file atomically (temporary name, then rename), tensor by tensor
+    from the tensors' own memory: no serialised copy of the whole file is built."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":"))
+    blob = blob.encode() + b" " * (-len(blob) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"format": "pt"},
-    )
+    with tmp.open("wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for tensor in tensors.values():
+            out.write(raw_bytes(tensor).data)
     os.replace(tmp, path)
 
 
