@@ -176,7 +176,7 @@ def scan(path: Path) -> str:
     that a checkpoint rewritten in place (same names and sizes, other values) is
     not resumed as if it were the same model.
     """
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha1(usedforsecurity=False)  # change detection, not security
     buffer = bytearray(SCAN_CHUNK)
     for file in sorted(Path(path).glob("*.safetensors")):
         with file.open("rb") as handle:
