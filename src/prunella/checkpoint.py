@@ -196,8 +196,10 @@ def scan(path: Path) -> str:
                         raise PrunellaError(f"corrupt safetensors file {file}: {key} is cut short")
                     start += read
                     digest.update(view[:read])
-                    values = torch.frombuffer(view[:read], dtype=dtype)
-                    if dtype.is_floating_point and not torch.isfinite(values).all():
+                    if (
+                        dtype.is_floating_point
+                        and not torch.isfinite(torch.frombuffer(view[:read], dtype=dtype)).all()
+                    ):
                         raise PrunellaError(
                             f"tensor {key} has NaN or Inf values: a broken checkpoint"
                         )

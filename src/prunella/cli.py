@@ -135,8 +135,6 @@ def prune_command(model, recipe, resume, restart, overwrite, quiet, **values) ->
     options = _build_recipe(recipe, model=model, **values)
     if options.out is None:
         raise PrunellaError("missing --out: give it on the command line or in the recipe")
-    if resume and restart:
-        raise PrunellaError("--resume and --restart exclude each other")
     _check_early(options, overwrite)
     _, report = run(
         options, overwrite=overwrite, resume=resume, restart=restart, progress=not quiet

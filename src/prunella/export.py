@@ -60,13 +60,7 @@ def save(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    check_disk_space(out.resolve().parent, model_nbytes(model))
-    with atomic_folder(out) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_extras(tmp, report, recipe)
-    return out
+    return _fill(out, model_nbytes(model), model.save_pretrained, tokenizer, report, recipe)
 
 
 def save_store(
@@ -97,9 +91,17 @@ def save_store(
             pack(dense, out, overwrite=overwrite, progress=False)
             (out / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
         return out
-    check_disk_space(out.resolve().parent, store.output_bytes())
+    return _fill(
+        out, store.output_bytes(), lambda tmp: store.write(tmp, work), tokenizer, report, recipe
+    )
+
+
+def _fill(out: Path, nbytes: int, write_weights, tokenizer, report, recipe) -> Path:
+    """Check for ``nbytes`` of room, then fill ``out`` atomically: the weights (by
+    ``write_weights(folder)``), the tokenizer, the report and the recipe."""
+    check_disk_space(out.resolve().parent, nbytes)
     with atomic_folder(out) as tmp:
-        store.write(tmp, work)
+        write_weights(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_extras(tmp, report, recipe)

@@ -89,11 +89,10 @@ class MemoryStore(_Blocks):
 
     def __init__(self, model: nn.Module, adapter: Adapter, path: Path | None = None) -> None:
         self.model, self.adapter, self.path = model, adapter, path
-        names = model.state_dict(keep_vars=True)
         self.key_map = (
             checkpoint_key_map(model, CheckpointReader(path))
             if path is not None and not sparsity_format(path)
-            else {name: name for name in names}
+            else {name: name for name in model.state_dict(keep_vars=True)}
         )
 
     def load(self, i: int) -> nn.Module:
@@ -207,15 +206,15 @@ class StreamedStore(_Blocks):
         and the tensors outside them."""
         return self.reader.nbytes()
 
+    def _outside(self) -> dict[str, str]:
+        """Parameter name -> checkpoint key of the tensors outside the blocks."""
+        block_prefix = self.adapter.blocks_path + "."
+        return {n: k for n, k in self.key_map.items() if not n.startswith(block_prefix)}
+
     def output_bytes(self) -> int:
         """The tensors outside the blocks (the blocks' shards are links)."""
-        block_prefix = self.adapter.blocks_path + "."
         tensors = self.model.state_dict(keep_vars=True)
-        outside = {
-            key: tensors[name]
-            for name, key in self.key_map.items()
-            if not name.startswith(block_prefix)
-        }
+        outside = {key: tensors[name] for name, key in self._outside().items()}
         return sum(t.numel() * t.element_size() for t in outside.values())
 
     def write(self, folder: Path, work: WorkDir) -> None:
@@ -230,9 +229,8 @@ class StreamedStore(_Blocks):
                 weight_map.update(dict.fromkeys(handle.keys(), shard))
         shard = f"model-{count:05d}-of-{count:05d}.safetensors"
         writer = ShardWriter(folder / shard)
-        block_prefix = self.adapter.blocks_path + "."
-        for name, key in self.key_map.items():
-            if not name.startswith(block_prefix) and key not in weight_map:
+        for key in self._outside().values():
+            if key not in weight_map:
                 writer.add(key, self.reader.tensor(key))
                 weight_map[key] = shard
         writer.close()
@@ -253,7 +251,7 @@ def open_store(
     """The store for ``model`` (a checkpoint, a bundled name or a loaded model), and its
     tokenizer. ``offload``: ``disk`` streams, ``none`` loads the whole model, ``auto``
     streams whenever the checkpoint's layout allows it, unless ``whole_model`` (an
-    evaluation inside the run, or no output folder) needs it in memory."""
+    evaluation inside the run) needs it in memory."""
     if isinstance(model, nn.Module):
         return MemoryStore(model, adapter_for(model.config.model_type)), tokenizer
     path, adapter = check_checkpoint(model)

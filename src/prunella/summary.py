@@ -43,10 +43,10 @@ def checkpoint_summary(path: str | Path) -> dict:
     sparsity and pattern."""
     path, _ = check_checkpoint(path)
     fmt = sparsity_format(path) or "dense"
-    if fmt == "dense":
+    if fmt == "dense":  # prunable_keys come in model order
         reader = CheckpointReader(path)
         tensors = ((key, reader.tensor(key)) for key in prunable_keys(path))
-    else:
+    else:  # packed weights come in shard order
         tensors = ((n, t) for n, t, _, packed in packed_tensors(path) if packed)
     layers = []
     for name, tensor in tensors:
@@ -60,8 +60,9 @@ def checkpoint_summary(path: str | Path) -> dict:
                 "pattern": detect_pattern(tensor),
             }
         )
-    order = {name: i for i, name in enumerate(layer_order(path))}
-    layers.sort(key=lambda r: order.get(r["name"], len(order)))
+    if fmt != "dense":
+        order = {name: i for i, name in enumerate(layer_order(path))}
+        layers.sort(key=lambda r: order.get(r["name"], len(order)))
     total = sum(r["shape"][0] * r["shape"][1] for r in layers)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
     return {
