@@ -58,3 +58,43 @@ def test_sparsegpt_half_sparse_stays_close_and_beats_magnitude(smollm2):
     print(f"dense {dense:.2f}  sparsegpt-50% {sparsegpt:.2f}  magnitude-50% {magnitude:.2f}")
     assert sparsegpt < 2.0 * dense
     assert magnitude > 3.0 * sparsegpt
+
+
+@pytest.mark.parametrize("pattern", ["0.7", "2:4"])
+def test_alps_beats_sparsegpt_on_real_layers(smollm2, pattern):
+    """Real weights and real inputs: block 3's q_proj and down_proj of SmolLM2."""
+    import torch
+
+    from prunella.patterns import parse_pattern
+    from prunella.solvers import alps, get_solver
+    from prunella.stats import HESSIAN, LayerStats
+
+    model, _, windows, _ = smollm2
+    block = model.model.layers[3]
+    layers = {"q_proj": block.self_attn.q_proj, "down_proj": block.mlp.down_proj}
+    stats = {
+        name: LayerStats(m.in_features, {HESSIAN}, torch.device("cpu"))
+        for name, m in layers.items()
+    }
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0].float()))
+        for n, m in layers.items()
+    ]
+    with torch.no_grad():
+        model(windows[:4])
+    for hook in hooks:
+        hook.remove()
+    pat = parse_pattern("unstructured", 0.7) if pattern == "0.7" else parse_pattern(pattern)
+    for name, layer in layers.items():
+        w = layer.weight.detach().float()
+        ours, info = alps.prune(w.clone(), pat, stats[name], fallback=False)
+        theirs, _ = get_solver("sparsegpt").prune(w.clone(), pat, stats[name])
+        h = stats[name].hessian
+        ours_error = alps.reconstruction_error(w, ours, h)
+        theirs_error = alps.reconstruction_error(w, theirs, h)
+        print(
+            f"{name} {pattern}: alps {ours_error:.4f} ({info['iterations']} iterations), "
+            f"sparsegpt {theirs_error:.4f}"
+        )
+        assert ours_error < 0.9 * theirs_error
+        assert (ours == 0).sum() == (theirs == 0).sum()

@@ -36,19 +36,20 @@ def prune(
     progress: bool = True,
     solver_options: dict | None = None,
     allocation_options: dict | None = None,
+    rows_options: dict | None = None,
     **options,
 ) -> tuple[torch.nn.Module, dict]:
     """Prune ``model`` (a checkpoint path, a bundled name, or a loaded HF causal LM) in
     memory; returns the pruned model and the report (a JSON-serialisable dict).
 
     ``options`` are the recipe's (``sparsity``, ``pattern``, ``solver``, ``nsamples``,
-    ``seqlen``, ``passes``, ...); ``solver`` and ``allocation`` are a method's name or
-    ``{"name": ..., "options": {...}}``, and ``solver_options``/``allocation_options``
-    add options. ``calibration`` is a text source (a file, ``"sample"``,
-    ``"wikitext2"``, ``"c4"``) or ready token windows ``LongTensor[n, seqlen]``;
-    ``allocation`` may also be a :class:`Plan` or the path of a plan file. For a
-    checkpoint on disk, :func:`prune_to_dir` adds resuming and models larger than
-    memory.
+    ``seqlen``, ``passes``, ...); ``solver``, ``allocation`` and ``rows`` are a method's
+    name or ``{"name": ..., "options": {...}}``, and ``solver_options``,
+    ``allocation_options``, ``rows_options`` add options. ``calibration`` is a text
+    source (a file, ``"sample"``, ``"wikitext2"``, ``"c4"``) or ready token windows
+    ``LongTensor[n, seqlen]``; ``allocation`` may also be a :class:`Plan` or the path of
+    a plan file. For a checkpoint on disk, :func:`prune_to_dir` adds resuming and
+    models larger than memory.
     """
     if options.get("out") is not None:
         raise PrunellaError(
@@ -66,7 +67,12 @@ def prune(
     loaded = model if isinstance(model, torch.nn.Module) else None
     if loaded is None:
         options["model"] = str(model)
-    recipe = build(solver_options=solver_options, allocation_options=allocation_options, **options)
+    recipe = build(
+        solver_options=solver_options,
+        allocation_options=allocation_options,
+        rows_options=rows_options,
+        **options,
+    )
     store, report = run(
         recipe, model=loaded, tokenizer=tokenizer, windows=windows, plan=plan, progress=progress
     )

@@ -2,7 +2,7 @@
 
 ``prune`` and ``allocate`` take their flags from the recipe's fields (one list of
 options, :mod:`prunella.recipe`); each method's own options are given as
-``--solver-opt KEY=VALUE`` and ``--allocation-opt KEY=VALUE`` (``prunella methods``
+``--solver-opt``, ``--allocation-opt`` and ``--rows-opt KEY=VALUE`` (``prunella methods``
 lists them). Every user mistake ends as one line on stderr (``error: ...``) and
 exit status 2, before anything is written; progress bars go to stderr, results to
 stdout.
@@ -22,7 +22,7 @@ import typer
 
 from .errors import PrunellaError
 from .heap import limit_heap_growth
-from .recipe import Recipe
+from .recipe import METHOD_FIELDS, Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -63,15 +63,15 @@ def _click_type(annotation):
 
 def recipe_flags(fields) -> list[click.Option]:
     """One flag per recipe field (default ``None``: from the recipe, or its default), and
-    ``--solver-opt``/``--allocation-opt`` next to the method flags."""
+    ``--solver-opt``/``--allocation-opt``/``--rows-opt`` next to the method flags."""
     flags = []
     for name in fields:
         field = Recipe.model_fields[name]
         flag = "--" + name.replace("_", "-")
-        default = field.default.name if name in ("solver", "allocation") else field.default
+        default = field.default.name if name in METHOD_FIELDS else field.default
         shown = f" [{default}]" if default is not None else ""
         names = [flag, "-o"] if name == "out" else [flag]
-        if name in ("solver", "allocation"):
+        if name in METHOD_FIELDS:
             flags.append(click.Option(names, help=field.description + shown))
             flags.append(
                 click.Option(
@@ -90,16 +90,15 @@ def recipe_flags(fields) -> list[click.Option]:
     return flags
 
 
-def _build_recipe(recipe_file, solver_opt=(), allocation_opt=(), **values) -> Recipe:
+def _build_recipe(recipe_file, **values) -> Recipe:
     from .recipe import build
     from .registry import parse_pairs
 
-    return build(
-        recipe_file,
-        solver_options=parse_pairs(solver_opt, "--solver-opt"),
-        allocation_options=parse_pairs(allocation_opt, "--allocation-opt"),
-        **values,
-    )
+    options = {
+        f"{field}_options": parse_pairs(values.pop(f"{field}_opt", ()), f"--{field}-opt")
+        for field in METHOD_FIELDS
+    }
+    return build(recipe_file, **options, **values)
 
 
 def _check_early(recipe: Recipe, overwrite: bool) -> None:
@@ -141,7 +140,8 @@ def prune_command(model, recipe, resume, restart, overwrite, quiet, **values) ->
     )
     typer.echo(
         f"pruned {report['prunable_parameters']:,} weights to {report['sparsity']:.2%} sparsity "
-        f"({report['pattern']}, {report['solver']}, {report['allocation']['method']} allocation) "
+        f"({report['pattern']}, {report['solver']}, {report['allocation']['method']} allocation, "
+        f"{report['rows']} rows) "
         f"in {report['wall_seconds']:.1f}s -> {options.out}"
     )
     if "evaluation" in report:
@@ -249,12 +249,11 @@ ALLOCATE = _command(
 def methods_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Every solver and allocation method: its paper, what it needs, its options."""
-    from .allocation import ALLOCATIONS
-    from .solvers import SOLVERS
+    """Every solver, allocation and row method: its paper, what it needs, its options."""
+    from .recipe import registry
 
     listing = {
-        registry.kind: [
+        field: [
             {
                 "name": method.name,
                 "paper": method.paper,
@@ -270,16 +269,15 @@ def methods_command(
                     for o in method.options
                 ],
             }
-            for method in map(registry.get, registry.names())
+            for method in map(registry(field).get, registry(field).names())
         ]
-        for registry in (SOLVERS, ALLOCATIONS)
+        for field in METHOD_FIELDS
     }
     if as_json:
         typer.echo(json.dumps(listing))
         return
     for kind, methods in listing.items():
-        flag = f"--{kind}-opt"
-        typer.echo(f"{kind}s (--{kind} NAME, {flag} KEY=VALUE):")
+        typer.echo(f"{kind} (--{kind} NAME, --{kind}-opt KEY=VALUE):")
         for m in methods:
             needs = f" [needs: {', '.join(m['needs'])}]" if m["needs"] else ""
             typer.echo(f"  {m['name']}{needs}\n      {m['paper']}")

@@ -35,6 +35,8 @@ from .adapters import get_weight, set_weight
 from .errors import PrunellaError
 from .heap import trim_heap
 from .patterns import Pattern
+from .registry import Method
+from .rows import get_rows
 from .solvers import Solver
 from .stats import StatsCollector, exact
 
@@ -363,6 +365,13 @@ class BlockPruner:
     error_tokens: int
     one_pass: bool
     timings: dict[str, float]
+    rows: Method
+    rows_options: dict
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The statistics the solver and the row method read."""
+        return self.solver.needs | self.rows.needs
 
     def solve(self, name: str, layer: nn.Module, stats, master: torch.Tensor) -> tuple:
         """Prune ``master`` (the checkpoint's weight of ``layer``) in place, and the copy
@@ -376,8 +385,14 @@ class BlockPruner:
         dense = master.detach().to(device=running.device, dtype=torch.float32, copy=True)
         if not torch.isfinite(dense).all():
             raise PrunellaError(f"layer {name} has NaN or Inf weights")
+
+        def solve(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict]:
+            return self.solver.prune(weight, pattern, stats, **self.options)
+
         with exact(dense):
-            new, info = self.solver.prune(dense.clone(), self.patterns[name], stats, **self.options)
+            new, info = self.rows.prune(
+                dense.clone(), self.patterns[name], stats, solve, **self.rows_options
+            )
         # Round to the checkpoint's dtype now, so that what follows is calibrated on
         # exactly the weights that will be saved.
         master.copy_(new)
@@ -401,13 +416,13 @@ class BlockPruner:
         dense: dict[str, torch.Tensor] = {}
         info: dict[str, dict] = {}
         probe = ErrorProbe(linears, dense, masters, self.error_tokens, len(acts.hidden))
-        collector = StatsCollector(linears, self.solver.needs)
+        collector = StatsCollector(linears, self.needs)
         timings = self.timings
         if self.one_pass:
             # One forward: each layer is pruned once every batch's input to it has arrived
             # (from the already-pruned layers before it), and the forward goes on with it.
             def arrive(local: str, module: nn.Module, x: torch.Tensor) -> None:
-                if self.solver.needs:
+                if self.needs:
                     tick = time.perf_counter()
                     collector.collect(local, x)
                     timings["statistics"] += time.perf_counter() - tick
@@ -427,7 +442,7 @@ class BlockPruner:
             timings["propagate"] += time.perf_counter() - tick - inside
         else:
             tick = time.perf_counter()
-            if self.solver.needs and linears:
+            if self.needs and linears:
                 with collector:
                     acts.forward(block, index, update=False)
             timings["statistics"] += time.perf_counter() - tick
@@ -464,6 +479,8 @@ def prune_blocks(
     dtype: torch.dtype,
     batch_size: int,
     solver_options: dict | None = None,
+    rows: Method | None = None,
+    rows_options: dict | None = None,
     error_tokens: int = 2048,
     progress: bool = True,
     start: int = 0,
@@ -471,7 +488,8 @@ def prune_blocks(
     after_block: Callable[[int, Activations, list[LayerResult]], None] | None = None,
     one_pass: bool = False,
 ) -> tuple[list[LayerResult], dict[str, float]]:
-    """Prune every linear layer named in ``patterns``, block by block, in place.
+    """Prune every linear layer named in ``patterns``, block by block, in place, with
+    ``solver`` under the row budgets of ``rows`` (:mod:`prunella.rows`; default uniform).
 
     ``store`` holds the model (:mod:`prunella.store`): each block is loaded before
     it is pruned and released after ``after_block(i, activations, results)`` has run
@@ -494,13 +512,22 @@ def prune_blocks(
         acts.hidden = [h.to(device=device, dtype=dtype) for h in hidden]
     store.after_capture()
     timings["capture"] = time.perf_counter() - tick
-    pruner = BlockPruner(patterns, solver, solver_options or {}, error_tokens, one_pass, timings)
+    pruner = BlockPruner(
+        patterns,
+        solver,
+        solver_options or {},
+        error_tokens,
+        one_pass,
+        timings,
+        rows or get_rows("uniform"),
+        rows_options or {},
+    )
     blocks_path = store.adapter.blocks_path
 
     results: list[LayerResult] = []
     bar = tqdm(
         range(start, len(blocks)),
-        desc=f"pruning ({solver.name})",
+        desc=f"pruning ({solver.name}, {pruner.rows.name} rows)",
         unit="block",
         disable=not progress,
         initial=start,

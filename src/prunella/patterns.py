@@ -6,6 +6,8 @@
 * :class:`NM` -- ``N:M`` semi-structured sparsity (NVIDIA's convention): in every
   group of ``M`` consecutive weights along the input dimension of a row, at most
   ``N`` are non-zero, so at least ``M - N`` are zero. ``2:4`` is 50% sparse.
+* :class:`RowBudget` -- row ``r`` of the layer loses exactly ``counts[r]`` weights
+  (per-row budgets, as chosen by TRIM; see :mod:`prunella.rows`).
 
 Masks are boolean tensors shaped like the weight, ``True`` where a weight is
 pruned. The helpers here pick the lowest-scoring weights exactly: a target of
@@ -52,7 +54,24 @@ class NM:
         return f"{self.n}:{self.m}"
 
 
-Pattern = Unstructured | NM
+@dataclass(frozen=True, eq=False)
+class RowBudget:
+    counts: torch.Tensor  # int64 [rows]: weights pruned in each row
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.counts.ndim != 1 or bool((self.counts < 0).any() | (self.counts > self.cols).any()):
+            raise PrunellaError(f"row budgets must be counts in [0, {self.cols}] per row")
+
+    @property
+    def sparsity(self) -> float:
+        return int(self.counts.sum()) / (self.counts.numel() * self.cols)
+
+    def __str__(self) -> str:
+        return "per-row"
+
+
+Pattern = Unstructured | NM | RowBudget
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -93,6 +112,15 @@ def pruned_count(numel: int, sparsity: float) -> int:
     return round(sparsity * numel)
 
 
+def pattern_count(pattern: Pattern, shape: tuple[int, int]) -> int:
+    """How many weights ``pattern`` prunes in a matrix of ``shape``."""
+    if isinstance(pattern, RowBudget):
+        return int(pattern.counts.sum())
+    if isinstance(pattern, NM):
+        return shape[0] * (shape[1] // pattern.m) * (pattern.m - pattern.n)
+    return pruned_count(shape[0] * shape[1], pattern.sparsity)
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the ``k`` lowest entries of ``scores`` over the whole tensor."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -122,6 +150,27 @@ def row_balanced_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         rows_extra = torch.topk(values[:, base], extra, largest=False, sorted=False).indices
         mask[rows_extra, idx[rows_extra, base]] = True
     return mask
+
+
+def row_counts_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``counts[r]`` lowest entries of each row ``r`` of a 2-D ``scores``
+    (ties broken by position)."""
+    order = torch.sort(scores, dim=1, stable=True).indices
+    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(1, order, ranks < counts.to(scores.device).unsqueeze(1))
+
+
+def pattern_mask(scores: torch.Tensor, pattern: Pattern, per_row: bool = False) -> torch.Tensor:
+    """The mask of ``pattern`` that prunes the lowest ``scores``: per group of ``M`` for
+    ``N:M``, per row for row budgets, and for unstructured sparsity over the whole
+    matrix, or row by row (:func:`row_balanced_mask`) when ``per_row``."""
+    if isinstance(pattern, NM):
+        return nm_mask(scores, pattern.n, pattern.m)
+    if isinstance(pattern, RowBudget):
+        return row_counts_mask(scores, pattern.counts)
+    k = pruned_count(scores.numel(), pattern.sparsity)
+    return row_balanced_mask(scores, k) if per_row else lowest_k_mask(scores, k)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .heap import limit_heap_growth
 from .patterns import Unstructured, parse_pattern
 from .recipe import Recipe
 from .report import build_report
+from .rows import get_rows
 from .solvers import get_solver
 from .store import Store, WorkDir, open_store
 from .version import __version__
@@ -179,6 +180,8 @@ def run(
             dtype=dtype,
             batch_size=batch_size,
             solver_options=recipe.solver.options,
+            rows=get_rows(recipe.rows.name),
+            rows_options=recipe.rows.options,
             one_pass=recipe.passes == 1,
             progress=progress,
             start=start,

@@ -31,6 +31,17 @@ from .errors import PrunellaError
 from .patterns import check_sparsity
 
 RECIPE = "recipe.yaml"
+# the recipe fields that name a method (with its options); see registry()
+METHOD_FIELDS = ("solver", "allocation", "rows")
+
+
+def registry(field: str):
+    """The :class:`~prunella.registry.Registry` of the methods a recipe field names."""
+    from .allocation import ALLOCATIONS
+    from .rows import ROWS
+    from .solvers import SOLVERS
+
+    return {"solver": SOLVERS, "allocation": ALLOCATIONS, "rows": ROWS}[field]
 
 
 class MethodChoice(BaseModel):
@@ -58,6 +69,10 @@ class Recipe(BaseModel):
     allocation: MethodChoice = Field(
         MethodChoice(name="uniform"),
         description="Where the sparsity goes (see 'prunella methods').",
+    )
+    rows: MethodChoice = Field(
+        MethodChoice(name="uniform"),
+        description="How each layer's sparsity is spread over its rows (uniform, trim).",
     )
     allocation_file: str | None = Field(
         None, description="A plan from 'prunella allocate --json' (overrides --allocation)."
@@ -104,7 +119,7 @@ class Recipe(BaseModel):
     def _sparsity_range(cls, value: float | None) -> float | None:
         return None if value is None else check_sparsity(value)
 
-    @field_validator("solver", "allocation", mode="before")
+    @field_validator(*METHOD_FIELDS, mode="before")
     @classmethod
     def _bare_name(cls, value):
         return {"name": value} if isinstance(value, str) else value
@@ -116,21 +131,12 @@ class Recipe(BaseModel):
 
     def resolved(self) -> Recipe:
         """This recipe with the methods' names checked and every option filled in."""
-        from .allocation import get_method
-        from .solvers import get_solver
-
-        solver = get_solver(self.solver.name)
-        allocation = get_method(self.allocation.name)
-        return self.model_copy(
-            update={
-                "solver": MethodChoice(
-                    name=solver.name, options=solver.resolve(self.solver.options)
-                ),
-                "allocation": MethodChoice(
-                    name=allocation.name, options=allocation.resolve(self.allocation.options)
-                ),
-            }
-        )
+        update = {}
+        for field in METHOD_FIELDS:
+            chosen = getattr(self, field)
+            method = registry(field).get(chosen.name)
+            update[field] = MethodChoice(name=method.name, options=method.resolve(chosen.options))
+        return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
@@ -184,15 +190,18 @@ def build(
     *,
     solver_options: dict | None = None,
     allocation_options: dict | None = None,
+    rows_options: dict | None = None,
     **overrides,
 ) -> Recipe:
     """A resolved recipe from a YAML file (optional) with ``overrides`` (``None`` = not
-    given) on top; ``solver``/``allocation`` may be a name or ``{name, options}``, and
-    ``solver_options``/``allocation_options`` add options to the chosen method."""
+    given) on top; ``solver``/``allocation``/``rows`` may be a name or ``{name,
+    options}``, and ``solver_options``/``allocation_options``/``rows_options`` add
+    options to the chosen method."""
     values = read_yaml(file) if file is not None else {}
     path = Path(file) if file is not None else None
     given = {key: value for key, value in overrides.items() if value is not None}
-    for key, options in (("solver", solver_options), ("allocation", allocation_options)):
+    extra = {"solver": solver_options, "allocation": allocation_options, "rows": rows_options}
+    for key, options in extra.items():
         flag = given.pop(key, None)
         if isinstance(flag, dict | MethodChoice):
             flag = dict(flag) if isinstance(flag, dict) else flag.model_dump()

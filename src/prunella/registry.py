@@ -22,6 +22,7 @@ report and the pipeline read them from here.
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -36,7 +37,8 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 class Option:
     """One option of a method: ``name`` of ``type``, ``default``, optional bounds or choices.
 
-    ``low``/``high`` are inclusive unless ``low_open``/``high_open``.
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``parse``, when
+    given, must accept the value (raising ``ValueError`` on a bad one), e.g. a list in text.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Option:
     low_open: bool = False
     high_open: bool = False
     choices: tuple | None = None
+    parse: Callable[[Any], Any] | None = None
 
     def bounds(self) -> str:
         """The allowed values, in words (``"in (0, 1)"``, ``"one of a, b"``, or ``""``)."""
@@ -81,6 +84,11 @@ class Option:
             value = float(value)
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
             raise PrunellaError(f"{where} must be {self.type.__name__}, got {value!r}")
+        if self.parse is not None:
+            try:
+                self.parse(value)
+            except ValueError as exc:
+                raise PrunellaError(f"{where}: {exc} (got {value!r})") from None
         if self.choices is not None and value not in self.choices:
             raise PrunellaError(f"{where} must be {self.bounds()}, got {value!r}")
         low_bad = self.low is not None and (

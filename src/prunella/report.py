@@ -16,7 +16,8 @@ from .device import peak_memory_mb
 from .plots import allocation_figure, layer_figure
 from .version import __version__
 
-# The columns every layer row has; anything else in a row is the solver's own facts.
+# The columns every layer row has; anything else in a row is the solver's (and the row
+# method's) own facts.
 LAYER_KEYS = ("name", "shape", "pattern", "target_sparsity", "sparsity", "rel_error")
 
 
@@ -46,6 +47,8 @@ def build_report(
         "architecture": model.config.model_type,
         "solver": recipe.solver.name,
         "solver_options": recipe.solver.options,
+        "rows": recipe.rows.name,
+        "rows_options": recipe.rows.options,
         "pattern": str(pattern),
         "target_sparsity": plan.target,
         "sparsity": zeros / total if total else 0.0,
@@ -121,6 +124,7 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
         ("architecture", report.get("architecture")),
         ("solver", f"{report.get('solver')} {report.get('solver_options') or ''}".strip()),
         ("pattern", report.get("pattern")),
+        ("rows", f"{report.get('rows', 'uniform')} {report.get('rows_options') or ''}".strip()),
         ("allocation", (report.get("allocation") or {}).get("method", "uniform")),
         ("target sparsity", f"{report.get('target_sparsity', 0):.4%}"),
         ("achieved sparsity", f"{report.get('sparsity', 0):.4%}"),

@@ -12,7 +12,7 @@ solvers register through the ``prunella.solvers`` entry point group.
 from __future__ import annotations
 
 from ..registry import Method, Registry
-from . import magnitude, random, sparsegpt, wanda
+from . import alps, magnitude, random, sparsegpt, wanda
 
 Solver = Method
 
@@ -24,6 +24,7 @@ SOLVERS = Registry(
         "wanda": wanda,
         "sparsegpt": sparsegpt,
         "random": random,
+        "alps": alps,
     },
     hooks=("prune",),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import NM, Pattern, lowest_k_mask, nm_mask, pruned_count
+from ..patterns import Pattern, pattern_mask
 from ..stats import LayerStats
 
 PAPER = (
@@ -30,8 +30,5 @@ def prune(
     weight: torch.Tensor, pattern: Pattern, stats: LayerStats | None = None
 ) -> tuple[torch.Tensor, dict]:
     scores = magnitude_scores(weight)
-    if isinstance(pattern, NM):
-        mask = nm_mask(scores, pattern.n, pattern.m)
-    else:
-        mask = lowest_k_mask(scores, pruned_count(weight.numel(), pattern.sparsity))
+    mask = pattern_mask(scores, pattern)
     return weight.masked_fill(mask, 0), {}

@@ -17,7 +17,7 @@ import zlib
 
 import torch
 
-from ..patterns import NM, Pattern, lowest_k_mask, nm_mask, pruned_count
+from ..patterns import Pattern, pattern_mask
 from ..registry import Option
 from ..stats import LayerStats
 
@@ -42,8 +42,5 @@ def prune(
     weight: torch.Tensor, pattern: Pattern, stats: LayerStats | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, dict]:
     scores = random_scores(weight, seed)
-    if isinstance(pattern, NM):
-        mask = nm_mask(scores, pattern.n, pattern.m)
-    else:
-        mask = lowest_k_mask(scores, pruned_count(weight.numel(), pattern.sparsity))
+    mask = pattern_mask(scores, pattern)
     return weight.masked_fill(mask, 0), {}

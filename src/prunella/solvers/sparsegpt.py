@@ -24,6 +24,10 @@ reference code:
 * weights of dead inputs (``H_jj = 0``, the feature is always zero) are scored 0,
   so they are pruned first and count towards the budget, instead of being zeroed
   on top of it;
+* per-row budgets (:class:`~prunella.patterns.RowBudget`, from TRIM; the paper has
+  none): row ``r``'s count ``c_r`` is split over the column blocks as its ``c_r`` lowest
+  saliencies fall at the start, and each block then prunes that many of the row's
+  weights by the saliency of the moment (the adaptive selection, one row at a time);
 * if ``H`` is not positive definite after dampening (few tokens, collinear
   features), the dampening is multiplied by 10 until the Cholesky succeeds,
   and the value used is reported.
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import NM, Pattern, lowest_k_mask, nm_mask, pruned_count
+from ..patterns import NM, Pattern, RowBudget, lowest_k_mask, nm_mask, pruned_count, row_counts_mask
 from ..registry import Option
 from ..stats import HESSIAN, LayerStats
 
@@ -106,12 +110,18 @@ def prune(
         s = Wt[i1:i2].square() / U_diag[i1:i2].square().unsqueeze(1)
         return s.masked_fill(dead[i1:i2].unsqueeze(1), 0.0)
 
+    row_split = None  # where each row's budget falls, by the saliencies at the start
+    if isinstance(pattern, RowBudget):
+        row_split = row_counts_mask(saliency(0, cols).t(), pattern.counts.to(Wt.device))
+
     pruned_so_far = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updated in place
         err = torch.empty_like(W1)
-        if nm is None:
+        if row_split is not None:
+            mask1 = row_counts_mask(saliency(i1, i2).t(), row_split[:, i1:i2].sum(1)).t()
+        elif nm is None:
             k_block = round(k_total * i2 / cols) - pruned_so_far
             pruned_so_far += k_block
             mask1 = lowest_k_mask(saliency(i1, i2), k_block)

@@ -13,13 +13,14 @@ Where we differ: the paper prunes ``floor(s * in_features)`` per row, which can
 miss the layer's budget by up to one weight per row. Here every row loses
 ``k // rows`` weights and the ``k % rows`` remaining ones go to the rows whose
 next-lowest score is smallest, so the layer loses exactly ``k = round(s * numel)``.
+Under per-row budgets (``--rows trim``) row ``r`` loses its ``counts[r]`` lowest scores.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..patterns import NM, Pattern, nm_mask, pruned_count, row_balanced_mask
+from ..patterns import Pattern, pattern_mask
 from ..stats import COL_NORMS, LayerStats
 
 PAPER = "Sun et al., A Simple and Effective Pruning Approach for Large Language Models, ICLR 2024"
@@ -34,8 +35,5 @@ def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
 
 def prune(weight: torch.Tensor, pattern: Pattern, stats: LayerStats) -> tuple[torch.Tensor, dict]:
     scores = wanda_scores(weight, stats.col_norms)
-    if isinstance(pattern, NM):
-        mask = nm_mask(scores, pattern.n, pattern.m)
-    else:
-        mask = row_balanced_mask(scores, pruned_count(weight.numel(), pattern.sparsity))
+    mask = pattern_mask(scores, pattern, per_row=True)
     return weight.masked_fill(mask, 0), {}
