@@ -205,3 +205,29 @@ def test_rows_from_a_recipe_and_the_command_line(tiny_llama, tmp_path, capsys):
     weights = [m.weight for n, m in model.named_modules() if n.endswith(("proj", "_proj"))]
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == pytest.approx(0.75 * sum(w.numel() for w in weights), abs=len(weights))
+
+
+def test_alps_prunes_dead_inputs_first():
+    w, x = layer_problem(rows=32, cols=64)
+    x[:, :8] = 0.0  # eight inputs that are always zero
+    stats = stats_for(x, (HESSIAN,))
+    new, _ = alps.prune(w.clone(), Unstructured(0.7), stats, fallback=False)
+    assert (new[:, :8] == 0).all()
+    assert (new == 0).sum().item() == round(0.7 * w.numel())
+
+
+def test_trim_cosines_treat_a_zero_row_as_kept():
+    w, x = layer_problem(rows=8, cols=32)
+    w[3] = 0.0
+    stats = stats_for(x, (HESSIAN,))
+    H = stats.hessian
+    rows, flat = trim.row_cosines(w @ H, w, w * 0.5, H)
+    assert rows[3] == 1.0 and torch.isfinite(rows).all() and 0 < flat <= 1
+
+
+def test_row_budget_must_fit_the_layer():
+    with pytest.raises(PrunellaError, match="integer counts"):
+        RowBudget(torch.tensor([1.0, 2.0]), cols=8)
+    w, x = layer_problem(rows=8, cols=32)
+    with pytest.raises(PrunellaError, match="row budgets for 2 x 32"):
+        get_solver("wanda").prune(w, RowBudget(torch.tensor([1, 2]), 32), stats_for(x))

@@ -375,7 +375,8 @@ class BlockPruner:
 
     def solve(self, name: str, layer: nn.Module, stats, master: torch.Tensor) -> tuple:
         """Prune ``master`` (the checkpoint's weight of ``layer``) in place, and the copy
-        ``layer`` runs with; return the dense weight (float32) and the solver's facts.
+        ``layer`` runs with; return the dense weight (float32) and the solver's (and the
+        row method's) facts.
 
         The solver starts from ``master`` at full precision, never from the forward's
         copy, which may be narrower (bfloat16 on CPU).
@@ -386,12 +387,12 @@ class BlockPruner:
         if not torch.isfinite(dense).all():
             raise PrunellaError(f"layer {name} has NaN or Inf weights")
 
-        def solve(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict]:
+        def run_solver(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict]:
             return self.solver.prune(weight, pattern, stats, **self.options)
 
         with exact(dense):
             new, info = self.rows.prune(
-                dense.clone(), self.patterns[name], stats, solve, **self.rows_options
+                dense.clone(), self.patterns[name], stats, run_solver, **self.rows_options
             )
         # Round to the checkpoint's dtype now, so that what follows is calibrated on
         # exactly the weights that will be saved.

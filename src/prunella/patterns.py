@@ -60,7 +60,10 @@ class RowBudget:
     cols: int
 
     def __post_init__(self) -> None:
-        if self.counts.ndim != 1 or bool((self.counts < 0).any() | (self.counts > self.cols).any()):
+        counts = self.counts
+        if counts.ndim != 1 or counts.is_floating_point() or counts.is_complex():
+            raise PrunellaError("row budgets must be a 1-D tensor of integer counts")
+        if bool((counts < 0).any() | (counts > self.cols).any()):
             raise PrunellaError(f"row budgets must be counts in [0, {self.cols}] per row")
 
     @property
@@ -168,6 +171,11 @@ def pattern_mask(scores: torch.Tensor, pattern: Pattern, per_row: bool = False) 
     if isinstance(pattern, NM):
         return nm_mask(scores, pattern.n, pattern.m)
     if isinstance(pattern, RowBudget):
+        if pattern.counts.shape[0] != scores.shape[0] or pattern.cols != scores.shape[1]:
+            raise PrunellaError(
+                f"row budgets for {pattern.counts.shape[0]} x {pattern.cols} given for a "
+                f"{scores.shape[0]} x {scores.shape[1]} layer"
+            )
         return row_counts_mask(scores, pattern.counts)
     k = pruned_count(scores.numel(), pattern.sparsity)
     return row_balanced_mask(scores, k) if per_row else lowest_k_mask(scores, k)

@@ -29,12 +29,14 @@ Where we differ:
   (largest remainders), where the reference floors each row and can fall short;
 * ``proxy`` may name a cheaper solver to run inside the iterations (the chosen solver
   then prunes once with the budgets found, and is kept only if it beats its own rows):
-  for ALPS, whose every call is an ADMM run, ``proxy=sparsegpt`` is the practical choice.
+  for ALPS, whose every call is an ADMM run, ``proxy=sparsegpt`` is the practical choice
+  (the proxy runs with its default options).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,7 +67,14 @@ OPTIONS = (
     Option("iterations", int, 10, "budget updates per step size", low=0),
     Option("rates", str, RATES, "step sizes tried, in order", parse=step_sizes),
     Option("negative_rates", str, NEGATIVE_RATES, "tried if no rate helps", parse=step_sizes),
-    Option("max_row_sparsity", float, 0.95, "highest sparsity of one row", low=0.0, high=1.0),
+    Option(
+        "max_row_sparsity",
+        float,
+        0.95,
+        "clip of row sparsities before re-centring",
+        low=0.0,
+        high=1.0,
+    ),
     Option(
         "proxy",
         str,
@@ -80,11 +89,12 @@ def row_cosines(WH: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, H: torch
     """Per-row cosines ``q_r`` of the outputs and the flat cosine of all of them, from
     ``H`` (``WH = W H`` precomputed)."""
     cross = (WH * W_hat).sum(1)
-    ref = (WH * W).sum(1)
-    own = ((W_hat @ H) * W_hat).sum(1)
+    ref = (WH * W).sum(1).clamp_min(0)  # quadratic forms: >= 0 but for rounding
+    own = ((W_hat @ H) * W_hat).sum(1).clamp_min(0)
     rows = cross / (ref.sqrt() * own.sqrt()).clamp_min(1e-12)
+    rows = torch.where(ref > 0, rows, 1.0)  # a row whose output is zero keeps it exactly
     flat = cross.sum() / (ref.sum().sqrt() * own.sum().sqrt()).clamp_min(1e-12)
-    return rows.clamp(-1, 1), flat.clamp(-1, 1).item()
+    return rows.nan_to_num(1.0).clamp(-1, 1), flat.nan_to_num(0.0).clamp(-1, 1).item()
 
 
 def exact_counts(x: torch.Tensor, cols: int, k: int) -> torch.Tensor:
@@ -103,6 +113,17 @@ def exact_counts(x: torch.Tensor, cols: int, k: int) -> torch.Tensor:
     return counts
 
 
+@dataclass
+class Best:
+    """The best iterate so far: its flat cosine, row counts, step size, weight and facts."""
+
+    score: float
+    counts: torch.Tensor | None = None
+    rate: float = 0.0
+    weight: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
 def prune(
     weight: torch.Tensor,
     pattern: Pattern,
@@ -117,57 +138,64 @@ def prune(
     own, info = solve(weight.clone(), pattern)
     if isinstance(pattern, NM | RowBudget) or pattern.sparsity == 0:
         return own, {**info, "rows": "fixed by the pattern"}
-    if proxy != "solver":
-        from ..solvers import get_solver
-
-        method = get_solver(proxy)
-
-        def search(w, p):
-            return method.prune(w, p, stats, **method.defaults())
-    else:
-        search = solve
-
-    W = weight.float()
-    H = stats.hessian
+    search = solve if proxy == "solver" else proxy_solver(proxy, stats)
+    W, H = weight.float(), stats.hessian
     WH = W @ H
     cols = W.shape[1]
     k = pruned_count(W.numel(), pattern.sparsity)
-    target = k / W.numel()
-    start_hat = own if proxy == "solver" else search(weight.clone(), pattern)[0]
-    start = (start_hat == 0).sum(1).float() / cols
-    best = {"score": row_cosines(WH, W, start_hat, H)[1], "counts": None, "rate": 0.0}
 
-    def sweep(step_sizes: list[float]) -> None:
+    def quality(W_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return row_cosines(WH, W, W_hat, H)
+
+    start_hat = own if proxy == "solver" else search(weight.clone(), pattern)[0]
+    start = (start_hat == 0).sum(1).float() / cols  # the solver's own row sparsities
+    start_score = quality(start_hat)[1]
+    best = Best(start_score)
+
+    def iterate(lr: float) -> float:
+        """TRIM's steps of size ``lr`` from the start; the best flat cosine met, start included."""
+        nonlocal best
+        x, W_hat, top = start.clone(), start_hat, start_score
+        for _ in range(iterations):
+            q = quality(W_hat)[0]
+            d = (q - q.min()) / (q.max() - q.min() + 1e-6) * (2 * lr)
+            x = (x + d - d.mean()).clamp(0, max_row_sparsity)
+            x = x - x.mean() + k / W.numel()
+            counts = exact_counts(x, cols, k)
+            W_hat, hat_info = search(weight.clone(), RowBudget(counts, cols))
+            score = quality(W_hat)[1]
+            top = max(top, score)
+            if score > best.score:
+                best = Best(score, counts, lr, W_hat, hat_info)
+        return top
+
+    for sizes in (step_sizes(rates), step_sizes(negative_rates)):
         previous = -float("inf")
-        for lr in step_sizes:
-            x, W_hat, top = start.clone(), start_hat, -float("inf")
-            for _ in range(iterations):
-                q, _ = row_cosines(WH, W, W_hat, H)
-                d = (q - q.min()) / (q.max() - q.min() + 1e-6) * (2 * lr)
-                x = (x + d - d.mean()).clamp(0, max_row_sparsity)
-                x = x - x.mean() + target
-                counts = exact_counts(x, cols, k)
-                W_hat, hat_info = search(weight.clone(), RowBudget(counts, cols))
-                score = row_cosines(WH, W, W_hat, H)[1]
-                top = max(top, score)
-                if score > best["score"]:
-                    best.update(score=score, counts=counts, rate=lr, weight=W_hat, info=hat_info)
+        for lr in sizes:  # larger steps while they keep helping
+            top = iterate(lr)
             if top <= previous:
                 break
             previous = top
+        if best.counts is not None:  # the negative sizes only when no positive one helped
+            break
 
-    start_score = best["score"]
-    sweep(step_sizes(rates))
-    if best["counts"] is None:
-        sweep(step_sizes(negative_rates))
-    facts = {"rows_cos_start": start_score, "rows_cos": best["score"], "rows_rate": best["rate"]}
-    if best["counts"] is None:
+    facts = {"rows_cos_start": start_score, "rows_cos": best.score, "rows_rate": best.rate}
+    if best.counts is None:
         return own, {**info, **facts}
-    new, new_info = best["weight"], best["info"]
+    new, new_info = best.weight, best.info
     if proxy != "solver":  # the budgets were found with another solver: check they help this one
-        new, new_info = solve(weight.clone(), RowBudget(best["counts"], cols))
-        if row_cosines(WH, W, new, H)[1] <= row_cosines(WH, W, own, H)[1]:
-            return own, {**info, **facts, "rows_rate": 0.0}
-    share = best["counts"].float() / cols
+        new, new_info = solve(weight.clone(), RowBudget(best.counts, cols))
+        facts.update(rows_cos_start=quality(own)[1], rows_cos=quality(new)[1])
+        if facts["rows_cos"] <= facts["rows_cos_start"]:
+            return own, {**info, **facts, "rows_cos": facts["rows_cos_start"], "rows_rate": 0.0}
+    share = best.counts.float() / cols
     facts.update(rows_min=share.min().item(), rows_max=share.max().item())
     return new, {**new_info, **facts}
+
+
+def proxy_solver(name: str, stats: LayerStats) -> Callable:
+    """``solve(weight, pattern)`` with the solver ``name`` at its default options."""
+    from ..solvers import get_solver
+
+    method = get_solver(name)
+    return lambda w, p: method.prune(w, p, stats, **method.defaults())

@@ -10,19 +10,22 @@ diagonal: ``Hn = S^-1 H S^-1``, ``B = W S``, ``B0`` the dense layer) and solve
 
 by ADMM on the split ``B = D`` with ``D`` in the pattern and dual ``V``:
 
-    B <- (B0 Hn - V + rho D) (Hn + rho I)^-1        (one eigendecomposition of Hn)
+    B <- (B0 Hn - V + rho D) (Hn + rho I)^-1
     D <- P(B + V / rho)                              (projection: keep the largest |.|)
     V <- V + rho (B - D)
 
 Every 3 iterations the support change ``c`` of ``D`` (entries that switched
-between zero and non-zero) sets the penalty: ``rho *= 1.3`` if ``c/k > 0.1``,
-``1.2`` if ``c/k > 0.005``, ``1.1`` while it still moves, capped at ``1e6``; the loop
-stops once the support holds still after ``rho`` has grown (or ``c/k < 3e-4`` after 30
-iterations, or 300 iterations). If the support settles before ``rho`` ever grew,
-``rho`` was too large: it is divided by 5 and the iterations restart from ``B0``.
-The support of ``P(B)`` is then fixed and the surviving weights are refitted by
-preconditioned conjugate gradients (10 iterations, Jacobi preconditioner, which
-is the identity for the unit diagonal) on ``Hn B = B0 Hn`` restricted to the support.
+between zero and non-zero, over ``k``, the number of weights kept) sets the
+penalty: ``rho *= 1.3`` if ``c/k > 0.1``, ``1.2`` if ``c/k > 0.005``, ``1.1`` while it
+still moves, capped at ``1e6``; the loop stops once the support holds still after
+``rho`` has grown (or ``c/k < 3e-4`` after 30 iterations, or 300 iterations). Before
+``rho`` has ever grown it was too large: a support that still moves a little makes
+it ``rho / 5`` and restarts the iterations from ``B0``, one that holds still makes it
+``rho / 5`` and goes on. ``(Hn + rho I)^-1 = Q diag(1 / (L + rho)) Q^T`` is rebuilt from
+one eigendecomposition of ``Hn`` whenever ``rho`` changes. The support of ``P(B)`` is
+then fixed and the surviving weights are refitted by preconditioned conjugate
+gradients (10 iterations, Jacobi preconditioner, which is the identity for the unit
+diagonal) on ``B Hn = B0 Hn`` restricted to the support.
 
 Defaults are the reference code's (``rho = 0.1``, 300 iterations, update every 3,
 10 PCG steps). Where we differ:
@@ -30,9 +33,10 @@ Defaults are the reference code's (``rho = 0.1``, 300 iterations, update every 3
 * the projection honours every pattern: unstructured keeps the ``k`` largest over
   the whole matrix (as the paper), ``N:M`` the ``N`` largest per group, and per-row
   budgets (:class:`~prunella.patterns.RowBudget`) the largest of each row;
-* ``(Hn + rho I)^-1`` is applied through the eigenvectors (``R Q diag(1/(L + rho)) Q^T``),
-  so a change of ``rho`` costs nothing instead of a new inverse; the eigendecomposition
-  (float64, as in the reference) is shared by the layers that read the same input;
+* the eigendecomposition (float64, as in the reference) is computed once per input and
+  shared by the layers that read it (q/k/v, gate/up);
+* weights of dead inputs (``H_jj = 0``) score 0 in the projection, so they are pruned
+  first instead of keeping places that their dampened scale would give them;
 * a layer is never silently worse than SparseGPT: SparseGPT's solution under the same
   pattern is computed too, and when its reconstruction error ``tr(dW H dW^T)`` is
   lower it is kept and the layer reports ``fallback``. Set ``fallback=false`` to skip it.
@@ -61,27 +65,32 @@ OPTIONS = (
     Option("update_iter", int, 3, "iterations between penalty updates", low=1),
     Option("switch_iter", int, 30, "iterations before the support-change stop applies", low=0),
     Option("pcg_iter", int, 10, "conjugate-gradient steps of the back-solve", low=0),
-    Option("percdamp", float, 0.01, "dampening, as a fraction of mean diag(H)", low=0.0),
+    Option(
+        "percdamp", float, 0.01, "dampening, as a fraction of mean diag(H)", low=0.0, low_open=True
+    ),
     Option("fallback", bool, True, "keep SparseGPT's solution where it is better"),
 )
 
 
 def _eigen(stats: LayerStats, percdamp: float) -> tuple[torch.Tensor, ...]:
-    """``s``, ``L, Q`` with ``Hn = Q diag(L) Q^T``, and ``Hn``; once per shared input."""
+    """``s``, ``L, Q`` with ``Hn = Q diag(L) Q^T``, ``Hn``, and ``live`` (1 for inputs that
+    are ever non-zero, else 0); once per shared input."""
     key = ("alps", percdamp)
     if key not in stats.derived:
         H = stats.hessian.double()
+        live = (H.diagonal() > 0).float()
         H.diagonal().add_(percdamp * H.diagonal().mean())
         s = H.diagonal().clamp_min(0).sqrt() + 1e-8
         Hn = H / s.unsqueeze(0) / s.unsqueeze(1)
         L, Q = torch.linalg.eigh(Hn)
-        stats.derived[key] = (s.float(), L.float(), Q.float(), Hn.float())
+        stats.derived[key] = (s.float(), L.float(), Q.float(), Hn.float(), live)
     return stats.derived[key]
 
 
-def project(Z: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """``P(Z)``: ``Z`` with the entries of smallest magnitude zeroed as ``pattern`` demands."""
-    return Z.masked_fill(pattern_mask(Z.abs(), pattern), 0.0)
+def project(Z: torch.Tensor, pattern: Pattern, live: torch.Tensor) -> torch.Tensor:
+    """``P(Z)``: ``Z`` with the entries of smallest magnitude zeroed as ``pattern`` demands
+    (those of dead inputs, ``live == 0``, first)."""
+    return Z.masked_fill(pattern_mask(Z.abs() * live, pattern), 0.0)
 
 
 def pcg(
@@ -115,6 +124,7 @@ def alps_admm(
     G: torch.Tensor,
     L: torch.Tensor,
     Q: torch.Tensor,
+    live: torch.Tensor,
     pattern: Pattern,
     rho: float = 0.1,
     max_iter: int = 300,
@@ -123,20 +133,22 @@ def alps_admm(
 ) -> tuple[torch.Tensor, dict]:
     """The ADMM loop on scaled weights ``B0`` (``[out, in]``), ``G = B0 Hn`` and
     ``Hn = Q diag(L) Q^T``; returns the last ``B`` and the facts of the run."""
-    k = max(pattern_count(pattern, B0.shape), 1)
-    D = D_init = project(B0, pattern)
+    k = max(B0.numel() - pattern_count(pattern, B0.shape), 1)  # weights kept
+    D = D_init = project(B0, pattern, live)
     B, V = B0, torch.zeros_like(B0)
     support = D != 0
     grown, converged, change, it = False, False, 0.0, 0
+    inverse = (Q / (L + rho)) @ Q.t()  # (Hn + rho I)^-1
     for it in range(1, max_iter + 1):
-        B = ((G - V + rho * D) @ Q) / (L + rho) @ Q.t()
-        D = project(B + V / rho, pattern)
+        B = (G - V + rho * D) @ inverse
+        D = project(B + V / rho, pattern, live)
         V = V + rho * (B - D)
         if it % update_iter:
             continue
         new_support = D != 0
         moved = (new_support != support).sum().item()
         support, change = new_support, moved / k
+        restarted = False
         if change > 0.1:
             rho, grown = rho * 1.3, True
         elif change > 0.005:
@@ -144,16 +156,18 @@ def alps_admm(
         elif moved > 0:
             if grown:
                 rho *= 1.1
-            else:  # rho started too large: the support froze at once; restart gentler
+            else:  # barely moving before rho ever grew: rho is too large; restart gentler
                 rho /= 5
                 B, D, V = B0, D_init, torch.zeros_like(B0)
+                restarted = True
         elif grown:
             converged = True
             break
-        else:
+        else:  # frozen before rho ever grew: loosen it
             rho /= 5
         rho = min(rho, 1e6)
-        if it >= switch_iter and change < 3e-4:
+        inverse = (Q / (L + rho)) @ Q.t()
+        if it > switch_iter and change < 3e-4 and not restarted:
             converged = True
             break
     return B, {
@@ -179,11 +193,11 @@ def prune(
     W = weight.float()
     if pattern_count(pattern, W.shape) == 0:
         return W, {"iterations": 0, "support_change": 0.0, "converged": True}
-    s, L, Q, Hn = _eigen(stats, percdamp)
+    s, L, Q, Hn, live = _eigen(stats, percdamp)
     B0 = W * s
     G = B0 @ Hn
-    B, info = alps_admm(B0, G, L, Q, pattern, rho, max_iter, update_iter, switch_iter)
-    pruned = pattern_mask(B.abs(), pattern)  # the support of P(B), fixed from here on
+    B, info = alps_admm(B0, G, L, Q, live, pattern, rho, max_iter, update_iter, switch_iter)
+    pruned = pattern_mask(B.abs() * live, pattern)  # the support of P(B), fixed from now on
     B = pcg(Hn, G, B.masked_fill(pruned, 0.0), ~pruned, pcg_iter)
     new = B / s
     H = stats.hessian
