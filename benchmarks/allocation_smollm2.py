@@ -12,13 +12,13 @@ allocation pictures are copied to ``--figures DIR`` when given.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from smollm2_runs import evaluate, run, smollm2_parser
 
 METHODS = {
     "uniform": [],
@@ -29,25 +29,12 @@ METHODS = {
 }
 
 
-def run(args: list[str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "prunella", *args], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"prunella {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
 def perplexity(model: str, a) -> float:
-    out = run(["eval", model, "--data", a.data, "--seqlen", str(a.seqlen), "--json", "--quiet"])
-    return json.loads(out)["perplexity"]
+    return evaluate(model, a)["perplexity"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="sample")
-    parser.add_argument("--data", default="sample-eval")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
+    parser = smollm2_parser(__doc__)
     parser.add_argument("--sparsities", default="0.6,0.7")
     parser.add_argument("--solvers", default="wanda,sparsegpt")
     parser.add_argument("--methods", default=",".join(METHODS))

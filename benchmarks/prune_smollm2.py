@@ -9,36 +9,18 @@ text. Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-
-
-def run(args: list[str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "prunella", *args], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"prunella {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
-def evaluate(model: str, a) -> dict:
-    out = run(["eval", model, "--data", a.data, "--seqlen", str(a.seqlen), "--json", "--quiet"])
-    return json.loads(out)
+from smollm2_runs import evaluate, run, smollm2_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="sample")
-    parser.add_argument("--data", default="sample-eval")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
+    parser = smollm2_parser(__doc__)
     parser.add_argument("--solvers", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -50,6 +50,7 @@ def test_alps_reports_no_convergence_and_falls_back_to_sparsegpt():
     assert info["fallback"] is True
     assert torch.equal(new, sparsegpt)
     assert info["rel_recon_error"] == pytest.approx(recon(w, sparsegpt, stats))
+    assert "max_iter=2 unconverged" in info["note"] and "kept SparseGPT's" in info["note"]
 
 
 def test_pcg_refit_solves_the_masked_least_squares():
@@ -231,3 +232,17 @@ def test_row_budget_must_fit_the_layer():
     w, x = layer_problem(rows=8, cols=32)
     with pytest.raises(PrunellaError, match="row budgets for 2 x 32"):
         get_solver("wanda").prune(w, RowBudget(torch.tensor([1, 2]), 32), stats_for(x))
+
+
+def test_unconverged_alps_layers_are_said(tiny_llama, tmp_path, capsys):
+    from prunella.cli import main
+
+    out = tmp_path / "out"
+    args = ["prune", str(tiny_llama), "--out", str(out), "--sparsity", "0.7", "--solver", "alps"]
+    args += ["--solver-opt", "max_iter=1", "--nsamples", "4", "--seqlen", "32", "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "note: model.layers.0." in err and "unconverged" in err
+    report = json.loads((out / "prune_report.json").read_text())
+    assert len(report["notes"]) == len(report["layers"])  # one iteration never converges
+    assert all(r["converged"] is False for r in report["layers"])

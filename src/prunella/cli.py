@@ -144,6 +144,11 @@ def prune_command(model, recipe, resume, restart, overwrite, quiet, **values) ->
         f"{report['rows']} rows) "
         f"in {report['wall_seconds']:.1f}s -> {options.out}"
     )
+    notes = report["notes"]
+    for note in notes[:5]:
+        typer.echo(f"note: {note}", err=True)
+    if len(notes) > 5:
+        typer.echo(f"note: ... and {len(notes) - 5} more in prune_report.json", err=True)
     if "evaluation" in report:
         ev = report["evaluation"]
         typer.echo(

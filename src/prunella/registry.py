@@ -8,13 +8,16 @@ A method module declares:
   allocation method may also need ``"weights"``);
 * ``OPTIONS`` -- a tuple of :class:`Option` (name, type, default, bounds, one-line help);
 
-and its function(s): a solver ``prune(weight, pattern, stats, **options)``; an
-allocation method ``unit_metric(layers, **options)`` and ``sparsities(metric,
-target, sizes, **options)`` plus ``METRIC`` (the metric's name, or ``None``).
+and its function(s): a solver ``prune(weight, pattern, stats, **options)``
+returning the weight and a dict of facts for the report (a ``"note"`` among them is
+also printed); an allocation method ``unit_metric(layers, **options)`` and
+``sparsities(metric, target, sizes, **options)`` plus ``METRIC`` (the metric's name,
+or ``None``); a row method ``prune(weight, pattern, stats, solve, **options)``.
 
-Built-in methods are listed in ``prunella.solvers`` and ``prunella.allocation``;
-third-party packages add theirs through the entry point groups
-``prunella.solvers`` and ``prunella.allocations`` (``name = "package.module"``).
+Built-in methods are listed in ``prunella.solvers``, ``prunella.allocation`` and
+``prunella.rows``; third-party packages add theirs through the entry point groups
+``prunella.solvers``, ``prunella.allocations`` and ``prunella.rows`` (``name =
+"package.module"``).
 Nothing outside a method's module knows its options: the CLI, the recipe, the
 report and the pipeline read them from here.
 """

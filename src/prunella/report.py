@@ -71,6 +71,8 @@ def build_report(
         "torch": torch.__version__,
         "python": platform.python_version(),
         **(extra or {}),
+        # what a method asks to be said about a layer (e.g. ALPS: no convergence, fallback)
+        "notes": [f"{r['name']}: {r['note']}" for r in results if r.get("note")],
         "layers": results,
     }
 

@@ -42,7 +42,9 @@ Defaults are the reference code's (``rho = 0.1``, 300 iterations, update every 3
   lower it is kept and the layer reports ``fallback``. Set ``fallback=false`` to skip it.
 
 Each layer reports its iterations, the final support change ``c/k``, whether the
-support converged, and the relative reconstruction error ``tr(dW H dW^T) / tr(W H W^T)``.
+support converged, and the relative reconstruction error ``tr(dW H dW^T) / tr(W H W^T)``;
+a layer that did not converge, or kept SparseGPT's solution, says so in a ``note``
+(the report's ``notes``, printed by ``prunella prune``).
 """
 
 from __future__ import annotations
@@ -202,10 +204,17 @@ def prune(
     new = B / s
     H = stats.hessian
     info["rel_recon_error"] = reconstruction_error(W, new, H)
+    notes = [] if info["converged"] else [f"ADMM stopped at max_iter={max_iter} unconverged"]
     if fallback:
         other, _ = sparsegpt.prune(weight.clone(), pattern, stats, percdamp=percdamp)
         other_error = reconstruction_error(W, other, H)
         info["fallback"] = other_error < info["rel_recon_error"]
         if info["fallback"]:
+            notes.append(
+                f"kept SparseGPT's solution (reconstruction error {other_error:.3g} "
+                f"< ALPS's {info['rel_recon_error']:.3g})"
+            )
             new, info["rel_recon_error"] = other, other_error
+    if notes:
+        info["note"] = "; ".join(notes)
     return new, info
