@@ -11,28 +11,23 @@ against its floor, one float64 eigendecomposition per distinct layer input.
 
     python benchmarks/high_sparsity_smollm2.py --json high.json
     python benchmarks/high_sparsity_smollm2.py --table high-a.json high-b.json  # merge runs
+
+With ``--table``, a row from a later file replaces an earlier one of the same level,
+solver and rows (a re-measurement).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-
-def run(args: list[str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "prunella", *args], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"prunella {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
+from smollm2_runs import run, smollm2_parser
 
 
 def prune(out: Path, level: str, solver: str, rows: str, a) -> dict:
@@ -116,12 +111,7 @@ def table(rows: list[dict], dense_ppl: float, floor: dict | None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="sample")
-    parser.add_argument("--data", default="sample-eval")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
+    parser = smollm2_parser(__doc__)
     parser.add_argument("--levels", default="0.6,0.7,0.8,2:4", help="sparsities and N:M patterns")
     parser.add_argument("--solvers", default="sparsegpt,alps")
     parser.add_argument("--rows", default="uniform,trim")
@@ -131,7 +121,10 @@ def main() -> None:
 
     if a.table:
         loaded = [json.loads(p.read_text()) for p in a.table]
-        rows = [r for data in loaded for r in data["rows"]]
+        merged = {}  # a later file's row replaces an earlier one of the same combination
+        for r in (r for data in loaded for r in data["rows"]):
+            merged[r["level"], r["solver"], r["rows"]] = r
+        rows = list(merged.values())
         table(rows, loaded[0]["dense_ppl"], loaded[0].get("floor"))
         return
 

@@ -59,3 +59,20 @@ def test_gpu_bf16_model_prunes_in_bf16(tmp_path, tokenizer_dir):
     assert report["compute_dtype"] == "bfloat16"
     assert abs(report["sparsity"] - 0.5) < 1e-6
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("solver, rows", [("alps", "uniform"), ("sparsegpt", "trim")])
+def test_gpu_alps_and_trim_meet_the_budget(tiny_llama, solver, rows):
+    model, report = prunella.prune(
+        tiny_llama,
+        solver=solver,
+        rows=rows,
+        sparsity=0.7,
+        nsamples=4,
+        seqlen=64,
+        device="cuda",
+        progress=False,
+    )
+    assert report["device"].startswith("cuda")
+    assert abs(report["sparsity"] - 0.7) < 1e-3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
