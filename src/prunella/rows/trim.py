@@ -136,8 +136,10 @@ def prune(
     proxy: str = "solver",
 ) -> tuple[torch.Tensor, dict]:
     own, info = solve(weight.clone(), pattern)
-    if isinstance(pattern, NM | RowBudget) or pattern.sparsity == 0:
+    if isinstance(pattern, NM | RowBudget):
         return own, {**info, "rows": "fixed by the pattern"}
+    if pattern.sparsity == 0:
+        return own, info
     search = solve if proxy == "solver" else proxy_solver(proxy, stats)
     W, H = weight.float(), stats.hessian
     WH = W @ H
@@ -149,21 +151,20 @@ def prune(
 
     start_hat = own if proxy == "solver" else search(weight.clone(), pattern)[0]
     start = (start_hat == 0).sum(1).float() / cols  # the solver's own row sparsities
-    start_score = quality(start_hat)[1]
+    start_q, start_score = quality(start_hat)
     best = Best(start_score)
 
     def iterate(lr: float) -> float:
         """TRIM's steps of size ``lr`` from the start; the best flat cosine met, start included."""
         nonlocal best
-        x, W_hat, top = start.clone(), start_hat, start_score
+        x, q, top = start.clone(), start_q, start_score
         for _ in range(iterations):
-            q = quality(W_hat)[0]
             d = (q - q.min()) / (q.max() - q.min() + 1e-6) * (2 * lr)
             x = (x + d - d.mean()).clamp(0, max_row_sparsity)
             x = x - x.mean() + k / W.numel()
             counts = exact_counts(x, cols, k)
             W_hat, hat_info = search(weight.clone(), RowBudget(counts, cols))
-            score = quality(W_hat)[1]
+            q, score = quality(W_hat)
             top = max(top, score)
             if score > best.score:
                 best = Best(score, counts, lr, W_hat, hat_info)
