@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from smollm2_runs import measured
 
 
 def synthetic_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab: int) -> Path:
@@ -46,20 +45,6 @@ AutoTokenizer.from_pretrained(resolve("smollm2-135m")).save_pretrained("{folder}
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     return folder
-
-
-def measured(argv: list[str]) -> dict:
-    """Peak RSS and wall time of ``python -m prunella ARGV`` (or ``python -c CODE``)."""
-    start = time.perf_counter()
-    command = argv if argv[0] == "-c" else ["-m", "prunella", *argv]
-    done = subprocess.run(
-        ["/usr/bin/time", "-v", sys.executable, *command], capture_output=True, text=True
-    )
-    wall = time.perf_counter() - start
-    if done.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    return {"peak_rss_mb": rss_kb / 1024, "wall_seconds": wall}
 
 
 def floor_mb(model: Path, nsamples: int, seqlen: int) -> dict:

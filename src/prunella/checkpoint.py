@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters import Adapter, adapter_for
-from .errors import PrunellaError
+from .errors import PrunellaError, first_line
 from .safetensors_io import DTYPES, CheckpointReader
 
 SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
@@ -146,11 +146,6 @@ def assert_finite(module: torch.nn.Module, prefix: str = "") -> None:
     for name, tensor in module.state_dict().items():
         if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
             raise PrunellaError(f"tensor {prefix}{name} has NaN or Inf values: a broken checkpoint")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def sparsity_format(folder: Path) -> str | None:

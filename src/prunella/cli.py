@@ -32,6 +32,7 @@ app = typer.Typer(
     help="One-shot pruning of Hugging Face causal language models.",
 )
 
+TEXT_FIELD_HELP = "The text field of JSONL/Parquet/datasets records (or chat messages)."
 # the recipe fields that `prunella allocate` takes (the rest concern pruning and saving)
 ALLOCATE_FIELDS = (
     "sparsity",
@@ -41,6 +42,7 @@ ALLOCATE_FIELDS = (
     "min_sparsity",
     "max_sparsity",
     "calib",
+    "text_field",
     "nsamples",
     "seqlen",
     "seed",
@@ -113,9 +115,9 @@ def _check_early(recipe: Recipe, overwrite: bool) -> None:
         raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
     parse_pattern(recipe.pattern, recipe.sparsity)
     pick_device(recipe.device)
-    data.check_source(recipe.calib)
+    data.check_source(recipe.calib, recipe.text_field)
     if recipe.eval_data is not None:
-        data.check_source(recipe.eval_data)
+        data.check_source(recipe.eval_data, recipe.text_field, split="test")
     path, _ = check_checkpoint(recipe.model)
     if recipe.out is not None:
         check_out_dir(recipe.out, path, overwrite)
@@ -300,8 +302,13 @@ def eval_command(
         str, typer.Argument(help="Checkpoint folder (dense or packed), or a bundled name.")
     ],
     data: Annotated[
-        str, typer.Option(help="Text: a file, 'sample-eval' (shipped, held out), wikitext2 or c4.")
+        str,
+        typer.Option(
+            help="Text: a text, JSONL or Parquet file, a datasets folder, 'sample-eval' "
+            "(shipped, held out), wikitext2 or c4."
+        ),
     ] = "sample-eval",
+    text_field: Annotated[str, typer.Option(help=TEXT_FIELD_HELP)] = "text",
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     max_windows: Annotated[
         int | None, typer.Option(help="Evaluate at most this many windows.")
@@ -342,7 +349,7 @@ def eval_command(
     if task_path is not None and not task_path.is_dir():
         raise PrunellaError(f"--task-path {task_path} is not a folder")
     dev = pick_device(device)
-    data_module.check_source(data)
+    data_module.check_source(data, text_field, split="test")
     path, _ = check_checkpoint(model)
     ref_path = check_checkpoint(reference)[0] if reference is not None else None
     hf_model, tokenizer, _, _ = load(path)
@@ -351,6 +358,7 @@ def eval_command(
         data,
         seqlen=seqlen,
         max_windows=max_windows,
+        text_field=text_field,
         tokenizer=tokenizer,
         reference=ref_path,
         device=dev,
@@ -453,7 +461,10 @@ def compare_command(
         list[str],
         typer.Argument(metavar="MODELS...", help="Checkpoints; the first is the reference for KL."),
     ],
-    data: Annotated[str, typer.Option(help="Evaluation text.")] = "sample-eval",
+    data: Annotated[str, typer.Option(help="Evaluation text (as for 'prunella eval').")] = (
+        "sample-eval"
+    ),
+    text_field: Annotated[str, typer.Option(help=TEXT_FIELD_HELP)] = "text",
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     max_windows: Annotated[
         int | None, typer.Option(help="Evaluate at most this many windows.")
@@ -475,7 +486,7 @@ def compare_command(
     if seqlen < 2:
         raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
     dev = pick_device(device)
-    data_module.check_source(data)
+    data_module.check_source(data, text_field, split="test")
     paths = [check_checkpoint(m)[0] for m in models_]
     reference, tokenizer, _, _ = load(paths[0])
     rows = []
@@ -486,6 +497,7 @@ def compare_command(
             data,
             seqlen=seqlen,
             max_windows=max_windows,
+            text_field=text_field,
             tokenizer=tokenizer,
             reference=None if i == 0 else reference,
             device=dev,

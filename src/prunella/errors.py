@@ -8,3 +8,9 @@ with status 2, with no traceback.
 
 class PrunellaError(ValueError):
     """Bad input, described in one line that names the bad value and what is allowed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

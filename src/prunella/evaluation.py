@@ -72,6 +72,7 @@ def evaluate(
     *,
     seqlen: int = 2048,
     max_windows: int | None = None,
+    text_field: str = "text",
     tokenizer=None,
     reference=None,
     device: str | torch.device | None = None,
@@ -93,7 +94,7 @@ def evaluate(
         windows = data.long()
     else:
         check_text_input(tokenizer, seqlen, getattr(model.config, "max_position_embeddings", None))
-        windows = evaluation_windows(tokenizer, data, seqlen, max_windows)
+        windows = evaluation_windows(tokenizer, data, seqlen, max_windows, text_field)
     with contextlib.ExitStack() as stack:
         for m in (model, reference):
             if m is not None:

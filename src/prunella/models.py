@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import assert_finite, check_checkpoint, first_line, sparsity_format
-from .errors import PrunellaError
+from .checkpoint import assert_finite, check_checkpoint, sparsity_format
+from .errors import PrunellaError, first_line
 from .pack import unpack
 
 

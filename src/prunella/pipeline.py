@@ -24,7 +24,7 @@ from torch import nn
 from .adapters import block_index
 from .allocation import Plan, allocate, get_method, load_plan
 from .checkpoint import assert_finite, resolve, scan
-from .data import calibration, describe
+from .data import GIVEN_WINDOWS, calibration, describe
 from .device import pick_device, resolve_compute_dtype
 from .engine import choose_passes, default_batch_size, prune_blocks
 from .errors import PrunellaError
@@ -44,9 +44,9 @@ from .version import __version__
 def fingerprint(recipe: Recipe, path: Path, weights_digest: str) -> dict:
     """What determines the pruned weights; a resumed run must match it exactly."""
     fields = recipe.model_dump(exclude={"out", "offload", "model"})
-    for key in ("allocation_file", "calib"):
-        if fields[key] is not None and Path(fields[key]).is_file():
-            fields[key] = hashlib.sha256(Path(fields[key]).read_bytes()).hexdigest()
+    for key in ("allocation_file", "calib", "eval_data"):
+        if fields[key] is not None and Path(fields[key]).exists():
+            fields[key] = _sha256(Path(fields[key]))
     return {
         "model": str(path.resolve()),
         "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
@@ -55,6 +55,19 @@ def fingerprint(recipe: Recipe, path: Path, weights_digest: str) -> dict:
         **fields,
         "prunella_version": __version__,
     }
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a file, or of a folder's files and their names (a ``datasets``
+    folder), read in 1 MiB blocks: a calibration corpus may be gigabytes."""
+    digest = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def run(
@@ -131,11 +144,13 @@ def run(
             raise PrunellaError(f"nothing to resume: {work.path} does not exist")
         check_disk_space(out.resolve().parent, store.run_bytes())
     source = str(store.path) if store.path is not None else "model object"
-    calib_name = describe(recipe.calib) if windows is None else "token windows given by the caller"
+    calib_info = {"source": describe(recipe.calib) if windows is None else GIVEN_WINDOWS}
 
     if resuming:
         work.check(stamp)
         windows = work.windows()
+        if work.has("calibration.json"):
+            calib_info = work.load_json("calibration.json")
         data = work.load_json("plan.json")
         plan = Plan(**{k: v for k, v in data.items() if k != "format"})
         start = work.next_block()
@@ -147,21 +162,22 @@ def run(
             print(f"resuming {work.path} at block {start}", file=sys.stderr)
     else:
         tick = time.perf_counter()
-        windows, calib_name = calibrate(recipe, store, tokenizer, windows)
+        windows, calib_info = calibrate(recipe, store, tokenizer, windows)
         timings["calibration_data"] = time.perf_counter() - tick
         tick = time.perf_counter()
         if plan is None:
             plan = make_plan(recipe, store, pattern, windows, dev, dtype, batch_size, progress)
         timings["allocation"] = time.perf_counter() - tick
         start, hidden, results = 0, None, []
-        if work is not None:
-            work.start(stamp, windows, plan.to_json())
-        if recipe.eval_data is not None:
+        if recipe.eval_data is not None:  # before anything is written: bad eval data stops here
             tick = time.perf_counter()
             dense_eval = _evaluate(store, tokenizer, recipe, dev, progress)
-            if work is not None:
-                work.save_json("dense_eval.json", dense_eval)
             timings["evaluation"] = time.perf_counter() - tick
+        if work is not None:
+            work.start(stamp, windows, plan.to_json())
+            work.save_json("calibration.json", calib_info)
+            if recipe.eval_data is not None:
+                work.save_json("dense_eval.json", dense_eval)
     if isinstance(pattern, Unstructured):  # the resolved recipe names the sparsity it used
         recipe = recipe.model_copy(update={"sparsity": plan.target})
 
@@ -211,7 +227,7 @@ def run(
         recipe=recipe,
         pattern=pattern,
         plan=plan,
-        calibration=calib_name,
+        calibration=calib_info,
         windows=windows,
         device=dev,
         dtype=dtype,
@@ -234,9 +250,9 @@ def run(
 
 def calibrate(
     recipe: Recipe, store: Store, tokenizer, windows: torch.Tensor | None = None
-) -> tuple[torch.Tensor, str]:
+) -> tuple[torch.Tensor, dict]:
     """The calibration windows (``windows`` if given, else drawn from ``recipe.calib``)
-    and a description of their source."""
+    and what they were drawn from (source, format, bytes, documents and tokens read)."""
     return calibration(
         tokenizer,
         windows if windows is not None else recipe.calib,
@@ -244,6 +260,7 @@ def calibrate(
         recipe.seqlen,
         recipe.seed,
         getattr(store.model.config, "max_position_embeddings", None),
+        recipe.text_field,
     )
 
 
@@ -282,6 +299,7 @@ def _evaluate(store: Store, tokenizer, recipe: Recipe, device, progress: bool) -
         recipe.eval_data,
         seqlen=recipe.seqlen,
         max_windows=recipe.eval_max_windows,
+        text_field=recipe.text_field,
         tokenizer=tokenizer,
         device=device,
         progress=progress,

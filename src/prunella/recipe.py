@@ -83,7 +83,12 @@ class Recipe(BaseModel):
     min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="Lowest sparsity of any layer.")
     max_sparsity: float = Field(0.99, ge=0.0, lt=1.0, description="Highest sparsity of any layer.")
     calib: str = Field(
-        "sample", description="Calibration text: a file, 'sample' (shipped), wikitext2 or c4."
+        "sample",
+        description="Calibration data: a text, JSONL or Parquet file, a datasets folder, "
+        "'sample' (shipped), wikitext2 or c4.",
+    )
+    text_field: str = Field(
+        "text", description="The text field of JSONL/Parquet/datasets records (or chat messages)."
     )
     nsamples: int = Field(128, ge=1, description="Number of calibration windows.")
     seqlen: int = Field(2048, ge=2, description="Tokens per calibration window.")

@@ -21,6 +21,20 @@ from .version import __version__
 LAYER_KEYS = ("name", "shape", "pattern", "target_sparsity", "sparsity", "rel_error")
 
 
+def _calibration_read(calib: dict) -> str:
+    """What was read to draw the windows, e.g. 'jsonl, 6.3 MB, 40 documents, 9,120 tokens'."""
+    parts = [calib.get("format")]
+    if calib.get("bytes") is not None:
+        parts.append(f"{calib['bytes'] / 1e6:,.1f} MB")
+    if calib.get("documents_read") is not None:
+        parts.append(f"{calib['documents_read']:,} documents read")
+    if calib.get("tokens_read") is not None:
+        parts.append(f"{calib['tokens_read']:,} tokens read")
+    if calib.get("chat"):
+        parts.append(f"chat rendered with {calib['chat']}")
+    return ", ".join(p for p in parts if p) or "-"
+
+
 def build_report(
     *,
     model,
@@ -28,7 +42,7 @@ def build_report(
     recipe,
     pattern,
     plan,
-    calibration: str,
+    calibration: dict,
     windows: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype,
@@ -55,7 +69,7 @@ def build_report(
         "prunable_parameters": total,
         "seed": recipe.seed,
         "calibration": {
-            "source": calibration,
+            **calibration,
             "nsamples": windows.shape[0],
             "seqlen": windows.shape[1],
             "tokens": windows.numel(),
@@ -136,6 +150,7 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
             f"{calib.get('source')}: {calib.get('nsamples')} x "
             f"{calib.get('seqlen')} tokens, seed {report.get('seed')}",
         ),
+        ("calibration data read", _calibration_read(calib)),
         ("passes per block", report.get("passes", "")),
         (
             "device / dtype",

@@ -289,6 +289,7 @@ class WorkDir:
     * ``run.json``   -- what determines the result (the fingerprint);
     * ``windows.safetensors`` -- the calibration token windows;
     * ``plan.json``  -- the allocation plan;
+    * ``calibration.json`` -- what the windows were drawn from, for the report;
     * ``blocks/block-NNNNN.safetensors`` -- each finished block's pruned weights,
       under the checkpoint's own keys;
     * ``hidden-NNNNN.safetensors`` -- the activations entering block ``NNNNN``;
@@ -338,6 +339,9 @@ class WorkDir:
 
     def save_json(self, name: str, data) -> None:
         write_json(self.path / name, data)
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
 
     def load_json(self, name: str):
         return json.loads((self.path / name).read_text(encoding="utf-8"))
