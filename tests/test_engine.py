@@ -40,7 +40,7 @@ HALF = Unstructured(0.5)
 
 
 def run(model, windows, solver="wanda", pattern=HALF, batch_size=2, **kw):
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for(model)
     patterns = {name: pattern for name in prunable_layers(model, adapter)}
     solver = get_solver(solver) if isinstance(solver, str) else solver
     return prune_blocks(
@@ -70,7 +70,7 @@ def test_statistics_come_from_the_pruned_model(llama, windows):
     # q_proj is the first layer of each block; its input is input_layernorm(hidden_i)
     with torch.no_grad():
         hidden = llama(windows, output_hidden_states=True).hidden_states
-    per_block = len(adapter_for("llama").linears(llama.model.layers[0]))
+    per_block = len(adapter_for(llama).linears(llama.model.layers[0]))
     for i, block in enumerate(llama.model.layers):
         x = block.input_layernorm(hidden[i])
         expected = x.reshape(-1, x.shape[-1]).norm(dim=0)
@@ -101,7 +101,7 @@ def test_same_seed_same_model(tiny_llama):
 @pytest.mark.parametrize("pattern", [Unstructured(0.7), NM(2, 4), NM(4, 8)])
 def test_every_solver_honours_every_pattern(llama, windows, solver, pattern):
     results, timings = run(llama, windows, solver=solver, pattern=pattern)
-    adapter = adapter_for("llama")
+    adapter = adapter_for(llama)
     for i, block in enumerate(adapter.blocks(llama)):
         for local, layer in adapter.linears(block).items():
             w = get_weight(layer)
@@ -116,7 +116,7 @@ def test_every_solver_honours_every_pattern(llama, windows, solver, pattern):
 
 
 def test_only_planned_layers_are_pruned(llama, windows):
-    adapter = adapter_for("llama")
+    adapter = adapter_for(llama)
     patterns = {n: Unstructured(0.5) for n in prunable_layers(llama, adapter) if "mlp" in n}
     before = {n: p.clone() for n, p in llama.named_parameters()}
     prune_blocks(

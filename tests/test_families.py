@@ -1,4 +1,5 @@
-"""Every supported architecture prunes end to end and reloads with transformers."""
+"""Every architecture (found by discovery, not from a list) prunes end to end and reloads
+with transformers; mixtures of experts with fused experts are refused in one line."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, build_checkpoint
+from conftest import FAMILIES, MOE_FAMILIES, build_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM
 
 import prunella
 from prunella.adapters import adapter_for, get_weight
+from prunella.cli import main
+from prunella.errors import PrunellaError
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -25,7 +28,7 @@ def test_prune_save_reload(family, tmp_path, tokenizer_dir):
     assert abs(saved["sparsity"] - 0.5) < 1e-3
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    adapter = adapter_for(family)
+    adapter = adapter_for(reloaded)
     names = set()
     for i, block in enumerate(adapter.blocks(reloaded)):
         for local, layer in adapter.linears(block).items():
@@ -39,3 +42,59 @@ def test_prune_save_reload(family, tmp_path, tokenizer_dir):
     assert pruned_state.keys() == reloaded_state.keys()
     for name, tensor in pruned_state.items():
         assert torch.equal(tensor, reloaded_state[name]), name
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fused_experts_are_refused_in_one_line(family, tmp_path, tokenizer_dir, capsys):
+    """A tool that prunes only nn.Linear would leave these experts dense, silently."""
+    src = build_checkpoint(tmp_path / "src", family, tokenizer_dir)
+    code = main(["prune", str(src), "--out", str(tmp_path / "out"), "--seqlen", "32"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and err[-1].startswith(f"error: unsupported architecture {family!r}")
+    assert "fused 3-D parameters" in err[-1] and "experts" in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_discovery_finds_the_blocks_wherever_they_are(tmp_path, tokenizer_dir):
+    paths = {}
+    for family in ("llama", "opt", "gpt2", "gpt_neox", "mpt", "falcon", "bloom"):
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+        adapter = adapter_for(model)
+        paths[family] = adapter.blocks_path
+        assert len(adapter.blocks(model)) == 3 and adapter.family == family
+    assert paths == {
+        "llama": "model.layers",
+        "opt": "model.decoder.layers",
+        "gpt2": "transformer.h",
+        "gpt_neox": "gpt_neox.layers",
+        "mpt": "transformer.blocks",
+        "falcon": "transformer.h",
+        "bloom": "transformer.h",
+    }
+
+
+def test_moe_layers_after_dense_ones_are_refused_too():
+    """DeepSeek-V3 keeps its first blocks dense and the rest mixtures of experts."""
+    config = tiny_config("deepseek_v3")
+    config.first_k_dense_replace = 1
+    with pytest.raises(PrunellaError, match=r"fused 3-D parameters \(model\.layers\.1\.mlp"):
+        adapter_for(AutoModelForCausalLM.from_config(config))
+
+
+def test_discovery_without_no_split_modules_takes_the_largest_block_list():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model._no_split_modules = None
+    model.model.extra = torch.nn.ModuleList([torch.nn.Linear(4, 4)])  # a smaller list
+    assert adapter_for(model).blocks_path == "model.layers"
+
+
+def test_non_causal_models_are_refused_in_one_line(tmp_path, capsys):
+    from transformers import BertConfig, T5Config
+
+    for name, config in {"t5": T5Config(d_model=32, num_layers=1), "bert": BertConfig()}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        config.save_pretrained(folder)
+        assert main(["prune", str(folder), "--out", str(tmp_path / "out")]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err[-1].startswith(f"error: unsupported architecture {name!r}"), err

@@ -14,6 +14,7 @@ only. Loading a whole model is :mod:`prunella.models`; one block at a time,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -116,7 +117,8 @@ def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
     """Resolve and validate a checkpoint without reading its weights."""
     path = resolve(model)
     config = read_config(path)
-    adapter = adapter_for(config["model_type"])
+    config_file = (path / "config.json").stat()
+    adapter = _discover(str(path), config["model_type"], config_file.st_mtime_ns)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise PrunellaError(
@@ -199,6 +201,20 @@ def scan(path: Path) -> str:
                             f"tensor {key} has NaN or Inf values: a broken checkpoint"
                         )
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _discover(path: str, model_type: str, config_mtime: int) -> Adapter:
+    """The adapter of the checkpoint at ``path``, from its model built on the meta device
+    (cached per path and config.json version: building costs up to a second)."""
+    try:
+        model = empty_model(Path(path))
+    except Exception as exc:
+        raise PrunellaError(
+            f"unsupported architecture {model_type!r}: transformers cannot build it as a "
+            f"causal LM ({first_line(exc)})"
+        ) from None
+    return adapter_for(model)
 
 
 def empty_model(path: Path, dtype: torch.dtype | None = None) -> nn.Module:

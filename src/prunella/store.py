@@ -253,7 +253,7 @@ def open_store(
     streams whenever the checkpoint's layout allows it, unless ``whole_model`` (an
     evaluation inside the run) needs it in memory."""
     if isinstance(model, nn.Module):
-        return MemoryStore(model, adapter_for(model.config.model_type)), tokenizer
+        return MemoryStore(model, adapter_for(model)), tokenizer
     path, adapter = check_checkpoint(model)
     if offload == "disk" and whole_model:
         raise PrunellaError(
