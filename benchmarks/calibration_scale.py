@@ -15,11 +15,16 @@ Each draw runs as its own process (peak RSS from ``/usr/bin/time -v``, which inc
 the runtime: Python, torch and the tokenizer, printed as ``floor``), with its address
 space capped at ``--limit-mb``: a draw that needs more fails, and is reported so.
 
+Part 1b draws the same windows from a JSON Lines file and a Parquet file of
+``--record-size`` bytes (1 GB; one paragraph per record; the Parquet file with
+pyarrow's default row groups, uncompressed). There is no "before": those
+formats were not read at all before.
+
 Part 2 prunes SmolLM2-135M (SparseGPT, 50%, ``--nsamples 32 --seqlen 512``, as the
 README's first command) calibrated on the shipped sample and on a generated 6 MB
 text file (before and after), and prints each prune's peak RSS and time.
 
-    python benchmarks/calibration_scale.py --json calibration_scale.json
+    python benchmarks/calibration_scale.py --repeat 3 --json calibration_scale.json
 """
 
 from __future__ import annotations
@@ -61,24 +66,37 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def generate(path: Path, size: int, seed: int = 0) -> Path:
-    """A text file of ``size`` bytes: the shipped paragraphs in a seeded random order."""
+def paragraphs(size: int, seed: int = 0):
+    """Blocks of the shipped paragraphs in a seeded random order, ``size`` bytes in all."""
     from prunella.data import read_text
 
-    if path.is_file() and path.stat().st_size >= size:
-        return path
-    paragraphs = [
-        (p + "\n\n").encode()
-        for name in ("sample", "sample-eval")
-        for p in read_text(name, "train").split("\n\n")
-        if p.strip()
-    ]
+    pool = [p for name in ("sample", "sample-eval") for p in read_text(name, "train").split("\n\n")]
+    pool = [p for p in pool if p.strip()]
     rng, written = random.Random(seed), 0
-    with open(path, "wb") as f:
-        while written < size:
-            block = b"".join(rng.choices(paragraphs, k=2000))
-            f.write(block)
-            written += len(block)
+    while written < size:
+        block = rng.choices(pool, k=2000)
+        written += sum(len(p.encode()) + 2 for p in block)
+        yield block
+
+
+def generate(path: Path, size: int) -> Path:
+    """A file of about ``size`` bytes of those paragraphs: plain text (``.txt``), one
+    record per paragraph (``.jsonl``), or a Parquet file with pyarrow's default row
+    groups (``.parquet``, uncompressed so that it is as large as a real corpus)."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        texts = [p for block in paragraphs(size) for p in block]
+        # no dictionary and no compression: the paragraphs repeat, real corpora do not
+        pq.write_table(pa.table({"text": texts}), path, use_dictionary=False, compression="none")
+        return path
+    with open(path, "w", encoding="utf-8") as f:
+        for block in paragraphs(size):
+            if path.suffix == ".jsonl":
+                f.write("".join(json.dumps({"text": p}) + "\n" for p in block))
+            else:
+                f.write("".join(p + "\n\n" for p in block))
     return path
 
 
@@ -135,8 +153,9 @@ def main() -> None:
     parser.add_argument("--limit-mb", type=int, default=16384, help="address-space cap per draw")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (median)")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--record-size", type=float, default=1e9, help="JSONL/Parquet bytes")
     parser.add_argument("--prune-file-mb", type=float, default=6.3)
-    parser.add_argument("--parts", default="draw,prune", help="draw, prune or both")
+    parser.add_argument("--parts", default="draw,records,prune", help="which parts to run")
     parser.add_argument("--workdir", default=None, help="where the generated files go")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
@@ -168,6 +187,28 @@ def main() -> None:
                         f"{result['failed']}"
                     )
             path.unlink()
+
+        if "records" in a.parts:
+            print(f"\n## Drawing {a.nsamples} x {a.seqlen} windows from records\n")
+            print("| file | size | row groups | peak RSS | time | documents read |")
+            print("|---|---|---|---|---|---|")
+            records = results["records"] = []
+            for suffix in (".jsonl", ".parquet"):
+                path = generate(tmp / f"records{suffix}", int(a.record_size))
+                groups = "-"
+                if suffix == ".parquet":
+                    import pyarrow.parquet as pq
+
+                    groups = str(pq.ParquetFile(path).num_row_groups)
+                after = draw(str(path), a, whole=False)
+                records.append({"file": path.name, "bytes": path.stat().st_size, "after": after})
+                print(
+                    f"| {path.name} | {human(path.stat().st_size)} | {groups} "
+                    f"| {cell(after, 'peak_rss_mb', ',.0f', 'MB')} "
+                    f"| {cell(after, 'draw_seconds', '.2f', 's')} "
+                    f"| {after.get('documents_read', '-')} |"
+                )
+                path.unlink()
 
         if "prune" in a.parts:
             big = generate(tmp / "calib-6mb.txt", int(a.prune_file_mb * 1e6))

@@ -201,13 +201,14 @@ def test_chat_records_use_the_chat_template(tok, tmp_path):
     assert "\n" not in str(failed.value)
 
 
-def test_parquet_windows_are_seeded_records(tok, tmp_path):
+def test_parquet_windows_are_seeded_records(tok, tmp_path, monkeypatch):
     import pyarrow as pa  # installed with the datasets extra, as in CI
     import pyarrow.parquet as pq
 
     path = tmp_path / "c.parquet"
     table = pa.table({"text": PARAGRAPHS[:40], "n": list(range(40))})
-    pq.write_table(table, path, row_group_size=7)  # six row groups
+    pq.write_table(table, path, row_group_size=7)  # six row groups, read in batches of 3
+    monkeypatch.setattr(ParquetFile, "BATCH_ROWS", 3)
     a, info = draw_calibration(tok, path, nsamples=8, seqlen=48, seed=0)
     assert torch.equal(a, calibration_windows(tok, path, nsamples=8, seqlen=48, seed=0))
     assert not torch.equal(a, calibration_windows(tok, path, nsamples=8, seqlen=48, seed=5))

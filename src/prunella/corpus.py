@@ -399,9 +399,12 @@ class Table(Records):
 
 
 class ParquetFile(Table):
-    """A Parquet file; one row group at a time is held in memory."""
+    """A Parquet file, read in batches of ``BATCH_ROWS`` rows through a buffered stream, so
+    that memory holds one batch whatever the size of the row groups (pyarrow's default
+    row group is a million rows: a gigabyte of paragraphs)."""
 
     format = "parquet"
+    BATCH_ROWS = 256
 
     def __init__(self, path: Path, text_field: str, tokenizer=None) -> None:
         super().__init__(path, text_field, tokenizer)
@@ -412,7 +415,7 @@ class ParquetFile(Table):
                 f"reading {path} needs pyarrow: pip install 'prunella[datasets]'"
             ) from None
         try:
-            self.file = pq.ParquetFile(path)
+            self.file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
         except Exception as exc:
             raise PrunellaError(
                 f"{path} is not a readable Parquet file: {first_line(exc)}"
@@ -421,21 +424,33 @@ class ParquetFile(Table):
         self.field = self.field_of(self.file.schema_arrow.names, lambda: "its columns")
         groups = range(self.file.num_row_groups)
         self.ends = list(accumulate(self.file.metadata.row_group(g).num_rows for g in groups))
-        self.cached: tuple[int, list] = (-1, [])
         if self.rows == 0:
             raise PrunellaError(f"{path} has no rows")
+        # the stream being read: its row group, the batches left, the batch at hand
+        self.group, self.batches, self.batch, self.batch_start = -1, iter(()), [], 0
 
     def row(self, i: int):
+        """Row ``i``: read on from the current batch when it lies ahead in the same row
+        group (windows are read in file order), else from the start of its row group."""
         group = bisect.bisect_right(self.ends, i)
-        if self.cached[0] != group:
-            try:
-                values = self.file.read_row_group(group, columns=[self.field]).column(0)
-            except Exception as exc:
-                raise PrunellaError(
-                    f"{self.path}, row group {group}: unreadable: {first_line(exc)}"
-                ) from None
-            self.cached = (group, values.to_pylist())
-        return self.cached[1][i - (self.ends[group - 1] if group else 0)]
+        if group != self.group or i < self.batch_start:
+            self.group, self.batch, self.batch_start = (
+                group,
+                [],
+                self.ends[group - 1] if group else 0,
+            )
+            self.batches = self.file.iter_batches(
+                batch_size=self.BATCH_ROWS, row_groups=[group], columns=[self.field]
+            )
+        try:
+            while i >= self.batch_start + len(self.batch):
+                self.batch_start += len(self.batch)
+                self.batch = next(self.batches).column(0).to_pylist()
+        except Exception as exc:
+            raise PrunellaError(
+                f"{self.path}, row group {group}: unreadable: {first_line(exc)}"
+            ) from None
+        return self.batch[i - self.batch_start]
 
 
 class DatasetFolder(Table):
