@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import FAMILIES, MOE_FAMILIES, build_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 import prunella
 from prunella.adapters import adapter_for, get_weight
@@ -51,7 +52,7 @@ def test_fused_experts_are_refused_in_one_line(family, tmp_path, tokenizer_dir, 
     code = main(["prune", str(src), "--out", str(tmp_path / "out"), "--seqlen", "32"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and err[-1].startswith(f"error: unsupported architecture {family!r}")
-    assert "fused 3-D parameters" in err[-1] and "experts" in err[-1]
+    assert "experts are fused parameters" in err[-1]
     assert not (tmp_path / "out").exists()
 
 
@@ -77,7 +78,7 @@ def test_moe_layers_after_dense_ones_are_refused_too():
     """DeepSeek-V3 keeps its first blocks dense and the rest mixtures of experts."""
     config = tiny_config("deepseek_v3")
     config.first_k_dense_replace = 1
-    with pytest.raises(PrunellaError, match=r"fused 3-D parameters \(model\.layers\.1\.mlp"):
+    with pytest.raises(PrunellaError, match=r"fused parameters \(model\.layers\.1\.mlp\.experts"):
         adapter_for(AutoModelForCausalLM.from_config(config))
 
 
@@ -88,13 +89,56 @@ def test_discovery_without_no_split_modules_takes_the_largest_block_list():
     assert adapter_for(model).blocks_path == "model.layers"
 
 
-def test_non_causal_models_are_refused_in_one_line(tmp_path, capsys):
-    from transformers import BertConfig, T5Config
+def test_discovery_takes_a_mixed_block_list_over_the_lists_inside_it():
+    """A hybrid stack (two kinds of blocks) with experts kept as a list inside each."""
+    from types import SimpleNamespace
 
-    for name, config in {"t5": T5Config(d_model=32, num_layers=1), "bert": BertConfig()}.items():
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+
+    class Mixer(Attention):
+        pass
+
+    class Hybrid(nn.Module):
+        config = SimpleNamespace(model_type="hybrid", is_encoder_decoder=False)
+
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Attention(), Mixer(), Attention()])
+
+    assert adapter_for(Hybrid()).blocks_path == "layers"
+
+
+def test_linear_layers_outside_the_blocks_are_the_lm_head_only():
+    for family in FAMILIES:
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+        adapter = adapter_for(model)
+        inside = {id(m) for block in adapter.blocks(model) for m in block.modules()}
+        outside = [
+            m
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear | Conv1D) and id(m) not in inside
+        ]
+        assert outside in ([], [model.get_output_embeddings()]), family
+
+
+def test_non_causal_models_are_refused_in_one_line(tmp_path, capsys):
+    from transformers import BartConfig, BertConfig, T5Config
+
+    configs = {
+        "t5": (T5Config(d_model=32, num_layers=1), "unsupported architecture 't5'"),
+        "bart": (BartConfig(d_model=32, encoder_layers=1, decoder_layers=1), "encoder-decoder"),
+        "bert": (BertConfig(), "bidirectional attention"),
+    }
+    for name, (config, reason) in configs.items():
         folder = tmp_path / name
         folder.mkdir()
         config.save_pretrained(folder)
         assert main(["prune", str(folder), "--out", str(tmp_path / "out")]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert err[-1].startswith(f"error: unsupported architecture {name!r}"), err
+        assert reason in err[-1], err

@@ -49,45 +49,34 @@ class Adapter:
 def adapter_for(model: nn.Module) -> Adapter:
     """Where ``model`` keeps its decoder blocks, found from the model itself.
 
-    The blocks are the ``nn.ModuleList`` whose elements are the classes the model names
-    in ``_no_split_modules`` (transformers' list of the modules that must stay whole on
-    one device: its decoder layers), or, for a model without that list, the
-    ``nn.ModuleList`` of one class holding the most parameters. Works on a model whose
-    parameters are on the meta device.
+    The blocks are the ``nn.ModuleList`` (under the model's text decoder,
+    ``model.get_decoder()``, when it names one) whose elements are the classes the
+    model names in ``_no_split_modules`` (transformers' list of the modules that must
+    stay whole on one device: its decoder layers), or, for a model without that list,
+    the ``nn.ModuleList`` holding the most parameters (the outermost, on a tie). Works
+    on a model whose parameters are on the meta device.
     """
-    config = model.config
-    model_type = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        raise PrunellaError(
-            f"unsupported architecture {model_type!r}: an encoder-decoder model "
-            "(Prunella prunes decoder-only causal LMs)"
-        )
-    if _is_encoder(config):
-        raise PrunellaError(
-            f"unsupported architecture {model_type!r}: an encoder with bidirectional attention "
-            "(is_decoder is false), not a causal LM"
-        )
+    model_type = model.config.model_type
+    refusal = _not_a_decoder(model.config)
+    if refusal:
+        raise PrunellaError(f"unsupported architecture {model_type!r}: {refusal}")
+    root, prefix = _decoder(model)
     no_split = set(getattr(model, "_no_split_modules", None) or ())
     candidates = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        classes = {type(block).__name__ for block in module}
-        if classes <= no_split or len(classes) == 1:
+    for name, module in root.named_modules(prefix=prefix):
+        if isinstance(module, nn.ModuleList) and len(module):
+            named = {type(block).__name__ for block in module} <= no_split
             size = sum(p.numel() for p in module.parameters())
-            candidates.append((classes <= no_split, size, name))
+            # the named classes first, then the most parameters, then the outermost list
+            candidates.append((named, size, -name.count("."), name))
     if not candidates:
         raise PrunellaError(f"unsupported architecture {model_type!r}: no list of decoder blocks")
-    adapter = Adapter(model_type, max(candidates)[2])
-    fused = [
-        f"{adapter.blocks_path}.{name}"
-        for name, param in adapter.blocks(model).named_parameters()
-        if param.dim() == 3
-    ]
+    adapter = Adapter(model_type, max(candidates)[-1])
+    fused = _fused_experts(adapter.blocks(model))
     if fused:
         raise PrunellaError(
-            f"unsupported architecture {model_type!r}: its experts are fused 3-D parameters "
-            f"({fused[0]}), which Prunella does not prune yet"
+            f"unsupported architecture {model_type!r}: its experts are fused parameters "
+            f"({adapter.blocks_path}.{fused}), which Prunella does not prune yet"
         )
     if not adapter.linears(adapter.blocks(model)[0]):
         raise PrunellaError(
@@ -96,12 +85,52 @@ def adapter_for(model: nn.Module) -> Adapter:
     return adapter
 
 
-def _is_encoder(config) -> bool:
-    """A masked-LM family (BERT, RoBERTa, ...) not configured as a decoder: transformers
-    builds a causal-LM head for it, but its attention still sees the future."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+def _decoder(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model's text decoder and its name (the model itself, ``""``, if it names none):
+    a multimodal model's vision tower has blocks too."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    if decoder is not None:
+        for name, module in model.named_modules():
+            if module is decoder:
+                return module, name
+    return model, ""
 
-    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
+
+def _not_a_decoder(config) -> str:
+    """Why a model that transformers builds as a causal LM is not one Prunella prunes
+    (``""`` if it is): an encoder-decoder's decoder alone (BART, Whisper, ...: its
+    cross-attention never runs without the encoder), or a masked-LM encoder (BERT,
+    RoBERTa, ...) whose attention sees the future unless configured as a decoder."""
+    from transformers.models.auto import modeling_auto as auto
+
+    seq2seq = {
+        *auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        *auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
+    }
+    if getattr(config, "is_encoder_decoder", False) or config.model_type in seq2seq:
+        return "an encoder-decoder model (Prunella prunes decoder-only causal LMs)"
+    if config.model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder:
+        return "an encoder with bidirectional attention (is_decoder is false), not a causal LM"
+    return ""
+
+
+def _fused_experts(blocks: nn.ModuleList) -> str:
+    """The first experts' weight that is not an ``nn.Linear`` of its own (transformers 5
+    fuses the experts of Mixtral, Qwen3-MoE, OLMoE, gpt-oss, ... into 3-D parameters,
+    DBRX into 2-D ones), or ``""``. Experts kept as ``nn.Linear`` modules are pruned like
+    any linear layer, each on the tokens routed to it."""
+    own = (nn.Linear, Conv1D, nn.Embedding, nn.modules.conv._ConvNd)
+    for name, module in blocks.named_modules():
+        if isinstance(module, own):
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            full = f"{name}.{key}" if name else key
+            if param.dim() >= 2 and "expert" in full.lower():
+                return full
+    return ""
 
 
 def block_index(layer_name: str) -> int:

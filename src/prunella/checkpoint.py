@@ -117,8 +117,7 @@ def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
     """Resolve and validate a checkpoint without reading its weights."""
     path = resolve(model)
     config = read_config(path)
-    config_file = (path / "config.json").stat()
-    adapter = _discover(str(path), config["model_type"], config_file.st_mtime_ns)
+    adapter = _discover(str(path), json.dumps(config, sort_keys=True))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise PrunellaError(
@@ -204,12 +203,13 @@ def scan(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _discover(path: str, model_type: str, config_mtime: int) -> Adapter:
+def _discover(path: str, config: str) -> Adapter:
     """The adapter of the checkpoint at ``path``, from its model built on the meta device
-    (cached per path and config.json version: building costs up to a second)."""
+    (cached per path and config.json content: building costs up to a second)."""
     try:
         model = empty_model(Path(path))
     except Exception as exc:
+        model_type = json.loads(config)["model_type"]
         raise PrunellaError(
             f"unsupported architecture {model_type!r}: transformers cannot build it as a "
             f"causal LM ({first_line(exc)})"
