@@ -34,7 +34,6 @@ import torch
 from .errors import PrunellaError, first_line
 
 WORD_BREAK = re.compile(r"(?<=\S) (?=\S)")
-SPACE = b" "
 WHITESPACE = b" \t\n\r\x0b\x0c"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
@@ -100,9 +99,7 @@ def pieces_of(text: str, size: int) -> Iterator[tuple[str, bool]]:
     single spaces between words (so that a long record is never tokenized whole)."""
     start, new_document = 0, True
     while len(text) - start > size:
-        cut = text.rfind(" ", start + 1, start + size)
-        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-            cut = text.rfind(" ", start + 1, cut)
+        cut = _last_word_break(text, start, start + size)
         cut = cut if cut > start else start + size
         yield text[start:cut], new_document
         start, new_document = cut, False
@@ -195,7 +192,7 @@ def _decode_prefix(raw: bytes) -> str:
 def _first_space(raw: bytes) -> int:
     """Where a piece read from a random offset starts: at its first space, else after
     any UTF-8 continuation bytes (the rest of a character cut by the offset)."""
-    for sep in (SPACE, b"\n"):
+    for sep in (b" ", b"\n"):
         at = raw.find(sep)
         if at >= 0:
             return at
@@ -205,15 +202,23 @@ def _first_space(raw: bytes) -> int:
     return skip
 
 
+def _last_word_break(text: str | bytes, start: int, end: int) -> int:
+    """The last single space in ``text[start + 1 : end - 1]`` with a non-space on either
+    side (where tokenizers split words), or -1; for text and for raw bytes alike."""
+    space = b" " if isinstance(text, bytes) else " "
+    at = text.rfind(space, start + 1, end - 1)
+    while at > start and (text[at - 1 : at].isspace() or text[at + 1 : at + 2].isspace()):
+        at = text.rfind(space, start + 1, at)
+    return at if at > start else -1
+
+
 def _last_space(raw: bytes) -> int:
     """Where to cut a piece (> 0): at its last single space between two non-spaces
     (tokenizers split words there), else at its last whitespace, else before its last
     character."""
-    at = raw.rfind(SPACE)
-    while at > 0:
-        if raw[at - 1] not in WHITESPACE and at + 1 < len(raw) and raw[at + 1] not in WHITESPACE:
-            return at
-        at = raw.rfind(SPACE, 0, at)
+    at = _last_word_break(raw, 0, len(raw))
+    if at > 0:
+        return at
     at = max(raw.rfind(bytes([sep])) for sep in WHITESPACE)
     if at > 0:
         return at
