@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from postgres import postgres_url  # noqa: F401  (the PostgreSQL server fixture)
+
 from prunella.data import shipped_path
 
 VOCAB = 384

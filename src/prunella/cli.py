@@ -37,6 +37,7 @@ TEXT_FIELD_HELP = "The text field of JSONL/Parquet/datasets records (or chat mes
 ALLOCATE_FIELDS = (
     "sparsity",
     "pattern",
+    "solver",
     "allocation",
     "granularity",
     "min_sparsity",
@@ -177,7 +178,8 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
     pattern = parse_pattern(options.pattern, options.sparsity)
     dev = pick_device(options.device)
     store, tokenizer = open_store(options.model, options.offload)
-    needs_data = get_method(options.allocation.name).needs - {WEIGHTS}
+    method = get_method(options.allocation.name)
+    needs_data = method.needs - {WEIGHTS} or hasattr(method.module, "search")
     windows = calibrate(options, store, tokenizer)[0] if needs_data else None
     dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, dev, options.compute_dtype)
     batch_size = options.batch_size or default_batch_size(options.seqlen, dev)
@@ -409,6 +411,44 @@ def pack_command(
         f"sparse): {stats['dense_bytes'] / 2**20:.1f} MiB -> {stats['bytes'] / 2**20:.1f} "
         f"MiB ({stats['bytes'] / stats['dense_bytes']:.1%}) -> {out}"
     )
+
+
+@app.command("search-worker")
+def search_worker_command(
+    storage: Annotated[
+        str,
+        typer.Option(
+            help="The search's optuna storage URL (e.g. postgresql://...).",
+            envvar="PRUNELLA_SEARCH_STORAGE",
+        ),
+    ],
+    study: Annotated[str, typer.Option(help="The study's name (printed by the search).")],
+    model: Annotated[
+        str | None, typer.Option(help="The model's folder, where it differs from the search's.")
+    ] = None,
+    folder: Annotated[
+        str | None,
+        typer.Option(help="The level database's folder, where it differs from the search's."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    parent: Annotated[
+        int | None, typer.Option(help="Stop when this process is gone.", hidden=True)
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No messages.")] = False,
+) -> None:
+    """Join an allocation search (evopress, tpe, dsa) and evaluate its candidates until it ends."""
+    import os
+
+    import torch
+
+    from .search import run_worker
+
+    _quiet_transformers()
+    if os.environ.get("PRUNELLA_THREADS"):
+        torch.set_num_threads(int(os.environ["PRUNELLA_THREADS"]))
+    count = run_worker(storage, study, model=model, folder=folder, device=device, parent=parent)
+    if not quiet:
+        typer.echo(f"search-worker: evaluated {count} candidate(s) of {study}")
 
 
 @app.command("unpack")

@@ -290,6 +290,8 @@ def make_plan(
         dtype=dtype,
         batch_size=batch_size,
         progress=progress,
+        solver=get_solver(recipe.solver.name),
+        solver_options=recipe.solver.options,
     )
 
 

@@ -81,3 +81,22 @@ def layer_figure(report: dict, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def search_figure(search: dict, path: str | Path) -> Path:
+    """The search curve: the best KL to the dense model against evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluations, best = zip(*search["curve"], strict=True)
+    fig, ax = plt.subplots(figsize=(6.0, 3.0), dpi=120)
+    ax.plot(evaluations, best, color="#7a9cc6", marker="o", ms=2, lw=1.5, drawstyle="steps-post")
+    ax.set_xlabel("candidate evaluations")
+    ax.set_ylabel("KL to dense (nats/token)")
+    ax.set_title("search: best candidate so far", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

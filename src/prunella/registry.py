@@ -12,7 +12,8 @@ and its function(s): a solver ``prune(weight, pattern, stats, **options)``
 returning the weight and a dict of facts for the report (a ``"note"`` among them is
 also printed); an allocation method ``unit_metric(layers, **options)`` and
 ``sparsities(metric, target, sizes, **options)`` plus ``METRIC`` (the metric's name,
-or ``None``); a row method ``prune(weight, pattern, stats, solve, **options)``.
+or ``None``), or a search ``search(run, **options)`` returning the plan it found
+(:mod:`prunella.search`); a row method ``prune(weight, pattern, stats, solve, **options)``.
 
 Built-in methods are listed in ``prunella.solvers``, ``prunella.allocation`` and
 ``prunella.rows``; third-party packages add theirs through the entry point groups
@@ -160,7 +161,13 @@ class Registry:
         self._loaded = False
 
     def _method(self, name: str, module: ModuleType) -> Method:
-        missing = [a for a in ("PAPER", "NEEDS", "OPTIONS", *self.hooks) if not hasattr(module, a)]
+        # hooks: the names every module declares, or alternatives (a tuple of such tuples)
+        alternatives = self.hooks if isinstance(self.hooks[0], tuple) else (self.hooks,)
+        missing = min(
+            ([a for a in ("PAPER", "NEEDS", "OPTIONS", *hooks) if not hasattr(module, a)]
+             for hooks in alternatives),
+            key=len,
+        )  # fmt: skip
         if missing:
             raise PrunellaError(
                 f"{self.kind} {name!r} ({module.__name__}) does not declare {', '.join(missing)}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .device import peak_memory_mb
-from .plots import allocation_figure, layer_figure
+from .plots import allocation_figure, layer_figure, search_figure
 from .version import __version__
 
 # The columns every layer row has; anything else in a row is the solver's (and the row
@@ -134,6 +134,22 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
                 _png(allocation_figure(report["allocation"], sizes, Path(tmp) / "allocation.png"))
             )
         figures.append(_png(layer_figure(report, Path(tmp) / "layers.png")))
+        search = ((report.get("allocation") or {}).get("params") or {}).get("search")
+        search_html = ""
+        if search and search.get("curve"):
+            facts = [
+                ("evaluations", search.get("evaluations")),
+                ("seconds", search.get("seconds")),
+                ("best KL on calibration tokens", f"{search.get('best_kl') or 0:.4f}"),
+                ("study / storage", f"{search.get('study')} / {search.get('storage')}"),
+            ]
+            if "held_out_kl" in search:
+                facts.append(
+                    ("held-out KL: found / uniform",
+                     f"{search['held_out_kl']:.4f} / {search['held_out_kl_uniform']:.4f}")
+                )  # fmt: skip
+            curve = _png(search_figure(search, Path(tmp) / "search.png"))
+            search_html = f"<h2>Search</h2><table class=kv>{_rows(facts)}</table><p>{curve}</p>"
     calib = report.get("calibration", {})
     summary = [
         ("model", report.get("model")),
@@ -194,6 +210,7 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
 {evaluation}
 <h2>Where the sparsity went</h2>
 {"".join(f"<p>{f}</p>" for f in figures)}
+{search_html}
 <h2>Time per phase</h2><table class=kv>{phases}</table>
 <h2>Layers</h2>
 <table><tr><th>layer</th><th>shape</th><th>pattern</th><th>target</th><th>sparsity</th>

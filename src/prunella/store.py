@@ -104,6 +104,9 @@ class MemoryStore(_Blocks):
     def after_capture(self) -> None:
         pass
 
+    def load_head(self) -> None:
+        pass
+
     def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Put a finished block's pruned weights (from the work folder) back."""
         inverse = {key: name for name, key in self.key_map.items()}
@@ -177,6 +180,12 @@ class StreamedStore(_Blocks):
         for name, param in module.named_parameters():
             if param.is_meta and not skipped(name):
                 raise PrunellaError(f"the checkpoint has no tensor for {prefix + name!r}")
+
+    def load_head(self) -> None:
+        """Read the LM head too (an allocation search makes logits before the pruning)."""
+        head = self._untied_head()
+        if head:
+            self._materialize(self.model.get_submodule(head[0]), head[0] + ".")
 
     def load(self, i: int) -> nn.Module:
         block = self.blocks()[i]

@@ -18,7 +18,7 @@ from ..errors import PrunellaError
 from ..patterns import Pattern
 from ..registry import Method, Registry
 from ..stats import WEIGHTS
-from . import alphapruning, erk, owl, uniform
+from . import alphapruning, dsa, erk, evopress, owl, tpe, uniform
 from .plan import GRANULARITIES, Plan, build_plan, fit_budget, fit_nm_levels, load_plan
 
 ALLOCATIONS = Registry(
@@ -29,8 +29,11 @@ ALLOCATIONS = Registry(
         "owl": owl,
         "alphapruning": alphapruning,
         "erk": erk,
+        "evopress": evopress,
+        "tpe": tpe,
+        "dsa": dsa,
     },
-    hooks=("METRIC", "unit_metric", "sparsities"),
+    hooks=(("METRIC", "unit_metric", "sparsities"), ("search",)),
 )
 
 __all__ = [
@@ -64,12 +67,15 @@ def allocate(
     dtype: torch.dtype,
     batch_size: int = 1,
     progress: bool = True,
+    solver: Method | None = None,
+    solver_options: dict | None = None,
 ) -> Plan:
     """A :class:`Plan` for ``pattern``'s target by allocation ``method`` (options resolved).
 
     Methods that need calibration statistics run one dense forward pass over
     ``windows``; methods that read the weights visit every block without a
-    forward pass; methods that need only shapes read nothing.
+    forward pass; methods that need only shapes read nothing. A search method
+    (:mod:`prunella.search`) scores candidates pruned by ``solver``.
     """
     if granularity not in GRANULARITIES:
         raise PrunellaError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -77,6 +83,15 @@ def allocate(
         raise PrunellaError(
             f"need 0 <= min sparsity <= max sparsity < 1, got {min_sparsity}, {max_sparsity}"
         )
+    if hasattr(method.module, "search"):
+        from ..search import SearchRun
+        from ..solvers import get_solver
+
+        run = SearchRun(
+            store, windows, pattern, solver or get_solver("sparsegpt"), solver_options or {},
+            granularity, min_sparsity, max_sparsity, device, dtype, batch_size, progress, method,
+        )  # fmt: skip
+        return method.search(run, **options)
     statistics = method.needs - {WEIGHTS}
     if statistics and windows is None:
         raise PrunellaError(f"allocation {method.name!r} needs calibration data")

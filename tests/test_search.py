@@ -1,0 +1,379 @@
+"""Allocation search: the level database, the KL fitness, EvoPress, TPE and DSA, resumes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_checkpoint
+from test_allocation import allocate
+
+from prunella.adapters import get_weight
+from prunella.allocation import dsa
+from prunella.allocation.evopress import mutate
+from prunella.errors import PrunellaError
+from prunella.evaluation import perplexity
+from prunella.models import load
+from prunella.patterns import NM, Unstructured
+from prunella.search import SearchRun, levels_for_sparsities, unit_levels
+from prunella.search.fitness import KLFitness
+from prunella.search.levels import make_ladder
+from prunella.solvers import get_solver
+from prunella.store import MemoryStore
+
+CPU = torch.device("cpu")
+SMALL = {"offspring": 6, "survivors": "3,1", "tokens": "64,128"}
+
+
+@pytest.fixture(autouse=True)
+def search_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNELLA_CACHE", str(tmp_path / "cache"))
+
+
+def windows_for(model, count=6, seqlen=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (count, seqlen), generator=g)
+
+
+def search_run(model, adapter, pattern, windows, granularity="block", solver="sparsegpt"):
+    return SearchRun(
+        MemoryStore(model, adapter), windows, pattern, get_solver(solver), {}, granularity,
+        0.0, 0.99, CPU, torch.float32, 2, False,
+    )  # fmt: skip
+
+
+def plan_of(path, method, pattern, options, granularity="block"):
+    model, _, _, adapter = load(path)
+    return allocate(
+        model, adapter, method, pattern, windows=windows_for(model), options=options,
+        granularity=granularity, batch_size=2, solver=get_solver("sparsegpt"), solver_options={},
+    )  # fmt: skip
+
+
+# --- the ladder -------------------------------------------------------------------
+
+
+def test_ladder_steps_are_one_weight_count_for_every_layer():
+    sizes = {"a": 4096, "b": 1024, "c": 16384}
+    ladder = make_ladder(sizes, Unstructured(0.7), hidden_size=64, num_levels=8)
+    assert ladder.step == dict.fromkeys(sizes, int(0.5 * 0.3 / 8 * 64**2))
+    for name, size in sizes.items():
+        assert ladder.pruned(name, 0) == round(0.7 * size)
+        assert ladder.sparsity(name, ladder.low[name]) >= 0
+        assert ladder.sparsity(name, ladder.high[name]) <= 0.99
+        assert -8 <= ladder.low[name] <= 0 <= ladder.high[name] <= 8
+    assert ladder.high["b"] < ladder.high["c"]  # a small layer has fewer levels up
+
+
+def test_nm_ladder_levels_are_patterns_of_the_same_m():
+    ladder = make_ladder({"a": 64 * 8, "b": 32 * 8}, NM(4, 8), hidden_size=8)
+    assert [str(ladder.pattern("a", lv)) for lv in ladder.levels("a")] == [
+        f"{n}:8" for n in range(7, 0, -1)
+    ]
+    assert ladder.sparsity("a", 2) == pytest.approx(1 - 2 / 8)
+
+
+def test_level_switch_mutation_keeps_the_budget_exactly():
+    import random
+
+    sizes = {f"l{i}": s for i, s in enumerate([4096, 1024, 16384, 4096, 2048])}
+    ladder = make_ladder(sizes, Unstructured(0.6), hidden_size=32)
+    units = {n: [n] for n in sizes}
+    ranges = unit_levels(ladder, units)
+    rng = random.Random(0)
+    levels = dict.fromkeys(sizes, 0)
+    budget = sum(ladder.pruned(n, 0) for n in sizes)
+    moved = 0
+    for _ in range(200):
+        levels = mutate(levels, ranges, rng)
+        assert sum(ladder.pruned(n, levels[n]) for n in sizes) == budget
+        assert all(ladder.low[n] <= levels[n] <= ladder.high[n] for n in sizes)
+        moved += any(levels.values())
+    assert moved > 0
+
+
+def test_levels_for_sparsities_keeps_the_budget_and_follows_the_wish():
+    sizes = {f"b{b}.{k}": s for b in range(4) for k, s in (("q", 4096), ("mlp", 16384))}
+    ladder = make_ladder(sizes, Unstructured(0.5), hidden_size=64)
+    units = {f"b{b}": [f"b{b}.q", f"b{b}.mlp"] for b in range(4)}
+    wish = {"b0": 0.40, "b1": 0.45, "b2": 0.55, "b3": 0.60}
+    levels = levels_for_sparsities(ladder, units, wish)
+    assert sum(ladder.pruned(n, levels[n]) for n in sizes) == sum(
+        ladder.pruned(n, 0) for n in sizes
+    )
+    block = [
+        sum(ladder.pruned(n, levels[n]) for n in units[u]) / sum(sizes[n] for n in units[u])
+        for u in units
+    ]
+    assert block == sorted(block) and block[0] < 0.5 < block[-1]
+
+
+# --- the database and the fitness ------------------------------------------------------
+
+
+def test_database_levels_are_the_solver_at_each_level_and_are_reused(tiny_llama):
+    model, _, _, adapter = load(tiny_llama)
+    run = search_run(model, adapter, Unstructured(0.5), windows_for(model))
+    ladder = run.ladder(4)
+    folder = Path(os.environ["PRUNELLA_CACHE"])
+    database, key = run.database(ladder, folder)
+    name = ladder.names[0]
+    for level in ladder.levels(name):
+        w = database.weight(name, level)
+        assert (w == 0).sum().item() == ladder.pruned(name, level)
+    stamp = {p: p.stat().st_mtime_ns for p in (database.folder / "layers").iterdir()}
+    # a crash during a build: one layer missing and not marked complete
+    (database.folder / "complete").unlink()
+    lost = database.folder / "layers" / f"{ladder.names[-1]}.safetensors"
+    lost.unlink()
+    again, key2 = run.database(ladder, folder)
+    assert key2 == key and lost.exists()
+    kept = {p: p.stat().st_mtime_ns for p in (again.folder / "layers").iterdir() if p != lost}
+    assert kept == {p: t for p, t in stamp.items() if p != lost}  # only the lost one rebuilt
+    assert torch.equal(again.weight(name, 1), database.weight(name, 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "falcon", "gpt2"])
+def test_kl_fitness_equals_the_kl_of_the_stitched_model(family, tmp_path, tokenizer_dir):
+    # Bloom and Falcon blocks return tuples, GPT-2's layers are Conv1D
+    model, _, _, adapter = load(build_checkpoint(tmp_path / family, family, tokenizer_dir))
+    windows = windows_for(model)
+    run = search_run(model, adapter, Unstructured(0.6), windows)
+    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_CACHE"]))
+    ladder = database.ladder
+    levels = {n: (i % 3) - 1 for i, n in enumerate(ladder.names)}
+    levels = {n: max(ladder.low[n], min(ladder.high[n], v)) for n, v in levels.items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fitness = KLFitness(run.store, windows, database, device=CPU, dtype=torch.float32,
+                        batch_size=2)  # fmt: skip
+    ids = [1, 3, 4]
+    value = fitness(levels, ids)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    stitched = copy.deepcopy(model)
+    for name in adapter.layers(stitched):
+        layer = stitched.get_submodule(name)
+        get_weight(layer).data.copy_(database.weight(name, levels[name]))
+    direct = perplexity(stitched, windows[ids], reference=model, progress=False)
+    assert value == pytest.approx(direct["kl_to_reference"], rel=1e-4)
+    assert value > 0
+    assert fitness(dict.fromkeys(ladder.names, 0), ids) > 0
+
+
+# --- the methods ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_evopress_is_seeded_and_exact_to_the_budget(tiny_llama, granularity, tmp_path):
+    options = SMALL | {"evaluations": 30, "seed": 3}
+    a = plan_of(tiny_llama, "evopress", Unstructured(0.6), options, granularity)
+    b = plan_of(tiny_llama, "evopress", Unstructured(0.6),
+                options | {"folder": str(tmp_path / "other")}, granularity)  # fmt: skip
+    assert a.sparsity == b.sparsity  # a fresh storage, the same search
+    sizes = {n: r * c for n, (r, c) in load(tiny_llama)[3].layers(load(tiny_llama)[0]).items()}
+    pruned = sum(a.sparsity[n] * sizes[n] for n in sizes)
+    assert abs(pruned - 0.6 * sum(sizes.values())) <= len(sizes)
+    assert len(set(a.sparsity.values())) > 1  # it moved away from uniform
+    search = a.params["search"]
+    assert search["evaluations"] >= 30
+    assert search["curve"] and all(kl >= 0 for _, kl in search["curve"])
+    # best fitness per generation is the parent's, which elitism keeps
+    assert search["best_kl"] == search["curve"][-1][1]
+
+
+def test_evopress_mixes_nm_levels(tiny_llama):
+    plan = plan_of(tiny_llama, "evopress", NM(4, 8), SMALL | {"evaluations": 30}, "layer")
+    assert plan.nm is not None and all(m == 8 for _, m in plan.nm.values())
+    assert len({n for n, _ in plan.nm.values()}) > 1
+    model, _, _, adapter = load(tiny_llama)
+    sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
+    mean = sum(plan.sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert mean == pytest.approx(0.5, abs=1e-9)
+
+
+def test_tpe_is_seeded_and_starts_from_uniform(tiny_llama, tmp_path):
+    options = {"evaluations": 8, "tokens": 64, "startup": 3, "seed": 1}
+    a = plan_of(tiny_llama, "tpe", Unstructured(0.6), options)
+    b = plan_of(tiny_llama, "tpe", Unstructured(0.6), options | {"folder": str(tmp_path / "b")})
+    assert a.sparsity == b.sparsity
+    curve = a.params["search"]["curve"]
+    assert len(curve) >= 8 and [kl for _, kl in curve] == sorted((kl for _, kl in curve),
+                                                                    reverse=True)  # fmt: skip
+
+
+def test_dsa_formula_grammar_and_value():
+    assert dsa.parse_formula("W:(ABSLOG)-(VAR)-(ATAN,ASIN)-(7)") == (
+        ("ABSLOG",), "VAR", ("ATAN", "ASIN")
+    )
+    assert dsa.formula_text(*dsa.parse_formula("W:()-(mean)-(no_op)")) == "W:(NO_OP)-(MEAN)-(NO_OP)"
+    with pytest.raises(ValueError, match="unknown operation 'SQRTX'"):
+        dsa.parse_formula("W:(SQRTX)-(VAR)-(ATAN)")
+    x = torch.rand(1000) + 0.1
+    expected = torch.log(x.double()).var().item()
+    expected = __import__("math").asin(__import__("math").atan(expected))
+    assert dsa.dsa_value(dsa.parse_formula(dsa.PUBLISHED), x, 1000) == pytest.approx(expected)
+    # a value outside asin's domain counts as 0, as in the reference
+    assert dsa.dsa_value((("NO_OP",), "MEAN", ("ASIN",)), torch.full((10,), 5.0), 10) == 0.0
+    s = dsa.dsa_sparsities(torch.tensor([0.2, 0.5, 1.0, 0.9]), 0.7, lam=0.08)
+    assert s.mean().item() == pytest.approx(0.7)
+    assert (s.max() - s.min()).item() == pytest.approx(0.16)
+    assert s.argmax().item() == 2  # a higher value is pruned more
+
+
+def test_dsa_searches_a_formula_and_validates_it_on_held_out_windows(tiny_llama):
+    options = {"evaluations": 16, "population": 4, "tokens": 64, "seed": 0}
+    plan = plan_of(tiny_llama, "dsa", Unstructured(0.6), options)
+    formula = plan.params["formula"]
+    dsa.parse_formula(formula)
+    search = plan.params["search"]
+    assert search["held_out_windows"] >= 1
+    assert search["held_out_kl"] > 0 and search["held_out_kl_uniform"] > 0
+    # the formula found, applied without a search, gives the same plan
+    again = plan_of(tiny_llama, "dsa", Unstructured(0.6), {"formula": formula})
+    assert again.sparsity == plan.sparsity
+
+
+def test_a_search_needs_calibration_windows(tiny_llama):
+    model, _, _, adapter = load(tiny_llama)
+    with pytest.raises(PrunellaError, match="needs calibration data"):
+        search_run(model, adapter, Unstructured(0.5), None)
+
+
+def test_bad_storage_is_one_line(tiny_llama):
+    with pytest.raises(PrunellaError, match="cannot open search storage"):
+        plan_of(tiny_llama, "evopress", Unstructured(0.5),
+                SMALL | {"evaluations": 5, "storage": "nosuchdb://x"})  # fmt: skip
+
+
+# --- processes: a killed search resumes; workers on PostgreSQL -----------------------------
+
+
+def allocate_command(model, out_json, storage=None, evaluations=60, extra=()):
+    command = [
+        sys.executable, "-m", "prunella", "allocate", str(model), "--sparsity", "0.6",
+        "--allocation", "evopress", "--granularity", "layer", "--nsamples", "6",
+        "--seqlen", "32", "--quiet", "--json", str(out_json),
+        "--allocation-opt", f"evaluations={evaluations}",
+        "--allocation-opt", "offspring=6", "--allocation-opt", "survivors=3,1",
+        "--allocation-opt", "tokens=64,128", *extra,
+    ]  # fmt: skip
+    if storage:
+        command += ["--allocation-opt", f"storage={storage}"]
+    return command
+
+
+def complete_trials(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select count(*) from trials where state='COMPLETE'").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_a_sigkilled_search_resumes_to_the_same_plan(tiny_llama, tmp_path):
+    env = dict(os.environ, PRUNELLA_CACHE=str(tmp_path / "killed"))
+    db = tmp_path / "killed" / "search" / "studies.db"
+    victim = subprocess.Popen(allocate_command(tiny_llama, tmp_path / "a.json"), env=env)
+    deadline = time.monotonic() + 120
+    while complete_trials(db) < 20 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert victim.poll() is None, "the search ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done_before = complete_trials(db)
+    assert 20 <= done_before < 60 and not (tmp_path / "a.json").exists()
+    subprocess.run(allocate_command(tiny_llama, tmp_path / "a.json"), env=env, check=True)
+    assert complete_trials(db) >= 60
+    # a search never killed gives the same plan
+    clean = dict(os.environ, PRUNELLA_CACHE=str(tmp_path / "clean"))
+    subprocess.run(allocate_command(tiny_llama, tmp_path / "b.json"), env=clean, check=True)
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["sparsity"] == b["sparsity"]
+
+
+def test_workers_on_postgresql_share_one_study(tiny_llama, tmp_path, postgres_url):
+    import optuna
+
+    env = dict(os.environ, PRUNELLA_CACHE=str(tmp_path / "cache"), PRUNELLA_SEARCH_GRACE="4")
+    out = tmp_path / "plan.json"
+    coordinator = subprocess.Popen(
+        allocate_command(tiny_llama, out, postgres_url, evaluations=80), env=env
+    )
+    storage = optuna.storages.RDBStorage(postgres_url)
+    deadline = time.monotonic() + 120
+    while not optuna.get_all_study_summaries(storage) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    name = optuna.get_all_study_summaries(storage)[0].study_name
+    worker = [sys.executable, "-m", "prunella", "search-worker", "--storage", postgres_url,
+              "--study", name]  # fmt: skip
+    workers = [subprocess.Popen(worker, env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]  # fmt: skip
+    # kill one worker once it has evaluated something: only its candidate is lost
+    study = optuna.load_study(study_name=name, storage=storage)
+    while time.monotonic() < deadline:
+        mine = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("worker", "").endswith(f":{workers[1].pid}")]  # fmt: skip
+        if mine:
+            break
+        time.sleep(0.1)
+    workers[1].send_signal(signal.SIGKILL)
+    assert coordinator.wait(timeout=300) == 0
+    out_text, _ = workers[0].communicate(timeout=60)
+    assert "evaluated" in out_text
+    plan = json.loads(out.read_text())
+    trials = study.get_trials(deepcopy=False)
+    by = {t.user_attrs.get("worker", "").split(":")[-1] for t in trials
+          if t.state == optuna.trial.TrialState.COMPLETE}  # fmt: skip
+    assert {str(coordinator.pid), str(workers[0].pid)} <= by  # both joined the study
+    assert plan["params"]["search"]["evaluations"] >= 80
+    assert plan["params"]["search"]["storage"].startswith("postgresql")
+
+
+def test_prune_with_a_search_reports_its_curve(tiny_llama, tmp_path):
+    from prunella.cli import main
+
+    out = tmp_path / "out"
+    code = main([
+        "prune", str(tiny_llama), "--out", str(out), "--sparsity", "0.6", "--allocation",
+        "evopress", "--allocation-opt", "evaluations=12", "--allocation-opt", "offspring=4",
+        "--allocation-opt", "survivors=2,1", "--allocation-opt", "tokens=64,128",
+        "--nsamples", "6", "--seqlen", "32", "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    search = report["allocation"]["params"]["search"]
+    assert search["evaluations"] >= 12 and search["curve"]
+    assert report["sparsity"] == pytest.approx(0.6, abs=1e-4)
+    html = (out / "report.html").read_text()
+    assert "<h2>Search</h2>" in html and "best KL on calibration tokens" in html
+    recipe = (out / "recipe.yaml").read_text()
+    assert "evopress" in recipe
+
+
+def test_kl_fitness_streams_blocks_from_disk_with_the_same_value(tiny_llama):
+    from prunella.store import StreamedStore, open_store
+
+    model, _, _, adapter = load(tiny_llama)
+    windows = windows_for(model)
+    run = search_run(model, adapter, Unstructured(0.6), windows)
+    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_CACHE"]))
+    levels = {n: database.ladder.high[n] for n in database.ladder.names}
+    in_memory = KLFitness(run.store, windows, database, device=CPU, dtype=torch.float32,
+                          batch_size=2)(levels, [0, 2])  # fmt: skip
+    streamed, _ = open_store(tiny_llama, "disk")
+    assert isinstance(streamed, StreamedStore)
+    (database.folder / "dense").rename(database.folder / "dense-memory")  # recompute it
+    on_disk = KLFitness(streamed, windows, database, device=CPU, dtype=torch.float32,
+                        batch_size=2)(levels, [0, 2])  # fmt: skip
+    assert on_disk == pytest.approx(in_memory, rel=1e-5)
+    assert all(p.is_meta for p in streamed.blocks().parameters())  # blocks released again
