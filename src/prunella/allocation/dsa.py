@@ -259,7 +259,7 @@ def search(run: SearchRun, **options) -> Plan:
     if len(run.windows) - held_out < 1:
         raise PrunellaError("dsa needs at least 2 calibration windows (one is held out)")
     searched = len(run.windows) - held_out
-    count = max(1, min(searched, round(options["tokens"] / run.windows.shape[1])))
+    count = run.windows_for(options["tokens"], searched)
     ids = list(range(count))
     session = start(run, options, {"windows": ids})
     ladder, names = session.ladder, session.ladder.names

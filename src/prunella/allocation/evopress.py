@@ -82,7 +82,7 @@ def search(run: SearchRun, **options) -> Plan:
         raise PrunellaError("evopress: survivors and tokens need one value per stage each")
     session = start(run, options, {})
     ranges = unit_levels(session.ladder, run.units)
-    names, seqlen = session.ladder.names, run.windows.shape[1]
+    names = session.ladder.names
     rng = random.Random(options["seed"])
     parent = dict.fromkeys(run.units, 0)
     best = None
@@ -99,7 +99,7 @@ def search(run: SearchRun, **options) -> Plan:
                     children.append(child)
             candidates = children or [parent]
             for stage, (keep, count) in enumerate(zip(survivors, tokens, strict=True)):
-                ids = sorted(rng.sample(range(len(run.windows)), _windows(count, seqlen, run)))
+                ids = sorted(rng.sample(range(len(run.windows)), run.windows_for(count)))
                 if stage == len(tokens) - 1 and parent not in candidates:
                     candidates.append(parent)
                 scored = session.evaluator.evaluate(
@@ -123,7 +123,3 @@ def search(run: SearchRun, **options) -> Plan:
         bar.close()
         session.close()
     return session.plan(expand(run.units, parent), best)
-
-
-def _windows(tokens: int, seqlen: int, run: SearchRun) -> int:
-    return max(1, min(len(run.windows), round(tokens / seqlen)))

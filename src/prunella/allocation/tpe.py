@@ -74,7 +74,7 @@ def search(run: SearchRun, **options) -> Plan:
 
     from ..search.study import run_one
 
-    count = max(1, min(len(run.windows), round(options["tokens"] / run.windows.shape[1])))
+    count = run.windows_for(options["tokens"])
     setup = {"windows": list(range(count))}
     session = start(run, options, setup, sampler(setup | {"options": options}))
     study = session.study

@@ -90,6 +90,12 @@ class SearchRun:
                 block = name[: name.index(".", len(self.store.adapter.blocks_path) + 1)]
                 self.units.setdefault(block, []).append(name)
 
+    def windows_for(self, tokens: int, available: int | None = None) -> int:
+        """How many calibration windows hold ``tokens`` (whole windows, at least one,
+        at most ``available``, default all)."""
+        available = len(self.windows) if available is None else available
+        return max(1, min(available, round(tokens / self.windows.shape[1])))
+
     def ladder(self, levels: int) -> Ladder:
         sizes = {n: rows * cols for n, (rows, cols) in self.store.layers().items()}
         hidden = getattr(self.store.model.config, "hidden_size", None) or int(
