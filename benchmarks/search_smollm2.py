@@ -107,7 +107,7 @@ def main() -> None:
 
     rows, builds = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = os.environ.setdefault("PRUNELLA_CACHE", str(Path(tmp) / "cache"))
+        cache = os.environ.setdefault("PRUNELLA_HOME", str(Path(tmp) / "cache"))
         dense = evaluation(a.model, a)["perplexity"]
         for target in a.targets.split(","):
             if any(m in SEARCHES for m in methods):  # the level database, built once (a

@@ -321,7 +321,7 @@ def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, caps
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--allocation", "evopress"], "unknown allocation 'evopress'"),
+        (["--allocation", "nosuchmethod"], "unknown allocation 'nosuchmethod'"),
         (["--allocation", "alphapruning", "--allocation-opt", "lam=0.1"], "no option 'lam'"),
         (["--allocation", "owl", "--allocation-opt", "lam=2"], "option 'lam' must be in [0, 1)"),
         (["--allocation", "owl", "--allocation-opt", "lam"], "KEY=VALUE"),

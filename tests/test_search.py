@@ -36,7 +36,7 @@ SMALL = {"offspring": 6, "survivors": "3,1", "tokens": "64,128"}
 
 @pytest.fixture(autouse=True)
 def search_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNELLA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PRUNELLA_HOME", str(tmp_path / "cache"))
 
 
 def windows_for(model, count=6, seqlen=32, seed=0):
@@ -124,7 +124,7 @@ def test_database_levels_are_the_solver_at_each_level_and_are_reused(tiny_llama)
     model, _, _, adapter = load(tiny_llama)
     run = search_run(model, adapter, Unstructured(0.5), windows_for(model))
     ladder = run.ladder(4)
-    folder = Path(os.environ["PRUNELLA_CACHE"])
+    folder = Path(os.environ["PRUNELLA_HOME"])
     database, key = run.database(ladder, folder)
     name = ladder.names[0]
     for level in ladder.levels(name):
@@ -148,7 +148,7 @@ def test_kl_fitness_equals_the_kl_of_the_stitched_model(family, tmp_path, tokeni
     model, _, _, adapter = load(build_checkpoint(tmp_path / family, family, tokenizer_dir))
     windows = windows_for(model)
     run = search_run(model, adapter, Unstructured(0.6), windows)
-    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_CACHE"]))
+    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_HOME"]))
     ladder = database.ladder
     levels = {n: (i % 3) - 1 for i, n in enumerate(ladder.names)}
     levels = {n: max(ladder.low[n], min(ladder.high[n], v)) for n, v in levels.items()}
@@ -281,7 +281,7 @@ def complete_trials(db: Path) -> int:
 
 
 def test_a_sigkilled_search_resumes_to_the_same_plan(tiny_llama, tmp_path):
-    env = dict(os.environ, PRUNELLA_CACHE=str(tmp_path / "killed"))
+    env = dict(os.environ, PRUNELLA_HOME=str(tmp_path / "killed"))
     db = tmp_path / "killed" / "search" / "studies.db"
     victim = subprocess.Popen(allocate_command(tiny_llama, tmp_path / "a.json"), env=env)
     deadline = time.monotonic() + 120
@@ -295,7 +295,7 @@ def test_a_sigkilled_search_resumes_to_the_same_plan(tiny_llama, tmp_path):
     subprocess.run(allocate_command(tiny_llama, tmp_path / "a.json"), env=env, check=True)
     assert complete_trials(db) >= 60
     # a search never killed gives the same plan
-    clean = dict(os.environ, PRUNELLA_CACHE=str(tmp_path / "clean"))
+    clean = dict(os.environ, PRUNELLA_HOME=str(tmp_path / "clean"))
     subprocess.run(allocate_command(tiny_llama, tmp_path / "b.json"), env=clean, check=True)
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["sparsity"] == b["sparsity"]
@@ -304,7 +304,7 @@ def test_a_sigkilled_search_resumes_to_the_same_plan(tiny_llama, tmp_path):
 def test_workers_on_postgresql_share_one_study(tiny_llama, tmp_path, postgres_url):
     import optuna
 
-    env = dict(os.environ, PRUNELLA_CACHE=str(tmp_path / "cache"), PRUNELLA_SEARCH_GRACE="4")
+    env = dict(os.environ, PRUNELLA_HOME=str(tmp_path / "cache"), PRUNELLA_SEARCH_GRACE="4")
     out = tmp_path / "plan.json"
     coordinator = subprocess.Popen(
         allocate_command(tiny_llama, out, postgres_url, evaluations=80), env=env
@@ -366,7 +366,7 @@ def test_kl_fitness_streams_blocks_from_disk_with_the_same_value(tiny_llama):
     model, _, _, adapter = load(tiny_llama)
     windows = windows_for(model)
     run = search_run(model, adapter, Unstructured(0.6), windows)
-    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_CACHE"]))
+    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_HOME"]))
     levels = {n: database.ladder.high[n] for n in database.ladder.names}
     in_memory = KLFitness(run.store, windows, database, device=CPU, dtype=torch.float32,
                           batch_size=2)(levels, [0, 2])  # fmt: skip

@@ -50,11 +50,10 @@ SEARCH_OPTIONS = (
 
 def search_folder(given: str = "") -> Path:
     """Where level databases and the default storage live: ``given``, else
-    ``$PRUNELLA_CACHE/search``, else ``~/.cache/prunella/search``."""
-    if given:
-        return Path(given)
-    root = os.environ.get("PRUNELLA_CACHE") or Path.home() / ".cache" / "prunella"
-    return Path(root) / "search"
+    ``$PRUNELLA_HOME/search`` (``~/.cache/prunella/search``)."""
+    from ..checkpoint import cache_home
+
+    return Path(given) if given else cache_home() / "search"
 
 
 @dataclass
