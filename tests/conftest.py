@@ -112,7 +112,7 @@ EXTRA = {
     "gptj": dict(rotary_dim=8),
     "codegen": dict(rotary_dim=8),
     "falcon": dict(head_dim=None),  # derived from hidden / heads
-    # multi-head latent attention; every layer dense (first_k_dense_replace)
+    # multi-head latent attention; block 0 dense, the others mixtures of experts
     "deepseek_v3": dict(
         head_dim=None,
         kv_lora_rank=16,
@@ -120,7 +120,7 @@ EXTRA = {
         qk_rope_head_dim=8,
         qk_nope_head_dim=8,
         v_head_dim=16,
-        first_k_dense_replace=3,
+        first_k_dense_replace=1,
         n_group=1,
         topk_group=1,
         **MOE,
@@ -139,17 +139,18 @@ def generic_config(family: str):
     return AutoConfig.for_model(family, **{k: v for k, v in options.items() if v is not None})
 
 
+# mixtures of experts (fused 3-D experts; DeepSeek-V3 after a dense block)
+MOE_FAMILIES = [
+    *["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "deepseek_v3"]
+]
 # every family is pruned, saved and reloaded, in memory and streamed (test_families,
-# test_resume): 31 model types of the installed transformers
+# test_resume): 37 model types of the installed transformers
 FAMILIES = [
     *["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt", "gpt2", "gpt_neox"],
     *["gemma2", "gemma3_text", "phi", "olmo", "olmo2", "olmo3", "granite", "cohere", "cohere2"],
     *["starcoder2", "falcon", "bloom", "stablelm", "gptj", "codegen", "mpt", "helium"],
-    *["exaone4", "smollm3", "glm", "ministral", "deepseek_v3"],
-]
-# mixtures of experts whose experts are fused 3-D parameters: refused, one line, for now
-MOE_FAMILIES = [
-    *["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "llama4_text"]
+    *["exaone4", "smollm3", "glm", "ministral"],
+    *MOE_FAMILIES,
 ]
 
 

@@ -142,9 +142,10 @@ def test_database_levels_are_the_solver_at_each_level_and_are_reused(tiny_llama)
     assert torch.equal(again.weight(name, 1), database.weight(name, 1))
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom", "falcon", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "bloom", "falcon", "gpt2", "qwen3_moe", "gpt_oss"])
 def test_kl_fitness_equals_the_kl_of_the_stitched_model(family, tmp_path, tokenizer_dir):
-    # Bloom and Falcon blocks return tuples, GPT-2's layers are Conv1D
+    # Bloom and Falcon blocks return tuples, GPT-2's layers are Conv1D; the MoE models'
+    # expert matrices are views into fused parameters (gpt-oss: interleaved, transposed)
     model, _, _, adapter = load(build_checkpoint(tmp_path / family, family, tokenizer_dir))
     windows = windows_for(model)
     run = search_run(model, adapter, Unstructured(0.6), windows)
@@ -159,9 +160,10 @@ def test_kl_fitness_equals_the_kl_of_the_stitched_model(family, tmp_path, tokeni
     value = fitness(levels, ids)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     stitched = copy.deepcopy(model)
-    for name in adapter.layers(stitched):
-        layer = stitched.get_submodule(name)
-        get_weight(layer).data.copy_(database.weight(name, levels[name]))
+    for i, block in enumerate(adapter.blocks(stitched)):
+        for local, layer in adapter.linears(block).items():
+            name = f"{adapter.blocks_path}.{i}.{local}"
+            get_weight(layer).data.copy_(database.weight(name, levels[name]))
     direct = perplexity(stitched, windows[ids], reference=model, progress=False)
     assert value == pytest.approx(direct["kl_to_reference"], rel=1e-4)
     assert value > 0
@@ -189,6 +191,21 @@ def test_evopress_is_seeded_and_exact_to_the_budget(tiny_llama, granularity, tmp
     assert search["best_kl"] == search["curve"][-1][1]
 
 
+def test_a_search_gives_each_expert_one_sparsity(tmp_path, tokenizer_dir):
+    moe = build_checkpoint(tmp_path / "moe", "qwen3_moe", tokenizer_dir)
+    plan = plan_of(moe, "evopress", Unstructured(0.6), SMALL | {"evaluations": 12}, "expert")
+    model, _, _, adapter = load(moe)
+    sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
+    assert abs(sum(plan.sparsity[n] * sizes[n] for n in sizes) - 0.6 * sum(sizes.values())) <= len(
+        sizes
+    )
+    experts = {n.rsplit(".", 1)[0] for n in sizes if ".experts." in n}
+    assert len(experts) == 3 * 4
+    for expert in experts:
+        values = [plan.sparsity[f"{expert}.{p}"] for p in ("gate_proj", "up_proj", "down_proj")]
+        assert max(values) - min(values) < 0.05  # one ladder level per unit, to whole weights
+
+
 def test_evopress_mixes_nm_levels(tiny_llama):
     plan = plan_of(tiny_llama, "evopress", NM(4, 8), SMALL | {"evaluations": 30}, "layer")
     assert plan.nm is not None and all(m == 8 for _, m in plan.nm.values())
@@ -211,7 +228,9 @@ def test_tpe_is_seeded_and_starts_from_uniform(tiny_llama, tmp_path):
 
 def test_dsa_formula_grammar_and_value():
     assert dsa.parse_formula("W:(ABSLOG)-(VAR)-(ATAN,ASIN)-(7)") == (
-        ("ABSLOG",), "VAR", ("ATAN", "ASIN")
+        ("ABSLOG",),
+        "VAR",
+        ("ATAN", "ASIN"),
     )
     assert dsa.formula_text(*dsa.parse_formula("W:()-(mean)-(no_op)")) == "W:(NO_OP)-(MEAN)-(NO_OP)"
     with pytest.raises(ValueError, match="unknown operation 'SQRTX'"):

@@ -4,6 +4,7 @@ from .api import evaluate, prune, prune_to_dir
 from .api import load_model as load
 from .errors import PrunellaError
 from .export import save
+from .heapr import heapr, heapr_to_dir
 from .pack import pack, unpack
 from .recipe import Recipe
 from .version import __version__
@@ -13,6 +14,8 @@ __all__ = [
     "Recipe",
     "__version__",
     "evaluate",
+    "heapr",
+    "heapr_to_dir",
     "load",
     "pack",
     "prune",

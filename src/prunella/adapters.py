@@ -6,7 +6,9 @@ Every supported model is a decoder-only transformer whose blocks sit in one
 exactly the arguments the model itself passes them (captured at run time), so
 rotary embeddings, attention masks and sliding windows need no per-family code.
 Inside a block, every ``nn.Linear`` (and GPT-2's transposed ``Conv1D``) is
-prunable. Embeddings and the LM head are outside the blocks and not pruned.
+prunable, and so is every matrix of every expert stored in fused 3-D parameters
+(:mod:`prunella.experts`), except the routers. Embeddings and the LM head are
+outside the blocks and not pruned.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import PrunellaError
+from .experts import expert_views, is_fused_experts
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,26 @@ class Adapter:
         return model.get_submodule(self.blocks_path)
 
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
-        """The prunable layers of one block, in execution order, by name inside the block."""
-        return {
-            name: module
+        """The prunable layers of one block, by name inside the block: every linear layer
+        but a router, and every expert's gate, up and down matrices of fused experts
+        (``mlp.experts.3.gate_proj``)."""
+        # the MoE modules holding fused experts -> the output sizes of a router there
+        # (one logit per expert) or of a shared expert's gate (one)
+        routers = {
+            name.rpartition(".")[0]: {module.num_experts, 1}
             for name, module in block.named_modules()
-            if isinstance(module, nn.Linear | Conv1D)
+            if is_fused_experts(module)
         }
+        layers = {}
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear | Conv1D):
+                parent = name.rpartition(".")[0]
+                if get_weight(module).shape[0] not in routers.get(parent, ()):
+                    layers[name] = module
+            elif is_fused_experts(module):
+                for local, view in expert_views(module).items():
+                    layers[f"{name}.{local}"] = view
+        return layers
 
     def layers(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """Full name -> ``(out_features, in_features)`` of every prunable layer, in model
@@ -76,7 +93,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     if fused:
         raise PrunellaError(
             f"unsupported architecture {model_type!r}: its experts are fused parameters "
-            f"({adapter.blocks_path}.{fused}), which Prunella does not prune yet"
+            f"({adapter.blocks_path}.{fused}) in a layout Prunella does not know"
         )
     if not adapter.linears(adapter.blocks(model)[0]):
         raise PrunellaError(
@@ -118,13 +135,13 @@ def _not_a_decoder(config) -> str:
 
 
 def _fused_experts(blocks: nn.ModuleList) -> str:
-    """The first experts' weight that is not an ``nn.Linear`` of its own (transformers 5
-    fuses the experts of Mixtral, Qwen3-MoE, OLMoE, gpt-oss, ... into 3-D parameters,
-    DBRX into 2-D ones), or ``""``. Experts kept as ``nn.Linear`` modules are pruned like
-    any linear layer, each on the tokens routed to it."""
+    """The first experts' weight that is neither an ``nn.Linear`` of its own nor in fused
+    experts of a known layout (:func:`prunella.experts.is_fused_experts`: Mixtral,
+    Qwen3-MoE, OLMoE, gpt-oss, ...), or ``""``: Llama 4's experts (every token through
+    every expert, the router's scores applied to the input) and DBRX's 2-D slabs."""
     own = (nn.Linear, Conv1D, nn.Embedding, nn.modules.conv._ConvNd)
     for name, module in blocks.named_modules():
-        if isinstance(module, own):
+        if isinstance(module, own) or is_fused_experts(module):
             continue
         for key, param in module.named_parameters(recurse=False):
             full = f"{name}.{key}" if name else key

@@ -19,10 +19,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -234,9 +237,48 @@ def empty_model(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
     return model.eval()
 
 
-def checkpoint_key_map(model: nn.Module, reader: CheckpointReader) -> dict[str, str]:
+@dataclass(frozen=True)
+class ExpertParts:
+    """A fused experts parameter that the checkpoint stores as one 2-D tensor per expert
+    and part (gate and up of ``gate_up_proj``): ``keys[k][e]``. The parameter is
+    ``stack_e(cat_k(keys[k][e]))``, transformers' ``MergeModulelist(dim=0)`` then
+    ``Concatenate(dim=1)``."""
+
+    keys: tuple[tuple[str, ...], ...]
+
+    def join(self, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        experts = range(len(self.keys[0]))
+        return torch.stack([torch.cat([read(part[e]) for part in self.keys]) for e in experts])
+
+    def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            part[e]: tensor[e].chunk(len(self.keys))[k]
+            for k, part in enumerate(self.keys)
+            for e in range(len(part))
+        }
+
+
+def _expert_parts(converter, pattern: str, key: str) -> tuple[int, int]:
+    """``(part, expert)`` of a per-expert checkpoint key that ``converter`` merges into a
+    fused experts parameter, if it does so by stacking experts and concatenating parts
+    along their rows (the layout :class:`ExpertParts` reads); else an error."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    expert = re.search(r"\.experts\.(\d+)\.", key)
+    if expert is None or ops not in (
+        [("MergeModulelist", 0)],
+        [("MergeModulelist", 0), ("Concatenate", 1)],
+    ):
+        raise PrunellaError(
+            f"cannot read {key!r} one block at a time: this checkpoint needs a tensor "
+            "conversion; use --offload none"
+        )
+    return converter.source_patterns.index(pattern), int(expert.group(1))
+
+
+def checkpoint_key_map(model: nn.Module, reader: CheckpointReader) -> dict[str, str | ExpertParts]:
     """Model parameter/buffer name -> checkpoint key, with transformers' renaming rules
-    (e.g. GPT-NeoX's ``embed_out`` is ``lm_head``)."""
+    (e.g. GPT-NeoX's ``embed_out`` is ``lm_head``); a fused experts parameter stored as
+    one tensor per expert maps to its :class:`ExpertParts`."""
     names = dict(model.state_dict(keep_vars=True))
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -247,19 +289,51 @@ def checkpoint_key_map(model: nn.Module, reader: CheckpointReader) -> dict[str, 
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     except ImportError:  # older transformers: keys are the parameter names
         return {key: key for key in reader.files if key in names}
-    mapping = {}
+    mapping: dict[str, str | ExpertParts] = {}
+    parts: dict[str, dict[tuple[int, int], str]] = {}
+    sources: dict[str, int] = {}
     for key in reader.files:
-        name, converted = rename_source_key(
+        name, pattern = rename_source_key(
             key, renamings, converters, model.base_model_prefix, names
         )
-        if converted is not None:
-            raise PrunellaError(
-                f"streaming cannot read {key!r}: this checkpoint needs a tensor conversion; "
-                "use --offload none"
-            )
-        if name in names:
+        if pattern is not None:
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            parts.setdefault(name, {})[_expert_parts(converter, pattern, key)] = key
+            sources[name] = len(converter.source_patterns)
+        elif name in names:
             mapping[name] = key
+    for name, found in parts.items():
+        if name not in names:
+            continue
+        experts = names[name].shape[0]
+        keys = tuple(
+            tuple(found.get((k, e), "") for e in range(experts)) for k in range(sources[name])
+        )
+        missing = [
+            k
+            for k, e in ((k, e) for k in range(sources[name]) for e in range(experts))
+            if not keys[k][e]
+        ]
+        if missing:
+            raise PrunellaError(f"the checkpoint lacks expert tensors of {name!r}")
+        mapping[name] = ExpertParts(keys)
     return mapping
+
+
+def layer_key(layer: str, key_map: dict[str, str | ExpertParts]) -> str | None:
+    """The checkpoint key of a prunable layer's weight (for an expert of a fused experts
+    parameter stored per expert, its own 2-D tensor; stored fused, the 3-D tensor)."""
+    if f"{layer}.weight" in key_map:
+        key = key_map[f"{layer}.weight"]
+        return key if isinstance(key, str) else None
+    experts, expert, part = layer.rsplit(".", 2)
+    fused = key_map.get(f"{experts}.gate_up_proj") or key_map.get(f"{experts}.up_proj")
+    if part == "down_proj":
+        fused = key_map.get(f"{experts}.down_proj")
+    if isinstance(fused, ExpertParts):
+        index = 1 if part == "up_proj" and len(fused.keys) == 2 else 0
+        return fused.keys[index][int(expert)]
+    return fused
 
 
 def layer_order(path: Path) -> list[str]:
@@ -274,5 +348,5 @@ def prunable_keys(path: Path) -> list[str]:
     path, adapter = check_checkpoint(path)
     model = empty_model(path, torch.float32)
     key_map = checkpoint_key_map(model, CheckpointReader(path))
-    names = (f"{name}.weight" for name in adapter.layers(model))
-    return [key_map[name] for name in names if name in key_map]
+    keys = (layer_key(name, key_map) for name in adapter.layers(model))
+    return list(dict.fromkeys(key for key in keys if key is not None))

@@ -413,6 +413,43 @@ def pack_command(
     )
 
 
+@app.command("heapr")
+def heapr_command(
+    model: Annotated[str, typer.Argument(help="A mixture-of-experts checkpoint folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    ratio: Annotated[
+        float, typer.Option(help="Fraction of the routed experts' atomic experts to remove.")
+    ] = 0.25,
+    uniform: Annotated[
+        bool,
+        typer.Option(
+            help="Remove the same number from every expert: the saved experts are smaller "
+            "(else the paper's global ranking, written as zeros)."
+        ),
+    ] = False,
+    calib: Annotated[str, typer.Option(help="Calibration text (as for prune).")] = "sample",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for drawing the windows.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Remove atomic experts (one neuron of one expert) by HEAPr's output-space score."""
+    from .heapr import heapr_to_dir
+
+    _quiet_transformers()
+    report = heapr_to_dir(
+        model, out, ratio=ratio, uniform=uniform, calib=calib, nsamples=nsamples,
+        seqlen=seqlen, seed=seed, overwrite=overwrite, progress=not quiet,
+    )  # fmt: skip
+    typer.echo(
+        f"HEAPr removed {report['atomic_experts_removed']:,} of {report['atomic_experts']:,} "
+        f"atomic experts ({report['ranking']} ranking, written as {report['written_as']}): "
+        f"expert parameters {report['expert_parameters_before']:,} -> "
+        f"{report['expert_parameters_after']:,} in {report['seconds']:.1f}s -> {out}"
+    )
+
+
 @app.command("search-worker")
 def search_worker_command(
     storage: Annotated[

@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 
 from .adapters import get_weight, set_weight
 from .errors import PrunellaError
+from .experts import ExpertLinear, routed
 from .heap import trim_heap
 from .patterns import Pattern
 from .registry import Method
 from .rows import get_rows
-from .solvers import Solver
+from .solvers import Solver, get_solver
 from .stats import StatsCollector, exact
 
 ONE_PASS_BYTES = 4 * 2**30  # the waiting activations one pass may hold, at most
@@ -306,12 +307,14 @@ class ErrorProbe:
         self.batches = batches
         self.seen = dict.fromkeys(linears, 0)
         self.calls = dict.fromkeys(linears, 0)
+        self.rows = dict.fromkeys(linears, 0)  # input tokens, all of them
         self.err = dict.fromkeys(linears, 0.0)
         self.ref = dict.fromkeys(linears, 0.0)
         self._handles: list = []
 
     def add(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         self.calls[name] += 1
+        self.rows[name] += x[..., 0].numel()
         take = self.tokens - self.seen[name]
         if take > 0:
             with exact(x):
@@ -367,6 +370,7 @@ class BlockPruner:
     timings: dict[str, float]
     rows: Method
     rows_options: dict
+    expert_min_tokens: int = 0
 
     @property
     def needs(self) -> frozenset[str]:
@@ -387,12 +391,33 @@ class BlockPruner:
         if not torch.isfinite(dense).all():
             raise PrunellaError(f"layer {name} has NaN or Inf weights")
 
+        solver, options, rows, rows_options = (
+            self.solver,
+            self.options,
+            self.rows,
+            self.rows_options,
+        )
+        few = isinstance(layer, ExpertLinear) and stats is not None
+        few = few and stats.tokens < self.expert_min_tokens
+        if few:  # too few routed tokens for statistics: a data-free solver
+            solver, options, rows, rows_options = (
+                get_solver("magnitude"),
+                {},
+                get_rows("uniform"),
+                {},
+            )
+
         def run_solver(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict]:
-            return self.solver.prune(weight, pattern, stats, **self.options)
+            return solver.prune(weight, pattern, stats, **options)
 
         with exact(dense):
-            new, info = self.rows.prune(
-                dense.clone(), self.patterns[name], stats, run_solver, **self.rows_options
+            new, info = rows.prune(
+                dense.clone(), self.patterns[name], stats, run_solver, **rows_options
+            )
+        if few:
+            info["note"] = (
+                f"the router sent this expert {stats.tokens} calibration tokens "
+                f"(fewer than {self.expert_min_tokens}): pruned by magnitude"
             )
         # Round to the checkpoint's dtype now, so that what follows is calibrated on
         # exactly the weights that will be saved.
@@ -416,6 +441,15 @@ class BlockPruner:
     ) -> list:
         dense: dict[str, torch.Tensor] = {}
         info: dict[str, dict] = {}
+
+        def routed_tokens(local: str) -> dict:
+            """An expert's routed calibration tokens, for the report."""
+            return (
+                {"routed_tokens": probe.rows[local]}
+                if isinstance(linears[local], ExpertLinear)
+                else {}
+            )
+
         probe = ErrorProbe(linears, dense, masters, self.error_tokens, len(acts.hidden))
         collector = StatsCollector(linears, self.needs)
         timings = self.timings
@@ -425,7 +459,7 @@ class BlockPruner:
             def arrive(local: str, module: nn.Module, x: torch.Tensor) -> None:
                 if self.needs:
                     tick = time.perf_counter()
-                    collector.collect(local, x)
+                    collector.collect(local, x, getattr(module, "routed_weight", None))
                     timings["statistics"] += time.perf_counter() - tick
 
             def complete(local: str, module: nn.Module) -> None:
@@ -463,7 +497,7 @@ class BlockPruner:
                 target_sparsity=self.patterns[prefix + local].sparsity,
                 sparsity=(weight == 0).sum().item() / weight.numel(),
                 rel_error=probe.relative_error(local),
-                info=info[local],
+                info=info[local] | routed_tokens(local),
             )
             for local, weight in masters.items()
         ]
@@ -488,6 +522,7 @@ def prune_blocks(
     hidden: list[torch.Tensor] | None = None,
     after_block: Callable[[int, Activations, list[LayerResult]], None] | None = None,
     one_pass: bool = False,
+    expert_min_tokens: int = 0,
 ) -> tuple[list[LayerResult], dict[str, float]]:
     """Prune every linear layer named in ``patterns``, block by block, in place, with
     ``solver`` under the row budgets of ``rows`` (:mod:`prunella.rows`; default uniform).
@@ -503,6 +538,10 @@ def prune_blocks(
     block once, in lockstep (:func:`run_in_lockstep`), pruning each layer when all
     its inputs have arrived; every layer is then calibrated on the outputs of the
     pruned layers before it, and the block's outputs need no second pass.
+
+    Fused experts run through their views (:func:`prunella.experts.routed`): each
+    expert's matrices are layers, calibrated on the tokens routed to that expert; an
+    expert with fewer than ``expert_min_tokens`` of them is pruned by magnitude.
     """
     timings = dict.fromkeys(("capture", "read", "statistics", "solve", "propagate"), 0.0)
     tick = time.perf_counter()
@@ -522,6 +561,7 @@ def prune_blocks(
         timings,
         rows or get_rows("uniform"),
         rows_options or {},
+        expert_min_tokens,
     )
     blocks_path = store.adapter.blocks_path
 
@@ -547,7 +587,7 @@ def prune_blocks(
         # The pruned weights go straight into the checkpoint's tensors (in its dtype);
         # the block runs on a copy when it moves device or dtype.
         masters = {local: get_weight(layer) for local, layer in linears.items()}
-        with on_device(block, device, dtype), matmuls_in(matmul_dtype, device):
+        with on_device(block, device, dtype), matmuls_in(matmul_dtype, device), routed(block):
             block_results = pruner(i, block, prefix, acts, linears, masters)
         trim_heap()  # give back what this block's temporaries held (see prunella.heap)
         results.extend(block_results)
@@ -589,7 +629,11 @@ def visit_blocks(
         with on_device(block, device, dtype) if load else contextlib.nullcontext():
             stats = {}
             if needs:
-                with StatsCollector(linears, needs) as collector, matmuls_in(matmul_dtype, device):
+                with (
+                    StatsCollector(linears, needs) as collector,
+                    matmuls_in(matmul_dtype, device),
+                    routed(block),
+                ):
                     acts.forward(block, i, update=True)
                 stats = collector.stats
             visit(prefix, {prefix + n: (get_weight(m), stats.get(n)) for n, m in linears.items()})

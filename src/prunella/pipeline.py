@@ -199,6 +199,7 @@ def run(
             rows=get_rows(recipe.rows.name),
             rows_options=recipe.rows.options,
             one_pass=recipe.passes == 1,
+            expert_min_tokens=recipe.expert_min_tokens,
             progress=progress,
             start=start,
             hidden=hidden,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .adapters import block_index
@@ -40,7 +41,7 @@ def allocation_figure(plan: dict, layer_sizes: dict[str, int], path: str | Path)
         twin = ax.twinx()
         twin.plot(
             blocks,
-            [sum(values[b]) / len(values[b]) for b in blocks],
+            [sum(values[b]) / len(values[b]) if b in values else math.nan for b in blocks],
             color="#c0504d",
             marker="o",
             ms=3,

@@ -77,8 +77,16 @@ class Recipe(BaseModel):
     allocation_file: str | None = Field(
         None, description="A plan from 'prunella allocate --json' (overrides --allocation)."
     )
-    granularity: Literal["block", "layer"] = Field(
-        "block", description="One sparsity per block, or per layer."
+    granularity: Literal["block", "layer", "expert"] = Field(
+        "block",
+        description="One sparsity per block, per layer, or per expert (each expert of a "
+        "mixture of experts, and the rest of its block).",
+    )
+    expert_min_tokens: int = Field(
+        16,
+        ge=0,
+        description="An expert that the router sends fewer calibration tokens than this is "
+        "pruned by magnitude (noted in the report).",
     )
     min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="Lowest sparsity of any layer.")
     max_sparsity: float = Field(0.99, ge=0.0, lt=1.0, description="Highest sparsity of any layer.")

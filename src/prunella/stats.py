@@ -46,6 +46,8 @@ class LayerStats:
     def __init__(self, in_features: int, needs: Iterable[str], device: torch.device) -> None:
         needs = set(needs)
         self.tokens = 0
+        # an expert's input: the router's weights summed over its tokens (else None)
+        self.routed_weight: float | None = None
         self._mirrored = True  # False while only the lower triangle of xtx is up to date
         # Quantities a solver derives from the sums (e.g. SparseGPT's inverse-Hessian
         # factor), kept here so layers that share this input compute them once.
@@ -118,8 +120,9 @@ class StatsCollector:
         self._seen: dict[int, tuple[weakref.ref, LayerStats]] = {}
         self._handles: list = []
 
-    def collect(self, name: str, x: torch.Tensor) -> LayerStats:
-        """Accumulate ``x``, the input of layer ``name``, unless it was already accumulated."""
+    def collect(self, name: str, x: torch.Tensor, routed_weight: float | None = None) -> LayerStats:
+        """Accumulate ``x``, the input of layer ``name``, unless it was already accumulated
+        (with, for an expert, the router's weights summed over its tokens)."""
         ref, seen = self._seen.get(id(x), (None, None))
         already = ref is not None and ref() is x  # this input was accumulated before
         if already and self.stats.setdefault(name, seen) is seen:
@@ -129,13 +132,15 @@ class StatsCollector:
             stats = self.stats[name] = LayerStats(x.shape[-1], self.needs, x.device)
         with exact(x):  # the sums stay float32 under an autocast forward
             stats.add(x)
+        if routed_weight is not None:
+            stats.routed_weight = (stats.routed_weight or 0.0) + routed_weight
         self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
         self._seen[id(x)] = (weakref.ref(x), stats)
         return stats
 
     def _hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            self.collect(name, args[0])
+            self.collect(name, args[0], getattr(module, "routed_weight", None))
 
         return pre_hook
 

@@ -34,23 +34,33 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import Adapter, adapter_for
-from .checkpoint import check_checkpoint, checkpoint_key_map, empty_model, sparsity_format
+from .checkpoint import (
+    ExpertParts,
+    check_checkpoint,
+    checkpoint_key_map,
+    empty_model,
+    sparsity_format,
+)
 from .errors import PrunellaError
 from .folders import write_json
 from .models import load, load_tokenizer
 from .safetensors_io import CheckpointReader, ShardWriter, save_tensors, write_index
 
 
-def module_tensors(module: nn.Module, prefix: str, key_map: dict[str, str]) -> dict:
+def module_tensors(module: nn.Module, prefix: str, key_map: dict) -> dict:
     """Checkpoint key -> tensor for what ``module`` (named ``prefix...``) stores, tied
-    duplicates once."""
+    duplicates once, fused experts split back into the checkpoint's per-expert tensors."""
     seen, out = set(), {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         full = prefix + name
         if full not in key_map or tensor.is_meta or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        out[key_map[full]] = tensor
+        key = key_map[full]
+        if isinstance(key, ExpertParts):
+            out.update(key.split(tensor.detach()))
+        else:
+            out[key] = tensor
     return out
 
 
@@ -69,7 +79,7 @@ class _Blocks:
 
     model: nn.Module
     adapter: Adapter
-    key_map: dict[str, str]
+    key_map: dict[str, str | ExpertParts]
 
     def blocks(self) -> nn.ModuleList:
         return self.adapter.blocks(self.model)
@@ -109,9 +119,11 @@ class MemoryStore(_Blocks):
 
     def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Put a finished block's pruned weights (from the work folder) back."""
-        inverse = {key: name for name, key in self.key_map.items()}
-        for key, tensor in tensors.items():
-            self.model.get_parameter(inverse[key]).data.copy_(tensor)
+        for name, key in self.key_map.items():
+            if isinstance(key, ExpertParts) and key.keys[0][0] in tensors:
+                self.model.get_parameter(name).data.copy_(key.join(tensors.__getitem__))
+            elif isinstance(key, str) and key in tensors:
+                self.model.get_parameter(name).data.copy_(tensors[key])
 
     def run_bytes(self) -> int:
         """Bytes a run writes: the work folder's copy of the blocks, then the output."""
@@ -166,10 +178,14 @@ class StreamedStore(_Blocks):
                 for key, tensor in store.items():
                     if tensor is None or (full + key) not in self.key_map:
                         continue
-                    value = self.reader.tensor(self.key_map[full + key])
+                    source = self.key_map[full + key]
+                    if isinstance(source, ExpertParts):
+                        value, source = source.join(self.reader.tensor), full + key
+                    else:
+                        value = self.reader.tensor(source)
                     if tuple(value.shape) != tuple(tensor.shape):
                         raise PrunellaError(
-                            f"tensor {self.key_map[full + key]!r} has shape "
+                            f"tensor {source!r} has shape "
                             f"{tuple(value.shape)}, the model expects {tuple(tensor.shape)}"
                         )
                     if isinstance(tensor, nn.Parameter):
@@ -218,7 +234,11 @@ class StreamedStore(_Blocks):
     def _outside(self) -> dict[str, str]:
         """Parameter name -> checkpoint key of the tensors outside the blocks."""
         block_prefix = self.adapter.blocks_path + "."
-        return {n: k for n, k in self.key_map.items() if not n.startswith(block_prefix)}
+        return {
+            n: k
+            for n, k in self.key_map.items()
+            if not n.startswith(block_prefix) and isinstance(k, str)
+        }
 
     def output_bytes(self) -> int:
         """The tensors outside the blocks (the blocks' shards are links)."""

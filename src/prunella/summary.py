@@ -50,14 +50,16 @@ def checkpoint_summary(path: str | Path) -> dict:
         tensors = ((n, t) for n, t, _, packed in packed_tensors(path) if packed)
     layers = []
     for name, tensor in tensors:
-        if tensor.dim() != 2:
+        if tensor.dim() not in (2, 3):
             continue
+        # fused experts stored as one 3-D tensor (gpt-oss, Llama 4): all experts in one row
+        pattern = detect_pattern(tensor) if tensor.dim() == 2 else "fused experts"
         layers.append(
             {
                 "name": name.removesuffix(".weight"),
-                "shape": list(tensor.shape),
+                "shape": list(tensor.flatten(0, -2).shape),
                 "sparsity": (tensor == 0).sum().item() / tensor.numel(),
-                "pattern": detect_pattern(tensor),
+                "pattern": pattern,
             }
         )
     if fmt != "dense":

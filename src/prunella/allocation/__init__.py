@@ -18,8 +18,16 @@ from ..errors import PrunellaError
 from ..patterns import Pattern
 from ..registry import Method, Registry
 from ..stats import WEIGHTS
-from . import alphapruning, dsa, erk, evopress, owl, tpe, uniform
-from .plan import GRANULARITIES, Plan, build_plan, fit_budget, fit_nm_levels, load_plan
+from . import alphapruning, dsa, erk, evopress, expert_usage, owl, tpe, uniform
+from .plan import (
+    GRANULARITIES,
+    Plan,
+    allocation_units,
+    build_plan,
+    fit_budget,
+    fit_nm_levels,
+    load_plan,
+)
 
 ALLOCATIONS = Registry(
     "allocation",
@@ -32,6 +40,7 @@ ALLOCATIONS = Registry(
         "evopress": evopress,
         "tpe": tpe,
         "dsa": dsa,
+        "expert_usage": expert_usage,
     },
     hooks=(("METRIC", "unit_metric", "sparsities"), ("search",)),
 )
@@ -99,14 +108,12 @@ def allocate(
     units: dict[str, list[str]] = {}
 
     def visit(prefix: str, block_layers: dict) -> None:
-        if granularity == "block":
-            unit = prefix.removesuffix(".")
-            units[unit] = list(block_layers)
-            metric[unit] = method.unit_metric(list(block_layers.values()), **options)
-        else:
-            for name, pair in block_layers.items():
-                units[name] = [name]
-                metric[name] = method.unit_metric([pair], **options)
+        block_units = allocation_units(list(block_layers), blocks_path, granularity)
+        for unit, names in block_units.items():
+            units[unit] = names
+            metric[unit] = method.unit_metric([block_layers[n] for n in names], **options)
+
+    blocks_path = store.adapter.blocks_path
 
     visit_blocks(
         store,

@@ -1,7 +1,8 @@
 """Plans: a sparsity (and, for N:M, a level) per prunable layer, fitted to the budget.
 
-An allocation method turns a per-unit *metric* (a unit is a decoder block, or
-one linear layer with ``granularity="layer"``) into raw per-unit sparsities
+An allocation method turns a per-unit *metric* (a unit is a decoder block, one
+linear layer with ``granularity="layer"``, or with ``granularity="expert"`` one
+expert of a mixture of experts and the rest of its block) into raw per-unit sparsities
 around the target; :func:`build_plan` then makes the budget exact and expands
 units to layers.
 
@@ -28,10 +29,27 @@ from pathlib import Path
 import torch
 
 from ..errors import PrunellaError
+from ..experts import expert_of
 from ..patterns import NM, Pattern, Unstructured, check_sparsity
 from ..registry import Method
 
-GRANULARITIES = ("block", "layer")
+GRANULARITIES = ("block", "layer", "expert")
+
+
+def allocation_units(layers: list[str], blocks_path: str, granularity: str) -> dict[str, list[str]]:
+    """Unit name -> its layers: per block (``model.layers.3``), per layer, or per expert
+    (``model.layers.3.mlp.experts.5``: its gate, up and down), the rest of each block
+    being one unit."""
+    units: dict[str, list[str]] = {}
+    for name in layers:
+        if granularity == "layer":
+            unit = name
+        elif granularity == "expert" and expert_of(name):
+            unit = expert_of(name)
+        else:
+            unit = name[: name.index(".", len(blocks_path) + 1)]
+        units.setdefault(unit, []).append(name)
+    return units
 
 
 @dataclass
@@ -156,7 +174,8 @@ def build_plan(
         granularity=granularity,
         params=params | {"min_sparsity": lo, "max_sparsity": hi},
         metric_name=method.METRIC,
-        metric=dict(unit_metric) if method.METRIC else {},
+        # a unit the metric does not apply to (NaN: not an expert, ...) is left out
+        metric={u: v for u, v in unit_metric.items() if not math.isnan(v)} if method.METRIC else {},
     )
     if isinstance(pattern, NM):
         n_levels = fit_nm_levels(raw_t, size_t, target, pattern.m, lo, hi)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..allocation.plan import allocation_units
 from ..errors import PrunellaError
 from ..patterns import Pattern
 from ..registry import Method, Option
@@ -80,14 +81,9 @@ class SearchRun:
     def __post_init__(self) -> None:
         if self.windows is None:
             raise PrunellaError("an allocation search needs calibration data")
-        names = list(self.store.layers())
-        if self.granularity == "layer":
-            self.units = {name: [name] for name in names}
-        else:
-            self.units = {}
-            for name in names:
-                block = name[: name.index(".", len(self.store.adapter.blocks_path) + 1)]
-                self.units.setdefault(block, []).append(name)
+        self.units = allocation_units(
+            list(self.store.layers()), self.store.adapter.blocks_path, self.granularity
+        )
 
     def windows_for(self, tokens: int, available: int | None = None) -> int:
         """How many calibration windows hold ``tokens`` (whole windows, at least one,

@@ -71,7 +71,7 @@ def final_hidden(
             for local, layer in store.adapter.linears(block).items():
                 weight = weight_of(f"{prefix_of}{i}.{local}")
                 if weight is not None:
-                    swapped.append((layer, swap_in(layer, weight)))
+                    swapped.append(swap_in(layer, weight))
             hook = block.register_forward_hook(
                 lambda module, args, out: block_outputs.append(isinstance(out, tuple))
             )
@@ -81,8 +81,8 @@ def final_hidden(
             finally:
                 hook.remove()
         finally:
-            for layer, old in swapped:
-                layer._parameters["weight"] = old
+            for restore in swapped:
+                restore()
             store.release(i)
     return acts.hidden
 

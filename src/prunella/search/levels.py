@@ -31,6 +31,7 @@ import json
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -223,9 +224,17 @@ def build_database(
     return LevelDatabase(folder)
 
 
-def swap_in(layer: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Parameter:
-    """Make ``layer`` run with ``weight`` (``[out, in]``); returns the parameter it had."""
+def swap_in(layer: torch.nn.Module, weight: torch.Tensor) -> Callable[[], None]:
+    """Make ``layer`` run with ``weight`` (``[out, in]``); returns what puts its own back.
+
+    A layer's parameter is swapped (no copy); an expert's matrix, a view into the
+    fused experts parameter, is overwritten and restored from a copy."""
+    if "weight" not in layer._parameters:  # an expert of fused experts
+        view = get_weight(layer)
+        old = view.detach().clone()
+        view.data.copy_(weight)
+        return lambda: view.data.copy_(old)
     old = layer._parameters["weight"]
     new = weight.t() if get_weight(layer) is not old else weight  # Conv1D stores W^T
     layer._parameters["weight"] = torch.nn.Parameter(new.to(old.dtype), requires_grad=False)
-    return old
+    return lambda: layer._parameters.__setitem__("weight", old)

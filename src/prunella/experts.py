@@ -1,0 +1,163 @@
+"""The experts of a mixture-of-experts block, as prunable layers of their own.
+
+transformers 5 stores the experts of Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE,
+DeepSeek-V3, gpt-oss, ... as fused 3-D parameters of one experts module (no
+``nn.Linear`` per expert), decorated with ``use_experts_implementation``, which
+records their layout:
+
+* ``gate_up_proj`` ``[E, 2I, H]``: expert ``e``'s gate rows then its up rows
+  (``is_concatenated``), or gate and up rows interleaved (gpt-oss: gate rows
+  ``0, 2, 4, ...``); ``[E, H, 2I]`` when ``is_transposed``; ``up_proj`` alone when
+  the experts have no gate (``has_gate`` false); optional ``*_bias``;
+* ``down_proj`` ``[E, H, I]`` (``[E, I, H]`` transposed).
+
+:func:`expert_views` gives each expert three :class:`ExpertLinear` layers,
+``{e}.gate_proj``, ``{e}.up_proj`` and ``{e}.down_proj``: ``[out, in]`` views into
+the fused tensors, so a solver's in-place write prunes the fused parameter itself
+and the checkpoint is saved as it is. While a block is pruned, :func:`routed`
+replaces each experts module's forward by :func:`routed_forward`, which sends
+every expert exactly the tokens its router chose, through its views: the
+engine's hooks then gather per-expert statistics (Hessians, input norms) from the
+routed tokens only, and gate and up share their expert's input statistics. Every
+expert is called on every batch, with no rows when the router chose it for no
+token, so that one-pass pruning (batches meeting at each layer) sees every batch.
+
+Experts kept as ``nn.Linear`` modules need none of this. Fused experts that are
+not decorated (Llama 4 runs every token through every expert with the router's
+scores applied to the input; DBRX stores 2-D slabs) are refused by the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import weakref
+from collections.abc import Iterator
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT = re.compile(r"^(.*\.experts\.\d+)\.[^.]+$")
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` holds fused 3-D expert parameters in a layout Prunella knows
+    (transformers' ``use_experts_implementation`` classes)."""
+    has_layout = all(hasattr(module, a) for a in ("is_transposed", "is_concatenated", "has_gate"))
+    weight = module._parameters.get(
+        "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+    )
+    down = module._parameters.get("down_proj")
+    return has_layout and weight is not None and down is not None and weight.dim() == 3
+
+
+def expert_of(layer_name: str) -> str | None:
+    """The expert a layer belongs to (``model.layers.3.mlp.experts.5`` for its
+    ``gate_proj``, ``up_proj`` or ``down_proj``), or ``None`` outside the experts."""
+    match = EXPERT.match(layer_name)
+    return match.group(1) if match else None
+
+
+class ExpertLinear(nn.Module):
+    """One matrix of one expert: a ``[out_features, in_features]`` view of a fused
+    parameter, read afresh on every access (so it follows the parameter when it is
+    loaded, moved or copied to another device)."""
+
+    def __init__(self, experts: nn.Module, param: str, expert: int, part: int, parts: int):
+        super().__init__()
+        # a plain reference, not a submodule: the experts module owns the parameters
+        object.__setattr__(self, "experts", experts)
+        self.param, self.expert, self.part, self.parts = param, expert, part, parts
+        self.routed_weight = 0.0  # the router's weights summed over the current input's tokens
+
+    def _slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rows ``part`` of ``parts`` of an ``[out, ...]`` tensor, in the model's layout."""
+        if self.parts == 1:
+            return tensor
+        if self.experts.is_concatenated:
+            return tensor.chunk(self.parts, dim=0)[self.part]
+        return tensor[self.part :: self.parts]  # interleaved (gpt-oss)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = getattr(self.experts, self.param)[self.expert]
+        return self._slice(w.t() if self.experts.is_transposed else w)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if not getattr(self.experts, "has_bias", False):
+            return None
+        return self._slice(getattr(self.experts, f"{self.param}_bias")[self.expert])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.param}[{self.expert}] part {self.part}/{self.parts}"
+
+
+def expert_views(experts: nn.Module) -> dict[str, ExpertLinear]:
+    """``{e}.gate_proj`` / ``{e}.up_proj`` / ``{e}.down_proj`` -> view, for every expert
+    (the same objects on every call, so hooks put on them stay)."""
+    views = _VIEWS.get(experts)
+    if views is None:
+        views = {}
+        for e in range(experts.num_experts):
+            if experts.has_gate:
+                views[f"{e}.gate_proj"] = ExpertLinear(experts, "gate_up_proj", e, 0, 2)
+                views[f"{e}.up_proj"] = ExpertLinear(experts, "gate_up_proj", e, 1, 2)
+            else:
+                views[f"{e}.up_proj"] = ExpertLinear(experts, "up_proj", e, 0, 1)
+            views[f"{e}.down_proj"] = ExpertLinear(experts, "down_proj", e, 0, 1)
+        _VIEWS[experts] = views
+    return views
+
+
+def routed_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The experts' forward, one expert at a time through its views:
+    ``y_t = sum_{e in top_k(t)} w_te * down_e(act(gate_e(x_t)) * up_e(x_t))``, with the
+    model's own gating (``_apply_gate``: gpt-oss's clamped SwiGLU, ...)."""
+    views = expert_views(self)
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    for e in range(self.num_experts):
+        token, slot = torch.where(top_k_index == e)
+        x, weight = hidden_states[token], top_k_weights[token, slot]
+        mass = float(weight.detach().float().sum())
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            if f"{e}.{part}" in views:
+                views[f"{e}.{part}"].routed_weight = mass
+        if self.has_gate:
+            gate, up = views[f"{e}.gate_proj"](x), views[f"{e}.up_proj"](x)
+            if self.is_concatenated:
+                gate_up = torch.cat([gate, up], dim=-1)
+            else:
+                gate_up = torch.stack([gate, up], dim=-1).flatten(-2)
+            h = self._apply_gate(gate_up)
+        else:
+            h = self.act_fn(views[f"{e}.up_proj"](x))
+        y = views[f"{e}.down_proj"](h)
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        out.index_add_(0, token, y.float() * weight.float()[:, None])
+    return out.to(hidden_states.dtype)
+
+
+@contextlib.contextmanager
+def routed(block: nn.Module) -> Iterator[None]:
+    """Run the fused experts of ``block`` through their views (:func:`routed_forward`)."""
+    patched = [m for m in block.modules() if is_fused_experts(m)]
+    for module in patched:
+        module.forward = MethodType(routed_forward, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
