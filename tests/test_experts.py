@@ -250,3 +250,49 @@ def test_any_allocation_method_works_per_expert(tmp_path, tokenizer_dir):
             for u in experts
         }
         assert all(max(v) - min(v) < 2e-3 for v in per_expert.values()), method
+
+
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("qwen2_moe", {}),  # mlp.gate (a router module), mlp.shared_expert_gate (a Linear)
+        ("afmoe", {}),  # mlp.router.gate
+        ("hunyuan_v1_moe", {}),  # mlp.gate.wg
+        # router.proj, the experts on the block itself
+        ("gemma4_text", dict(enable_moe_block=True, top_k_experts=2)),
+    ],
+)
+def test_routers_are_not_pruned_wherever_they_sit(family, extra):
+    from conftest import GENERIC, MOE
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(family, **GENERIC, **MOE, **extra)
+    model = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(model)
+    block = adapter.blocks(model)[1]
+    layers = adapter.linears(block)
+    routers = [
+        name
+        for name, module in block.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.out_features in (4, 1)
+    ]
+    assert routers and not set(routers) & set(layers), routers
+    assert sum(".experts." in n or n.startswith("experts.") for n in layers) == 4 * 3
+
+
+def test_views_do_not_keep_a_model_alive_and_routed_restores_the_forward():
+    import gc
+    import weakref
+
+    model = tiny_model("mixtral")
+    adapter_for(model).layers(model)  # builds every view
+    experts = model.model.layers[0].mlp.experts
+    own = lambda *args: None  # noqa: E731  (an instance forward, as accelerate's hooks set)
+    experts.forward = own
+    with routed(model):
+        assert experts.forward.__func__.__name__ == "routed_forward"
+    assert experts.forward is own
+    alive = weakref.ref(experts)
+    del model, experts, own
+    gc.collect()
+    assert alive() is None

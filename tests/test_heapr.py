@@ -124,15 +124,16 @@ def test_shrink_keeps_each_experts_chosen_rows_in_the_models_layout():
 
 
 def test_cli_writes_a_smaller_model_that_transformers_loads(tmp_path, tokenizer_dir, capsys):
-    src = build_checkpoint(tmp_path / "src", "qwen3_moe", tokenizer_dir)
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", tokenizer_dir, dtype=torch.bfloat16)
     out = tmp_path / "out"
     argv = ["heapr", str(src), "--out", str(out), "--ratio", "0.5", "--uniform"]
     assert main([*argv, "--nsamples", "4", "--seqlen", "32", "--quiet"]) == 0
     assert "HEAPr removed 192 of 384 atomic experts" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["moe_intermediate_size"] == 16  # from 32
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert model.model.layers[0].mlp.experts.down_proj.shape == (4, 64, 16)
+    assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16  # as it came
     report = json.loads((out / "heapr_report.json").read_text())
     routed_tokens = report["experts"]["model.layers.0.mlp.experts"]["routed_tokens"]
     assert sum(routed_tokens) == 4 * 32 * 2  # every token to top-2 experts

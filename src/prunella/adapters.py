@@ -35,19 +35,10 @@ class Adapter:
         """The prunable layers of one block, by name inside the block: every linear layer
         but a router, and every expert's gate, up and down matrices of fused experts
         (``mlp.experts.3.gate_proj``)."""
-        # the MoE modules holding fused experts -> the output sizes of a router there
-        # (one logit per expert) or of a shared expert's gate (one)
-        routers = {
-            name.rpartition(".")[0]: {module.num_experts, 1}
-            for name, module in block.named_modules()
-            if is_fused_experts(module)
-        }
         layers = {}
         for name, module in block.named_modules():
-            if isinstance(module, nn.Linear | Conv1D):
-                parent = name.rpartition(".")[0]
-                if get_weight(module).shape[0] not in routers.get(parent, ()):
-                    layers[name] = module
+            if isinstance(module, nn.Linear | Conv1D) and not _is_router(block, name, module):
+                layers[name] = module
             elif is_fused_experts(module):
                 for local, view in expert_views(module).items():
                     layers[f"{name}.{local}"] = view
@@ -100,6 +91,23 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"unsupported architecture {model_type!r}: {adapter.blocks_path}.0 has no linear layers"
         )
     return adapter
+
+
+def _is_router(block: nn.Module, name: str, layer: nn.Module) -> bool:
+    """Whether a linear layer of ``block`` is a router beside fused experts: under the
+    module holding the experts, named like a gate or router (``mlp.gate``,
+    ``mlp.router.gate``, ``mlp.gate.wg``, ``router.proj``, ``shared_expert_gate``), with
+    one output per expert or a single one."""
+    parts = name.split(".")
+    if not any(p == "gate" or p.endswith("_gate") or "router" in p for p in parts):
+        return False
+    for experts_name, experts in block.named_modules():
+        if is_fused_experts(experts):
+            home = experts_name.rpartition(".")[0]
+            inside = home == "" or name.startswith(home + ".")
+            if inside and get_weight(layer).shape[0] in (experts.num_experts, 1):
+                return True
+    return False
 
 
 def _decoder(model: nn.Module) -> tuple[nn.Module, str]:

@@ -431,6 +431,7 @@ def heapr_command(
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed for drawing the windows.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -440,7 +441,7 @@ def heapr_command(
     _quiet_transformers()
     report = heapr_to_dir(
         model, out, ratio=ratio, uniform=uniform, calib=calib, nsamples=nsamples,
-        seqlen=seqlen, seed=seed, overwrite=overwrite, progress=not quiet,
+        seqlen=seqlen, seed=seed, device=device, overwrite=overwrite, progress=not quiet,
     )  # fmt: skip
     typer.echo(
         f"HEAPr removed {report['atomic_experts_removed']:,} of {report['atomic_experts']:,} "

@@ -466,6 +466,7 @@ class BlockPruner:
                 dense[local], info[local] = self.solve(
                     prefix + local, module, collector.stats.get(local), masters[local]
                 )
+                collector.release(local, solved=info)
 
             def resume(local: str, module: nn.Module, x: torch.Tensor) -> None:
                 probe.add(local, module, x)
@@ -485,6 +486,7 @@ class BlockPruner:
                 dense[local], info[local] = self.solve(
                     prefix + local, layer, collector.stats.get(local), masters[local]
                 )
+                collector.release(local, solved=info)
             tick = time.perf_counter()
             with probe:
                 acts.forward(block, index, update=True)

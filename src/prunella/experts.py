@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import weakref
 from collections.abc import Iterator
 from types import MethodType
 
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 EXPERT = re.compile(r"^(.*\.experts\.\d+)\.[^.]+$")
-_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+VIEWS = "_prunella_views"  # where an experts module keeps its views (a plain attribute)
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -102,7 +101,7 @@ class ExpertLinear(nn.Module):
 def expert_views(experts: nn.Module) -> dict[str, ExpertLinear]:
     """``{e}.gate_proj`` / ``{e}.up_proj`` / ``{e}.down_proj`` -> view, for every expert
     (the same objects on every call, so hooks put on them stay)."""
-    views = _VIEWS.get(experts)
+    views = experts.__dict__.get(VIEWS)
     if views is None:
         views = {}
         for e in range(experts.num_experts):
@@ -112,7 +111,7 @@ def expert_views(experts: nn.Module) -> dict[str, ExpertLinear]:
             else:
                 views[f"{e}.up_proj"] = ExpertLinear(experts, "up_proj", e, 0, 1)
             views[f"{e}.down_proj"] = ExpertLinear(experts, "down_proj", e, 0, 1)
-        _VIEWS[experts] = views
+        experts.__dict__[VIEWS] = views  # not a submodule: state_dict and saving ignore it
     return views
 
 
@@ -131,33 +130,42 @@ def routed_forward(
         token, slot = torch.where(top_k_index == e)
         x, weight = hidden_states[token], top_k_weights[token, slot]
         mass = float(weight.detach().float().sum())
-        for part in ("gate_proj", "up_proj", "down_proj"):
-            if f"{e}.{part}" in views:
-                views[f"{e}.{part}"].routed_weight = mass
+        gate_view, up_view = views.get(f"{e}.gate_proj"), views[f"{e}.up_proj"]
         if self.has_gate:
-            gate, up = views[f"{e}.gate_proj"](x), views[f"{e}.up_proj"](x)
+            gate, up = _call(gate_view, x, mass), _call(up_view, x, mass)
             if self.is_concatenated:
                 gate_up = torch.cat([gate, up], dim=-1)
             else:
                 gate_up = torch.stack([gate, up], dim=-1).flatten(-2)
             h = self._apply_gate(gate_up)
         else:
-            h = self.act_fn(views[f"{e}.up_proj"](x))
-        y = views[f"{e}.down_proj"](h)
+            h = self.act_fn(_call(up_view, x, mass))
+        y = _call(views[f"{e}.down_proj"], h, mass)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         out.index_add_(0, token, y.float() * weight.float()[:, None])
     return out.to(hidden_states.dtype)
 
 
+def _call(view: ExpertLinear, x: torch.Tensor, routed_weight: float) -> torch.Tensor:
+    """Run ``view`` on ``x``, its router weight set just before (with one pass, batches
+    take turns inside the calls, so it must be this batch's)."""
+    view.routed_weight = routed_weight
+    return view(x)
+
+
 @contextlib.contextmanager
 def routed(block: nn.Module) -> Iterator[None]:
     """Run the fused experts of ``block`` through their views (:func:`routed_forward`)."""
     patched = [m for m in block.modules() if is_fused_experts(m)]
+    own = [m.__dict__.get("forward") for m in patched]  # e.g. accelerate's device hooks
     for module in patched:
         module.forward = MethodType(routed_forward, module)
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, forward in zip(patched, own, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

@@ -85,10 +85,11 @@ def heapr_stats(
     for name, module in experts.items():
         width = expert_views(module)["0.down_proj"].weight.shape[1]
         count = module.num_experts
+        device = expert_views(module)["0.down_proj"].weight.device
         stats[name] = AtomicStats(
-            torch.zeros(count, dtype=torch.float64),
-            torch.zeros(count, width, dtype=torch.float64),
-            torch.zeros(count, width, dtype=torch.float64),
+            torch.zeros(count, dtype=torch.float64, device=device),
+            torch.zeros(count, width, dtype=torch.float64, device=device),
+            torch.zeros(count, width, dtype=torch.float64, device=device),
         )
         for e in range(count):
             handles.append(expert_views(module)[f"{e}.down_proj"].register_forward_hook(
@@ -106,8 +107,10 @@ def heapr_stats(
             for b in tqdm(
                 range(0, len(windows), batch_size), desc="HEAPr scores", disable=not progress
             ):
-                ids = windows[b : b + batch_size]
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                ids = windows[b : b + batch_size].to(model.device)
+                # the next-token loss alone (no router auxiliary loss)
+                out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=False)
+                out.loss.backward()
     finally:
         embed.remove()
         for handle in handles:
@@ -247,14 +250,17 @@ def heapr(
     if not 0.0 <= ratio < 1.0:
         raise PrunellaError(f"the HEAPr ratio must be in [0, 1), got {ratio}")
     model.eval()
+    modules = dict(model.named_modules())
+    if uniform:  # before the scoring: a model whose experts cannot shrink stops here
+        experts = next((m for m in modules.values() if is_fused_experts(m)), None)
+        if experts is not None:
+            width = expert_views(experts)["0.down_proj"].weight.shape[1]
+            key = _width_key(model.config, model, width, width - round(ratio * width))
     stats = heapr_stats(model, windows, batch_size, progress)
     keep = atomic_keep({n: s.scores() for n, s in stats.items()}, ratio, uniform)
-    modules = dict(model.named_modules())
     expert_params = sum(p.numel() for n in keep for p in modules[n].parameters())
-    width = next(iter(keep.values())).shape[1]
     if uniform:
         new_width = int(next(iter(keep.values()))[0].sum())
-        key = _width_key(model.config, model, width, new_width)
         for name, mask in keep.items():
             shrink_experts(modules[name], mask)
         setattr(model.config, key, new_width)
@@ -290,17 +296,21 @@ def heapr(
 def heapr_to_dir(
     model: str | Path, out: str | Path, *, ratio: float = 0.25, uniform: bool = False,
     calib: str = "sample", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-    batch_size: int = 1, overwrite: bool = False, progress: bool = True,
+    batch_size: int = 1, device: str = "auto", overwrite: bool = False, progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Prune the checkpoint ``model`` with HEAPr into ``out`` (written atomically), with
-    ``heapr_report.json``; returns the report."""
+    """Prune the checkpoint ``model`` with HEAPr into ``out`` (written atomically, in the
+    checkpoint's dtype), with ``heapr_report.json``; returns the report. The scores are
+    computed in float32 on ``device`` (``auto``: a GPU when there is one)."""
     from .data import calibration
+    from .device import pick_device
     from .folders import atomic_folder, check_out_dir, write_json
     from .models import load
 
     if not 0.0 <= ratio < 1.0:
         raise PrunellaError(f"the HEAPr ratio must be in [0, 1), got {ratio}")
-    hf_model, tokenizer, path, _ = load(model, dtype=torch.float32)
+    hf_model, tokenizer, path, _ = load(model)
+    dtype = next(hf_model.parameters()).dtype  # the checkpoint's: scored in float32, saved so
+    hf_model.to(device=pick_device(device), dtype=torch.float32)
     out = check_out_dir(out, path, overwrite)
     windows, calib_info = calibration(
         tokenizer, calib, nsamples, seqlen, seed,
@@ -308,6 +318,7 @@ def heapr_to_dir(
     )  # fmt: skip
     report = heapr(hf_model, windows, ratio, uniform, batch_size, progress)
     report |= {"model": str(path), "calibration": calib_info}
+    hf_model.to(device="cpu", dtype=dtype)
     with atomic_folder(out) as tmp:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -157,6 +157,15 @@ class StatsCollector:
         self._handles = []
         self._seen = {}
 
+    def release(self, name: str, solved) -> None:
+        """Drop layer ``name``'s statistics once every layer sharing them is in ``solved``
+        (a mixture of experts has hundreds of Hessians per block: not all at once)."""
+        stats = self.stats.get(name)
+        group = [n for n, s in self.stats.items() if s is stats]
+        if stats is not None and all(n in solved for n in group):
+            for n in group:
+                del self.stats[n]
+
     def shared_groups(self) -> list[list[str]]:
         """Names of the layers grouped by the statistics object they share."""
         groups: dict[int, list[str]] = {}
