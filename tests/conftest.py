@@ -139,12 +139,14 @@ def generic_config(family: str):
     return AutoConfig.for_model(family, **{k: v for k, v in options.items() if v is not None})
 
 
-# mixtures of experts (fused 3-D experts; DeepSeek-V3 after a dense block)
+# mixtures of experts (fused 3-D experts; DeepSeek-V3 after a dense block; Llama 4's
+# experts scaled by the router at their input)
 MOE_FAMILIES = [
-    *["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "deepseek_v3"]
+    *["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "deepseek_v3"],
+    "llama4_text",
 ]
 # every family is pruned, saved and reloaded, in memory and streamed (test_families,
-# test_resume): 37 model types of the installed transformers
+# test_resume): 38 model types of the installed transformers
 FAMILIES = [
     *["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt", "gpt2", "gpt_neox"],
     *["gemma2", "gemma3_text", "phi", "olmo", "olmo2", "olmo3", "granite", "cohere", "cohere2"],

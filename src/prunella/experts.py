@@ -22,9 +22,12 @@ routed tokens only, and gate and up share their expert's input statistics. Every
 expert is called on every batch, with no rows when the router chose it for no
 token, so that one-pass pruning (batches meeting at each layer) sees every batch.
 
-Experts kept as ``nn.Linear`` modules need none of this. Fused experts that are
-not decorated (Llama 4 runs every token through every expert with the router's
-scores applied to the input; DBRX stores 2-D slabs) are refused by the adapter.
+Experts kept as ``nn.Linear`` modules need none of this. Llama 4's experts class
+is not decorated: it runs every token through every expert, the router's scores
+applied to the input (zero for an expert not chosen). Its layout is the one
+written here (:data:`EXPLICIT`), and :func:`scaled_input_forward` sends each
+expert its chosen (non-zero) rows. Other undecorated fused experts (DBRX's 2-D
+slabs) are refused by the adapter.
 """
 
 from __future__ import annotations
@@ -40,11 +43,20 @@ from torch import nn
 
 EXPERT = re.compile(r"^(.*\.experts\.\d+)\.[^.]+$")
 VIEWS = "_prunella_views"  # where an experts module keeps its views (a plain attribute)
+# The one explicit adapter: discovery cannot read the layout of an undecorated class.
+EXPLICIT = {
+    "Llama4TextExperts": dict(
+        is_transposed=True, is_concatenated=True, has_gate=True, has_bias=False, scaled_input=True
+    )
+}
 
 
 def is_fused_experts(module: nn.Module) -> bool:
     """Whether ``module`` holds fused 3-D expert parameters in a layout Prunella knows
     (transformers' ``use_experts_implementation`` classes)."""
+    explicit = EXPLICIT.get(type(module).__name__)
+    if explicit is not None and not hasattr(module, "has_gate"):
+        module.__dict__.update(explicit)  # plain attributes, as the decorator sets them
     has_layout = all(hasattr(module, a) for a in ("is_transposed", "is_concatenated", "has_gate"))
     weight = module._parameters.get(
         "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
@@ -147,6 +159,24 @@ def routed_forward(
     return out.to(hidden_states.dtype)
 
 
+def scaled_input_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Llama 4's experts' forward through the views: ``hidden_states`` is ``[E * T, H]``,
+    expert ``e``'s block of ``T`` rows scaled by its router scores (zero rows where it was
+    not chosen, whose outputs are zero). Each expert runs on its chosen rows only. The
+    router's weights are already in the inputs: its weight mass is not seen, so the
+    routed weight recorded is the token count."""
+    views = expert_views(self)
+    x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(self.num_experts):
+        token = x[e].ne(0).any(-1).nonzero().squeeze(1)
+        chosen, count = x[e, token], float(len(token))
+        gate = _call(views[f"{e}.gate_proj"], chosen, count)
+        h = self.act_fn(gate) * _call(views[f"{e}.up_proj"], chosen, count)
+        out[e, token] = _call(views[f"{e}.down_proj"], h, count).float()
+    return out.view(hidden_states.shape).to(hidden_states.dtype)
+
+
 def _call(view: ExpertLinear, x: torch.Tensor, routed_weight: float) -> torch.Tensor:
     """Run ``view`` on ``x``, its router weight set just before (with one pass, batches
     take turns inside the calls, so it must be this batch's)."""
@@ -160,7 +190,8 @@ def routed(block: nn.Module) -> Iterator[None]:
     patched = [m for m in block.modules() if is_fused_experts(m)]
     own = [m.__dict__.get("forward") for m in patched]  # e.g. accelerate's device hooks
     for module in patched:
-        module.forward = MethodType(routed_forward, module)
+        forward = scaled_input_forward if getattr(module, "scaled_input", False) else routed_forward
+        module.forward = MethodType(forward, module)
     try:
         yield
     finally:
