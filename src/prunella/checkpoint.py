@@ -309,12 +309,7 @@ def checkpoint_key_map(model: nn.Module, reader: CheckpointReader) -> dict[str, 
         keys = tuple(
             tuple(found.get((k, e), "") for e in range(experts)) for k in range(sources[name])
         )
-        missing = [
-            k
-            for k, e in ((k, e) for k in range(sources[name]) for e in range(experts))
-            if not keys[k][e]
-        ]
-        if missing:
+        if any("" in part for part in keys):
             raise PrunellaError(f"the checkpoint lacks expert tensors of {name!r}")
         mapping[name] = ExpertParts(keys)
     return mapping

@@ -391,21 +391,11 @@ class BlockPruner:
         if not torch.isfinite(dense).all():
             raise PrunellaError(f"layer {name} has NaN or Inf weights")
 
-        solver, options, rows, rows_options = (
-            self.solver,
-            self.options,
-            self.rows,
-            self.rows_options,
-        )
+        # an expert routed too few tokens for statistics: a data-free solver, uniform rows
         few = isinstance(layer, ExpertLinear) and stats is not None
         few = few and stats.tokens < self.expert_min_tokens
-        if few:  # too few routed tokens for statistics: a data-free solver
-            solver, options, rows, rows_options = (
-                get_solver("magnitude"),
-                {},
-                get_rows("uniform"),
-                {},
-            )
+        solver, options = (get_solver("magnitude"), {}) if few else (self.solver, self.options)
+        rows, rows_options = (get_rows("uniform"), {}) if few else (self.rows, self.rows_options)
 
         def run_solver(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict]:
             return solver.prune(weight, pattern, stats, **options)

@@ -57,6 +57,16 @@ PAPER = "Li et al., HEAPr: Hessian-based Efficient Atomic Expert Pruning in Outp
 WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size", "expert_intermediate_size")
 
 
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise PrunellaError(f"the HEAPr ratio must be in [0, 1), got {ratio}")
+
+
+def expert_width(module: nn.Module) -> int:
+    """The experts' intermediate size (atomic experts per expert)."""
+    return expert_views(module)["0.down_proj"].weight.shape[1]
+
+
 @dataclass
 class AtomicStats:
     """Sums over the tokens routed to each expert of one experts module."""
@@ -83,8 +93,7 @@ def heapr_stats(
     stats: dict[str, AtomicStats] = {}
     handles = []
     for name, module in experts.items():
-        width = expert_views(module)["0.down_proj"].weight.shape[1]
-        count = module.num_experts
+        width, count = expert_width(module), module.num_experts
         device = expert_views(module)["0.down_proj"].weight.device
         stats[name] = AtomicStats(
             torch.zeros(count, dtype=torch.float64, device=device),
@@ -144,8 +153,7 @@ def atomic_keep(
 ) -> dict[str, torch.Tensor]:
     """Experts module name -> ``BoolTensor[E, I]`` of the atomic experts kept: the top
     ``1 - ratio`` of all scores (global), or of each expert's (``uniform``)."""
-    if not 0.0 <= ratio < 1.0:
-        raise PrunellaError(f"the HEAPr ratio must be in [0, 1), got {ratio}")
+    check_ratio(ratio)
     if uniform:
         keep = {}
         for name, s in scores.items():
@@ -247,14 +255,13 @@ def heapr(
     """Prune ``model`` (in memory) with HEAPr; returns the report. With ``uniform`` the
     experts shrink and the config's expert intermediate size with them."""
     tick = time.perf_counter()
-    if not 0.0 <= ratio < 1.0:
-        raise PrunellaError(f"the HEAPr ratio must be in [0, 1), got {ratio}")
+    check_ratio(ratio)
     model.eval()
     modules = dict(model.named_modules())
     if uniform:  # before the scoring: a model whose experts cannot shrink stops here
         experts = next((m for m in modules.values() if is_fused_experts(m)), None)
         if experts is not None:
-            width = expert_views(experts)["0.down_proj"].weight.shape[1]
+            width = expert_width(experts)
             key = _width_key(model.config, model, width, width - round(ratio * width))
     stats = heapr_stats(model, windows, batch_size, progress)
     keep = atomic_keep({n: s.scores() for n, s in stats.items()}, ratio, uniform)
@@ -301,17 +308,17 @@ def heapr_to_dir(
     """Prune the checkpoint ``model`` with HEAPr into ``out`` (written atomically, in the
     checkpoint's dtype), with ``heapr_report.json``; returns the report. The scores are
     computed in float32 on ``device`` (``auto``: a GPU when there is one)."""
+    from .checkpoint import check_checkpoint
     from .data import calibration
     from .device import pick_device
     from .folders import atomic_folder, check_out_dir, write_json
     from .models import load
 
-    if not 0.0 <= ratio < 1.0:
-        raise PrunellaError(f"the HEAPr ratio must be in [0, 1), got {ratio}")
+    check_ratio(ratio)  # bad input stops before the model is read
+    out = check_out_dir(out, check_checkpoint(model)[0], overwrite)
     hf_model, tokenizer, path, _ = load(model)
     dtype = next(hf_model.parameters()).dtype  # the checkpoint's: scored in float32, saved so
     hf_model.to(device=pick_device(device), dtype=torch.float32)
-    out = check_out_dir(out, path, overwrite)
     windows, calib_info = calibration(
         tokenizer, calib, nsamples, seqlen, seed,
         getattr(hf_model.config, "max_position_embeddings", None),

@@ -106,14 +106,13 @@ def allocate(
         raise PrunellaError(f"allocation {method.name!r} needs calibration data")
     metric: dict[str, float] = {}
     units: dict[str, list[str]] = {}
+    blocks_path = store.adapter.blocks_path
 
     def visit(prefix: str, block_layers: dict) -> None:
         block_units = allocation_units(list(block_layers), blocks_path, granularity)
         for unit, names in block_units.items():
             units[unit] = names
             metric[unit] = method.unit_metric([block_layers[n] for n in names], **options)
-
-    blocks_path = store.adapter.blocks_path
 
     visit_blocks(
         store,
