@@ -1,13 +1,21 @@
-"""Allocation methods on SmolLM2-135M: uniform, OWL, AlphaPruning, AlphaPruning + FARMS.
+"""Allocation methods on SmolLM2-135M: every allocation, with Wanda and SparseGPT.
 
-For each target sparsity and solver, every allocation method prunes the same
-model on the same calibration windows (each prune its own ``prunella prune``
-process) and the result is evaluated by ``prunella eval`` on the held-out
-shipped text. Prints a Markdown table (perplexity, prune wall time, time spent
-on the allocation itself); ``--json PATH`` writes the raw numbers, and the
+For each target sparsity, each allocation method makes its plan once with
+``prunella allocate --json`` in its own process (wall time and peak RSS measured
+from outside): the plans of the methods below do not depend on the solver.
+Each solver then prunes with ``--allocation-file`` (its own process, timed), and
+the result is evaluated by ``prunella eval --reference`` on the held-out shipped
+text: perplexity and the KL divergence to the dense model. The search methods
+(``evopress``, ``tpe``, ``dsa``) score candidates pruned by the solver, so they
+run inside ``prunella prune`` per solver, with ``--search-minutes`` each after
+their level database is built (the allocation time then includes the build).
+
+Prints a Markdown table; ``--json PATH`` writes the raw numbers, and the
 allocation pictures are copied to ``--figures DIR`` when given.
 
-    python benchmarks/allocation_smollm2.py --sparsities 0.6,0.7 --json alloc.json
+    python benchmarks/allocation_smollm2.py --sparsities 0.7,0.6 --json alloc.json \
+        --opt ecoflap:perturb=block --opt ecoflap:seqlen=128 --opt ecoflap:batch=4 \
+        --opt lua:steps=100
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from smollm2_runs import evaluate, run, smollm2_parser
+from smollm2_runs import measured, run, smollm2_parser
 
 METHODS = {
     "uniform": [],
@@ -26,11 +34,31 @@ METHODS = {
     "alphapruning": ["--allocation", "alphapruning"],
     "alphapruning+farms": ["--allocation", "alphapruning", "--allocation-opt", "farms=true"],
     "erk": ["--allocation", "erk"],
+    "ecoflap": ["--allocation", "ecoflap"],
+    "layerif": ["--allocation", "layerif"],
+    "layerif+helpful": ["--allocation", "layerif", "--allocation-opt", "aggregate=helpful"],
+    "lua": ["--allocation", "lua"],
 }
+SEARCHES = {"evopress": ["--granularity", "layer"], "tpe": [], "dsa": []}
 
 
-def perplexity(model: str, a) -> float:
-    return evaluate(model, a)["perplexity"]
+def evaluation(model: str, a) -> dict:
+    out = run(["eval", model, "--data", a.data, "--seqlen", str(a.seqlen), "--reference",
+               a.model, "--json", "--quiet"])  # fmt: skip
+    return json.loads(out)
+
+
+def method_flags(method: str, a) -> list[str]:
+    """The method's flags plus ``--opt NAME:KEY=VALUE`` given on the command line (``NAME``
+    the allocation's name: ``--opt layerif:seqlen=64`` applies to both layerif rows)."""
+    flags = list(METHODS.get(method) or ["--allocation", method, *SEARCHES[method]])
+    if method in SEARCHES:
+        flags += ["--allocation-opt", f"minutes={a.search_minutes}"]
+    for option in a.opt or []:
+        name, _, value = option.partition(":")
+        if name == method.split("+")[0]:
+            flags += ["--allocation-opt", value]
+    return flags
 
 
 def main() -> None:
@@ -38,91 +66,95 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.6,0.7")
     parser.add_argument("--solvers", default="wanda,sparsegpt")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--search-minutes", type=float, default=8.0)
+    parser.add_argument("--opt", action="append", help="METHOD:KEY=VALUE, an allocation option")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--figures", type=Path, help="copy allocation.png of each run here")
     a = parser.parse_args()
+    calib = ["--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)]
 
-    dense = perplexity(a.model, a)
+    dense = evaluation(a.model, a)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for sparsity in a.sparsities.split(","):
-            for solver in a.solvers.split(","):
-                for method in a.methods.split(","):
-                    out = Path(tmp) / f"{solver}-{method}-{sparsity}"
-                    run(
-                        [
-                            "prune",
-                            a.model,
-                            "--out",
-                            str(out),
-                            "--solver",
-                            solver,
-                            "--sparsity",
-                            sparsity,
-                            *METHODS[method],
-                            "--calib",
-                            a.calib,
-                            "--nsamples",
-                            str(a.nsamples),
-                            "--seqlen",
-                            str(a.seqlen),
-                            "--quiet",
-                        ]
+            for method in a.methods.split(","):
+                plan, made = Path(tmp) / f"{method}-{sparsity}.json", None
+                if method not in SEARCHES:
+                    allocate = ["allocate", a.model, "--sparsity", sparsity]
+                    made = measured(
+                        [*allocate, *method_flags(method, a), *calib, "--json", str(plan)]
                     )
+                for solver in a.solvers.split(","):
+                    out = Path(tmp) / f"{solver}-{method}-{sparsity}"
+                    given = ["--allocation-file", str(plan)] if made else method_flags(method, a)
+                    prune = ["prune", a.model, "--out", str(out), "--solver", solver]
+                    pruned = measured([*prune, "--sparsity", sparsity, *given, *calib, "--quiet"])
                     report = json.loads((out / "prune_report.json").read_text())
                     if a.figures:
                         a.figures.mkdir(parents=True, exist_ok=True)
-                        shutil.copy(
-                            out / "allocation.png",
-                            a.figures / f"allocation-{method}-{solver}-{sparsity}.png",
-                        )
+                        picture = f"allocation-{method}-{solver}-{sparsity}.png"
+                        shutil.copy(out / "allocation.png", a.figures / picture)
+                    result = evaluation(str(out), a)
+                    allocation_s = made["wall_seconds"] if made else report["seconds"]["allocation"]
                     rows.append(
                         {
                             "sparsity": float(sparsity),
                             "solver": solver,
                             "method": method,
                             "achieved": report["sparsity"],
-                            "ppl": perplexity(str(out), a),
-                            "prune_seconds": report["wall_seconds"],
-                            "allocation_seconds": report["seconds"].get("allocation", 0.0),
+                            "ppl": result["perplexity"],
+                            "kl": result["kl"],
+                            "allocation_seconds": allocation_s,
+                            "allocation_peak_mb": (made or pruned)["peak_rss_mb"],
+                            "prune_seconds": pruned["wall_seconds"],
+                            "prune_peak_mb": pruned["peak_rss_mb"],
                             "block_sparsity_range": _block_range(report),
                         }
                     )
-                    print(
-                        f"done: {sparsity} {solver} {method}: {rows[-1]['ppl']:.2f}",
-                        file=sys.stderr,
-                    )
-
+                    shutil.rmtree(out)
+                    print(f"done: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+                    if a.json:  # so far, in case the run is stopped
+                        a.json.write_text(json.dumps({"rows": rows}, indent=2))
+    model_mb = _model_mb(a.model)
     print(
-        f"SmolLM2-135M, calibration {a.calib} ({a.nsamples} x {a.seqlen} tokens), perplexity "
-        f"on {a.data} (seqlen {a.seqlen}); dense perplexity {dense:.2f}\n"
+        f"SmolLM2-135M ({model_mb:.0f} MB checkpoint), calibration {a.calib} ({a.nsamples} x "
+        f"{a.seqlen} tokens), perplexity and KL to the dense model on {a.data} (seqlen "
+        f"{a.seqlen}); dense perplexity {dense['perplexity']:.2f}\n"
     )
-    print(
-        "| sparsity | solver | allocation | ppl | vs uniform | block sparsity range "
-        "| prune time (s) | of which allocation (s) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print("| sparsity | solver | allocation | ppl | vs uniform | KL | block sparsity range "
+          "| allocation (s) | allocation peak (MB, x model) | prune (s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next(
-            x["ppl"]
-            for x in rows
-            if x["sparsity"] == r["sparsity"]
-            and x["solver"] == r["solver"]
+            x["ppl"] for x in rows
+            if x["sparsity"] == r["sparsity"] and x["solver"] == r["solver"]
             and x["method"] == "uniform"
-        )
+        )  # fmt: skip
         low, high = r["block_sparsity_range"]
+        peak = r["allocation_peak_mb"]
         print(
             f"| {r['sparsity']:.0%} | {r['solver']} | {r['method']} | {r['ppl']:.2f} | "
-            f"{r['ppl'] / base - 1:+.1%} | {low:.1%}-{high:.1%} | {r['prune_seconds']:.1f} | "
-            f"{r['allocation_seconds']:.1f} |"
+            f"{r['ppl'] / base - 1:+.1%} | {r['kl']:.4f} | {low:.1%}-{high:.1%} | "
+            f"{r['allocation_seconds']:.1f} | {peak:.0f} ({peak / model_mb:.1f}x) | "
+            f"{r['prune_seconds']:.1f} |"
         )
     if a.json:
         a.json.write_text(
             json.dumps(
-                {"args": {k: str(v) for k, v in vars(a).items()}, "dense_ppl": dense, "rows": rows},
+                {
+                    "args": {k: str(v) for k, v in vars(a).items()},
+                    "dense": dense,
+                    "model_mb": model_mb,
+                    "rows": rows,
+                },
                 indent=2,
             )
         )
+
+
+def _model_mb(model: str) -> float:
+    """The checkpoint's size in MB (float32 for SmolLM2): the unit of the memory multiples."""
+    return json.loads(run(["inspect", model, "--json"]))["bytes"] / 2**20
 
 
 def _block_range(report: dict) -> tuple[float, float]:

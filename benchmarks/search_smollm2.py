@@ -149,19 +149,33 @@ def main() -> None:
         base = next(x["ppl"] for x in rows if x["target"] == r["target"]
                     and x["method"] == "uniform") if "uniform" in methods else r["ppl"]  # fmt: skip
         evaluations = "" if r["evaluations"] is None else str(r["evaluations"])
-        print(f"| {r['target']} | {r['method']} | {r['ppl']:.2f} | {r['ppl'] / base - 1:+.1%} | "
-              f"{r['kl']:.4f} | {evaluations} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['target']} | {r['method']} | {r['ppl']:.2f} | {r['ppl'] / base - 1:+.1%} | "
+            f"{r['kl']:.4f} | {evaluations} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     for r in rows:
         if r["formula"]:
             print(f"\nDSA function found at {r['target']}: `{r['formula']}`")
     for name, seconds in builds.items():
         print(f"\nlevel database {name}: built in {seconds:.0f} s")
     if floor:
-        print(f"\nfitness: {floor['fitness_tok_s']:.0f} tokens/s; plain forward pass: "
-              f"{floor['forward_tok_s']:.0f} tokens/s ({floor['tokens']} tokens)")
+        print(
+            f"\nfitness: {floor['fitness_tok_s']:.0f} tokens/s; plain forward pass: "
+            f"{floor['forward_tok_s']:.0f} tokens/s ({floor['tokens']} tokens)"
+        )
     if a.json:
-        a.json.write_text(json.dumps({"dense_ppl": dense, "rows": rows, "builds": builds,
-                                      "speed": floor, "minutes": a.minutes}, indent=2))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "dense_ppl": dense,
+                    "rows": rows,
+                    "builds": builds,
+                    "speed": floor,
+                    "minutes": a.minutes,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

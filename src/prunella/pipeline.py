@@ -190,7 +190,7 @@ def run(
         _, phase_times = prune_blocks(
             store,
             windows,
-            plan.patterns(),
+            plan.patterns(store.layers()),
             solver,
             device=dev,
             dtype=dtype,

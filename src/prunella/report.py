@@ -74,7 +74,8 @@ def build_report(
             "seqlen": windows.shape[1],
             "tokens": windows.numel(),
         },
-        "allocation": plan.to_json(),
+        "allocation": {k: v for k, v in plan.to_json().items() if k != "rows"}
+        | ({"row_budgets_layers": len(plan.rows)} if plan.rows is not None else {}),
         "device": str(device),
         "dtype": str(next(p.dtype for p in model.parameters())).removeprefix("torch."),
         "compute_dtype": str(dtype).removeprefix("torch."),

@@ -31,6 +31,7 @@ KNOWN = frozenset({HESSIAN, COL_NORMS})
 # Not a statistic: an allocation method that reads weight values (not only shapes)
 # declares it, so that a streamed model's blocks are read for it.
 WEIGHTS = "weights"
+LOSS = "loss"  # an allocation that reads the whole model's loss (ecoflap, layerif, lua)
 ROWS = 256  # row block of the lower-triangular accumulation
 TOKENS = 1024  # input rows per accumulation step
 

@@ -18,7 +18,19 @@ from ..errors import PrunellaError
 from ..patterns import Pattern
 from ..registry import Method, Registry
 from ..stats import WEIGHTS
-from . import alphapruning, dsa, erk, evopress, expert_usage, owl, tpe, uniform
+from . import (
+    alphapruning,
+    dsa,
+    ecoflap,
+    erk,
+    evopress,
+    expert_usage,
+    layerif,
+    lua,
+    owl,
+    tpe,
+    uniform,
+)
 from .plan import (
     GRANULARITIES,
     Plan,
@@ -41,8 +53,15 @@ ALLOCATIONS = Registry(
         "tpe": tpe,
         "dsa": dsa,
         "expert_usage": expert_usage,
+        "ecoflap": ecoflap,
+        "layerif": layerif,
+        "lua": lua,
     },
-    hooks=(("METRIC", "unit_metric", "sparsities"), ("search",)),
+    hooks=(
+        ("METRIC", "unit_metric", "sparsities"),
+        ("METRIC", "model_metric", "sparsities"),
+        ("search",),
+    ),
 )
 
 __all__ = [
@@ -92,7 +111,8 @@ def allocate(
         raise PrunellaError(
             f"need 0 <= min sparsity <= max sparsity < 1, got {min_sparsity}, {max_sparsity}"
         )
-    if hasattr(method.module, "search"):
+    sizes = {name: rows * cols for name, (rows, cols) in store.layers().items()}
+    if hasattr(method.module, "search") or hasattr(method.module, "model_metric"):
         from ..search import SearchRun
         from ..solvers import get_solver
 
@@ -100,11 +120,17 @@ def allocate(
             store, windows, pattern, solver or get_solver("sparsegpt"), solver_options or {},
             granularity, min_sparsity, max_sparsity, device, dtype, batch_size, progress, method,
         )  # fmt: skip
-        return method.search(run, **options)
+        if hasattr(method.module, "search"):
+            return method.search(run, **options)
+        metric = method.model_metric(run, **options)
+        return build_plan(
+            method, metric, run.units, sizes, pattern.sparsity, pattern, granularity, options,
+            min_sparsity, max_sparsity,
+        )  # fmt: skip
     statistics = method.needs - {WEIGHTS}
     if statistics and windows is None:
         raise PrunellaError(f"allocation {method.name!r} needs calibration data")
-    metric: dict[str, float] = {}
+    metric = {}
     units: dict[str, list[str]] = {}
     blocks_path = store.adapter.blocks_path
 
@@ -126,7 +152,6 @@ def allocate(
         progress=progress,
         desc=f"allocation ({method.name})",
     )
-    sizes = {name: rows * cols for name, (rows, cols) in store.layers().items()}
     return build_plan(
         method,
         metric,

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import PrunellaError
 from ..experts import expert_of
-from ..patterns import NM, Pattern, Unstructured, check_sparsity
+from ..patterns import NM, Pattern, RowBudget, Unstructured, check_sparsity
 from ..registry import Method
 
 GRANULARITIES = ("block", "layer", "expert")
@@ -64,14 +64,26 @@ class Plan:
     metric_name: str | None = None
     metric: dict[str, float] = field(default_factory=dict)
     nm: dict[str, list[int]] | None = None
+    rows: dict[str, list[int]] | None = None  # weights pruned in each row (per-row budgets)
 
-    def patterns(self) -> dict[str, Pattern]:
+    def patterns(self, shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, Pattern]:
+        """Each layer's pattern; per-row budgets (``rows``) need the layers' ``shapes``."""
         if self.nm is not None:
             return {name: NM(*self.nm[name]) for name in self.sparsity}
+        if self.rows is not None:
+            if shapes is None:
+                raise ValueError("a plan with per-row budgets needs the layer shapes")
+            return {
+                name: RowBudget(torch.tensor(self.rows[name]), shapes[name][1])
+                for name in self.sparsity
+            }
         return {name: Unstructured(s) for name, s in self.sparsity.items()}
 
     def to_json(self) -> dict:
-        return {"format": "prunella-allocation/1", **asdict(self)}
+        data = asdict(self)
+        if self.rows is None:
+            del data["rows"]
+        return {"format": "prunella-allocation/1", **data}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
@@ -267,6 +279,28 @@ def load_plan(
                     f"allocation file {path}: {name!r} has nm {level} ({level.sparsity:.4g} "
                     f"sparse) but sparsity {sparsity[name]}"
                 )
+    rows = data.get("rows")
+    if rows is not None:
+        if nm is not None:
+            raise PrunellaError(f"allocation file {path}: 'rows' and 'nm' exclude each other")
+        if not isinstance(rows, dict) or set(rows) != set(layers):
+            raise PrunellaError(f"allocation file {path}: 'rows' must give counts for every layer")
+        for name, counts in rows.items():
+            out, cols = layers[name]
+            if not (
+                isinstance(counts, list)
+                and len(counts) == out
+                and all(type(c) is int and 0 <= c <= cols for c in counts)
+            ):
+                raise PrunellaError(
+                    f"allocation file {path}: 'rows' of {name!r} must be "
+                    f"{out} counts in [0, {cols}]"
+                )
+            if abs(sum(counts) - float(sparsity[name]) * out * cols) > 0.5:
+                raise PrunellaError(
+                    f"allocation file {path}: the row counts of {name!r} do not add up to "
+                    f"its sparsity {sparsity[name]}"
+                )
     return Plan(
         target=target,
         sparsity={n: float(sparsity[n]) for n in layers},
@@ -276,4 +310,5 @@ def load_plan(
         metric_name=str(data["metric_name"]) if data.get("metric_name") is not None else None,
         metric=dict(data.get("metric") or {}),
         nm=nm,
+        rows=rows,
     )

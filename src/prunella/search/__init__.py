@@ -80,7 +80,8 @@ class SearchRun:
 
     def __post_init__(self) -> None:
         if self.windows is None:
-            raise PrunellaError("an allocation search needs calibration data")
+            name = self.method.name if self.method is not None else "search"
+            raise PrunellaError(f"allocation {name!r} needs calibration data")
         self.units = allocation_units(
             list(self.store.layers()), self.store.adapter.blocks_path, self.granularity
         )
