@@ -51,7 +51,10 @@ def evaluation(model: str, a) -> dict:
 def method_flags(method: str, a) -> list[str]:
     """The method's flags plus ``--opt NAME:KEY=VALUE`` given on the command line (``NAME``
     the allocation's name: ``--opt layerif:seqlen=64`` applies to both layerif rows)."""
-    flags = list(METHODS.get(method) or ["--allocation", method, *SEARCHES[method]])
+    if method in METHODS:
+        flags = list(METHODS[method])
+    else:
+        flags = ["--allocation", method, *SEARCHES[method]]
     if method in SEARCHES:
         flags += ["--allocation-opt", f"minutes={a.search_minutes}"]
     for option in a.opt or []:

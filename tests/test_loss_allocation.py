@@ -267,7 +267,7 @@ def test_layerif_plan_splits_the_text_and_meets_the_budget():
     assert sum(round(plan.sparsity[n] * sizes[n]) for n in sizes) == round(
         0.7 * sum(sizes.values())
     )
-    assert plan.metric_name == "positive_influence" and len(plan.metric) == 3
+    assert plan.metric_name == "influence" and len(plan.metric) == 3
     order = sorted(plan.metric, key=plan.metric.get)  # higher influence, more sparsity
     block = {u: plan.sparsity[f"{u}.mlp.up_proj"] for u in plan.metric}
     assert block[order[0]] < block[order[-1]]
@@ -339,3 +339,50 @@ def test_lua_plan_has_exact_row_budgets_that_the_solvers_honour(tmp_path):
                 assert zeros == plan.rows[f"model.layers.{i}.{local}"], (solver, local)
     nm = plan_for(model, adapter, "lua", NM(4, 8), ids, {"steps": 2})
     assert nm.rows is None and {v[1] for v in nm.nm.values()} == {8}
+
+
+def test_gradients_with_swapped_weights_stream_as_in_memory(tmp_path, tokenizer_dir):
+    """Lua's threshold gradients (block_gradients with weights swapped in) on a model
+    streamed from disk equal those in memory, and neither changes the model."""
+    path = build_checkpoint(tmp_path / "m", "qwen3_moe", tokenizer_dir)
+    ids = windows(1)
+    results = []
+    for offload in ("none", "disk"):
+        store, _ = open_store(path, offload)
+        shapes = store.layers()
+        gen = torch.Generator().manual_seed(0)
+        ranks = {n: row_ranks(torch.rand(shape, generator=gen)) for n, shape in shapes.items()}
+        t = {n: torch.full((shape[0],), 0.5) for n, shape in shapes.items()}
+        before = {k: v.clone() for k, v in store.model.state_dict().items() if not v.is_meta}
+        results.append(ce_threshold_grads(store, ids, ranks, t, device=CPU))
+        after = store.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert set(results[0]) == set(results[1])
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], rtol=1e-4, atol=1e-8), name
+
+
+def test_fitted_row_budgets_stay_within_the_clamp():
+    """Rows clamped at the bounds keep whole counts within them (the leftover weights go
+    only to rows with room), and the total is exact."""
+    from prunella.allocation import fit_budget
+
+    sizes = torch.full((1000,), 576.0)
+    raw = torch.linspace(0.5, 1.2, 1000, dtype=torch.float64)
+    fitted = fit_budget(raw, sizes, 0.75, 0.0, 0.8)
+    counts = fitted * sizes
+    assert counts.max().item() <= 0.8 * 576
+    assert round(counts.sum().item()) == round(0.75 * sizes.sum().item())
+
+
+def test_a_row_plan_is_refused_for_an_nm_pattern(tmp_path):
+    from prunella.errors import PrunellaError as Error
+
+    model, adapter = tiny()
+    plan = plan_for(model, adapter, "lua", Unstructured(0.5), windows(2), {"steps": 1})
+    plan.save(tmp_path / "plan.json")
+    import prunella
+
+    with pytest.raises(Error, match="per-row budgets, which a 2:4 pattern cannot honour"):
+        prunella.prune(tiny()[0], pattern="2:4", allocation=tmp_path / "plan.json",
+                       calibration=windows(2), progress=False)  # fmt: skip

@@ -277,7 +277,13 @@ def make_plan(
 ) -> Plan:
     """The plan: read from ``recipe.allocation_file``, or made by the recipe's allocation."""
     if recipe.allocation_file is not None:
-        return load_plan(recipe.allocation_file, store.layers(), recipe.sparsity)
+        plan = load_plan(recipe.allocation_file, store.layers(), recipe.sparsity)
+        if plan.rows is not None and not isinstance(pattern, Unstructured):
+            raise PrunellaError(
+                f"allocation file {recipe.allocation_file} gives per-row budgets, "
+                f"which a {pattern} pattern cannot honour"
+            )
+        return plan
     return allocate(
         store,
         get_method(recipe.allocation.name),

@@ -52,13 +52,14 @@ from ..engine import capture, on_device
 from ..errors import PrunellaError
 from ..registry import Option
 from ..search.fitness import head_only
+from ..stats import LOSS
 from .loss import block_output, next_token_loss, predicted_tokens
 
 PAPER = (
     "Sung et al., ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for "
     "Vision-Language Models, ICLR 2024"
 )
-NEEDS = frozenset({"loss"})
+NEEDS = frozenset({LOSS})
 OPTIONS = (
     Option(
         "eps", float, 1e-3, "perturbation size of the two-point estimate", low=0.0, low_open=True
@@ -82,7 +83,7 @@ STREAM_BYTES = 2 * 2**30  # perturbed hidden states one sweep may carry, at most
 
 def direction(shape: torch.Size, seed: int, batch: int, index: int) -> torch.Tensor:
     """The Gaussian direction of perturbation unit ``index`` (model order) on ``batch``."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 10_007 + index)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + batch) * 100_000_007 + index)
     return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
@@ -118,7 +119,7 @@ def zo_directional(
     g: dict[str, list[float]] = {k: [] for k in keys}
     store.load_head()
     bar = tqdm(
-        total=len(batches) * sum(len(blocks) for _ in starts),
+        total=len(batches) * len(starts) * len(blocks),
         desc="ecoflap (zeroth order)", unit="block", disable=not progress,
     )  # fmt: skip
     with torch.no_grad():

@@ -21,7 +21,8 @@ Hessian. Then ``I(t) = sum_w sum_v I_w(t, v)`` and the unit's score is the sum o
 the positive influences, ``S = sum_t max(I(t), 0)``: "layers with lower cumulative
 positive influence [are] more stable and better trained". ``aggregate=helpful``
 sums the helpful ones instead, ``S = -sum_t min(I(t), 0)`` (the authors' influence
-code has both; see below).
+code has both; see below), mapped the same way: more influence, more sparsity.
+At most ``samples = 396`` pieces (the paper's 300 + 96).
 
 Mapping (the authors' ``ww_sparsity``, AlphaPruning's): along the blocks the scores
 are smoothed by a Savitzky-Golay filter (window 7, cubic, scipy's ``interp`` edges,
@@ -33,15 +34,19 @@ Where we differ: the influence is over every prunable matrix of the unit (their
 script keeps the attention projections only); the examples are pieces of the
 calibration text, not task examples. Per-example gradients come from a block-by-
 block backward (:func:`~prunella.allocation.loss.block_gradients`), and only their
-inner products are kept: the memory of one block's gradients for all pieces.
-The smoothing applies along blocks; with ``--granularity layer`` or ``expert``
-the scores are used unsmoothed. On calibration text cut into pieces, nearly every
-training piece *helps* the validation pieces (``I(t) < 0`` in every block of
-SmolLM2-135M for all but a few of them), so the paper's positive sum is zero in
-most blocks; ``aggregate=helpful`` keeps a score in every block.
+inner products are kept: the memory of one block's gradients for all pieces
+(``pieces x block parameters x 4`` bytes) plus the hidden states entering every
+block (``blocks x pieces x seqlen x hidden x 4``); lower ``samples`` for a large
+model. The smoothing applies along blocks; with ``--granularity layer`` or
+``expert`` the scores are used unsmoothed, and so are models with fewer blocks than
+the window. On calibration text cut into pieces, nearly every training piece
+*helps* the validation pieces (``I(t) < 0`` in every block of SmolLM2-135M for all
+but a few of them), so the paper's positive sum is zero in most blocks; ``aggregate=helpful`` keeps a score in every block.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -83,7 +88,8 @@ OPTIONS = (
         high=1.0,
         high_open=True,
     ),
-    Option("smooth", int, 7, "Savitzky-Golay window along the blocks (0: none)", low=0),
+    Option("smooth", int, 7, "Savitzky-Golay window along the blocks (0: none; odd, >= 5)", low=0),
+    Option("samples", int, 396, "at most this many pieces (the paper: 300 + 96)", low=3),
     Option(
         "aggregate",
         str,
@@ -92,7 +98,7 @@ OPTIONS = (
         choices=("positive", "helpful"),
     ),
 )
-METRIC = "positive_influence"
+METRIC = "influence"
 
 
 def pieces(windows: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -117,6 +123,8 @@ def datainf_influence(
     cross = (gv @ gt.T).double()  # <g_v, g_t>
     norms = gram.diagonal()
     lam = (norms / d).mean() / damping
+    if lam <= 0:  # no gradient at all (an expert no token reached): no influence
+        return torch.zeros(n, len(gv), dtype=torch.float64)
     c = cross / (lam + norms)  # c[v, t']
     inner = (n * cross - c @ gram) / (n * lam)  # <hvp_v, g_t>
     return -inner.T
@@ -151,10 +159,10 @@ def savgol(values: torch.Tensor, window: int = 7, order: int = 3) -> torch.Tenso
 
 
 def influence_scores(
-    run, seqlen=128, validation=0.25, damping=10.0, aggregate="positive"
+    run, seqlen=128, validation=0.25, damping=10.0, aggregate="positive", samples=396
 ) -> dict[str, float]:
     """Each allocation unit's ``S`` (positive influence of the training pieces)."""
-    examples = pieces(run.windows, seqlen)
+    examples = pieces(run.windows, seqlen)[:samples]
     m = round(validation * len(examples))
     if m < 1 or len(examples) - m < 2:
         raise PrunellaError(
@@ -173,15 +181,25 @@ def influence_scores(
             influence[unit] = influence[unit] + part if unit in influence else part
         bar.update()
     bar.close()
-    return {unit: positive_influence(influence[unit], aggregate) for unit in run.units}
+    scores = {unit: positive_influence(influence[unit], aggregate) for unit in run.units}
+    if not all(math.isfinite(v) for v in scores.values()):
+        raise PrunellaError("layerif: the influence is not finite on the calibration pieces")
+    return scores
 
 
 def model_metric(
-    run, seqlen=128, validation=0.25, damping=10.0, smooth=7, aggregate="positive", **_
+    run,
+    seqlen=128,
+    validation=0.25,
+    damping=10.0,
+    smooth=7,
+    aggregate="positive",
+    samples=396,
+    **_,
 ) -> dict[str, float]:
-    if smooth and smooth % 2 == 0:
-        raise PrunellaError(f"layerif option smooth must be odd (or 0), got {smooth}")
-    scores = influence_scores(run, seqlen, validation, damping, aggregate)
+    if smooth and (smooth % 2 == 0 or smooth < 5):
+        raise PrunellaError(f"layerif option smooth must be 0 or odd and at least 5, got {smooth}")
+    scores = influence_scores(run, seqlen, validation, damping, aggregate, samples)
     if smooth and run.granularity == "block":
         units = list(scores)
         smoothed = savgol(torch.tensor([scores[u] for u in units]), smooth)

@@ -101,23 +101,25 @@ def fit_budget(
         raise PrunellaError(f"target sparsity {target} lies outside the clamp [{lo}, {hi}]")
     raw, sizes = raw.double(), sizes.double()
     total = target * sizes.sum()
+    fewest, most = (lo * sizes - 1e-9).ceil(), (hi * sizes + 1e-9).floor()  # whole weights
+    low, high = fewest / sizes, most / sizes
 
     def pruned(shift: float) -> float:
-        return (sizes * (raw + shift).clamp(lo, hi)).sum().item()
+        return (sizes * torch.minimum(torch.maximum(raw + shift, low), high)).sum().item()
 
-    a, b = lo - raw.max().item(), hi - raw.min().item()
+    a, b = lo - raw.max().item() - 1, hi - raw.min().item() + 1
     for _ in range(200):
         mid = (a + b) / 2
         a, b = (mid, b) if pruned(mid) < total else (a, mid)
-    exact = (sizes * (raw + (a + b) / 2).clamp(lo, hi)).clamp(min=0)
-    counts = exact.floor()
+    exact = sizes * torch.minimum(torch.maximum(raw + (a + b) / 2, low), high)
+    counts = exact.floor().clamp(fewest, most)
     leftover = round(total.item()) - int(counts.sum().item())
-    if leftover > 0:
-        order = (exact - counts).argsort(descending=True)
-        counts[order[:leftover]] += 1
-    elif leftover < 0:
-        order = (exact - counts).argsort()
-        counts[order[:-leftover]] -= 1
+    room = counts < most if leftover > 0 else counts > fewest
+    remainder = exact - counts if leftover > 0 else counts - exact
+    order = [i for i in remainder.argsort(descending=True).tolist() if room[i]]
+    if len(order) < abs(leftover):
+        raise PrunellaError(f"target sparsity {target} cannot be met within [{lo}, {hi}]")
+    counts[order[: abs(leftover)]] += 1 if leftover > 0 else -1
     return counts / sizes
 
 
