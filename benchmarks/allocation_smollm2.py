@@ -10,12 +10,14 @@ text: perplexity and the KL divergence to the dense model. The search methods
 run inside ``prunella prune`` per solver, with ``--search-minutes`` each after
 their level database is built (the allocation time then includes the build).
 
-Prints a Markdown table; ``--json PATH`` writes the raw numbers, and the
-allocation pictures are copied to ``--figures DIR`` when given.
+Prints a Markdown table; ``--json PATH`` writes the raw numbers (after every run, so
+a stopped run keeps what it measured), ``--table A.json B.json`` prints the table of
+saved runs, and the allocation pictures are copied to ``--figures DIR`` when given.
 
     python benchmarks/allocation_smollm2.py --sparsities 0.7,0.6 --json alloc.json \
+        --methods uniform,owl,alphapruning,erk,ecoflap,layerif,layerif+helpful,lua \
         --opt ecoflap:perturb=block --opt ecoflap:seqlen=128 --opt ecoflap:batch=4 \
-        --opt lua:steps=100
+        --opt lua:steps=50
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ METHODS = {
     "owl": ["--allocation", "owl"],
     "alphapruning": ["--allocation", "alphapruning"],
     "alphapruning+farms": ["--allocation", "alphapruning", "--allocation-opt", "farms=true"],
-    "erk": ["--allocation", "erk"],
+    "erk": ["--allocation", "erk", "--granularity", "layer"],  # per block it is uniform here
     "ecoflap": ["--allocation", "ecoflap"],
     "layerif": ["--allocation", "layerif"],
     "layerif+helpful": ["--allocation", "layerif", "--allocation-opt", "aggregate=helpful"],
@@ -73,7 +75,13 @@ def main() -> None:
     parser.add_argument("--opt", action="append", help="METHOD:KEY=VALUE, an allocation option")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--figures", type=Path, help="copy allocation.png of each run here")
+    parser.add_argument(
+        "--table", type=Path, nargs="+", help="print the table of these --json files"
+    )
     a = parser.parse_args()
+    if a.table:
+        print(table([json.loads(path.read_text()) for path in a.table], a))
+        return
     calib = ["--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)]
 
     dense = evaluation(a.model, a)
@@ -106,7 +114,7 @@ def main() -> None:
                             "method": method,
                             "achieved": report["sparsity"],
                             "ppl": result["perplexity"],
-                            "kl": result["kl"],
+                            "kl": result["kl_to_reference"],
                             "allocation_seconds": allocation_s,
                             "allocation_peak_mb": (made or pruned)["peak_rss_mb"],
                             "prune_seconds": pruned["wall_seconds"],
@@ -117,16 +125,28 @@ def main() -> None:
                     shutil.rmtree(out)
                     print(f"done: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
                     if a.json:  # so far, in case the run is stopped
-                        a.json.write_text(json.dumps({"rows": rows}, indent=2))
+                        a.json.write_text(json.dumps({"dense": dense, "rows": rows}, indent=2))
     model_mb = _model_mb(a.model)
-    print(
+    result = {"args": {k: str(v) for k, v in vars(a).items()}, "dense": dense,
+              "model_mb": model_mb, "rows": rows}  # fmt: skip
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2))
+    print(table([result], a))
+
+
+def table(results: list[dict], a) -> str:
+    """The Markdown table of one or more runs' JSON (e.g. one per target sparsity)."""
+    rows = [r for result in results for r in result["rows"]]
+    model_mb = _model_mb(a.model)
+    dense = next((x["dense"]["perplexity"] for x in results if "dense" in x), None)
+    lines = [
         f"SmolLM2-135M ({model_mb:.0f} MB checkpoint), calibration {a.calib} ({a.nsamples} x "
         f"{a.seqlen} tokens), perplexity and KL to the dense model on {a.data} (seqlen "
-        f"{a.seqlen}); dense perplexity {dense['perplexity']:.2f}\n"
-    )
-    print("| sparsity | solver | allocation | ppl | vs uniform | KL | block sparsity range "
-          "| allocation (s) | allocation peak (MB, x model) | prune (s) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        f"{a.seqlen})" + (f"; dense perplexity {dense:.2f}" if dense else "") + "\n",
+        "| sparsity | solver | allocation | ppl | vs uniform | KL | block sparsity range "
+        "| allocation (s) | allocation peak (MB, x model) | prune (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         base = next(
             x["ppl"] for x in rows
@@ -135,24 +155,13 @@ def main() -> None:
         )  # fmt: skip
         low, high = r["block_sparsity_range"]
         peak = r["allocation_peak_mb"]
-        print(
+        lines.append(
             f"| {r['sparsity']:.0%} | {r['solver']} | {r['method']} | {r['ppl']:.2f} | "
             f"{r['ppl'] / base - 1:+.1%} | {r['kl']:.4f} | {low:.1%}-{high:.1%} | "
             f"{r['allocation_seconds']:.1f} | {peak:.0f} ({peak / model_mb:.1f}x) | "
             f"{r['prune_seconds']:.1f} |"
         )
-    if a.json:
-        a.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(a).items()},
-                    "dense": dense,
-                    "model_mb": model_mb,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+    return "\n".join(lines)
 
 
 def _model_mb(model: str) -> float:

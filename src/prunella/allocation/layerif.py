@@ -41,7 +41,8 @@ model. The smoothing applies along blocks; with ``--granularity layer`` or
 ``expert`` the scores are used unsmoothed, and so are models with fewer blocks than
 the window. On calibration text cut into pieces, nearly every training piece
 *helps* the validation pieces (``I(t) < 0`` in every block of SmolLM2-135M for all
-but a few of them), so the paper's positive sum is zero in most blocks; ``aggregate=helpful`` keeps a score in every block.
+but a few of them), so the paper's positive sum is zero in most blocks;
+``aggregate=helpful`` keeps a score in every block.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def influence_scores(
             part = datainf_influence(g[:n], g[n:], damping)
             unit = unit_of[name]
             influence[unit] = influence[unit] + part if unit in influence else part
+        del grads, g  # one block's gradients at a time: freed before the next is made
         bar.update()
     bar.close()
     scores = {unit: positive_influence(influence[unit], aggregate) for unit in run.units}
