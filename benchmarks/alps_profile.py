@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from prunella.patterns import Unstructured
-from prunella.solvers import alps, sparsegpt
-from prunella.stats import HESSIAN, LayerStats
+from prunella.engine.stats import HESSIAN, LayerStats
+from prunella.methods.sparsity import alps, sparsegpt
+from prunella.methods.sparsity.patterns import Unstructured
 
 HIDDEN, FFN = 576, 1536
 LAYERS = [  # name, rows, the input it reads

@@ -41,8 +41,8 @@ from smollm2_runs import measured
 DRAW = """
 import json, sys, time
 from prunella import data
-from prunella.checkpoint import resolve
-from prunella.models import load_tokenizer
+from prunella.io.checkpoint import resolve
+from prunella.io.models import load_tokenizer
 path, nsamples, seqlen, whole = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 tokenizer = load_tokenizer(resolve("smollm2-135m"))
 if path == "-":  # the floor: the runtime and the tokenizer, nothing drawn

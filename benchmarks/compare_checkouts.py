@@ -383,7 +383,7 @@ def main() -> None:
         # a bundled name: build its cached checkpoint now, so that no row's time includes
         # it (where this fails, the prunes themselves report why)
         subprocess.run(
-            [sys.executable, "-c", f"from prunella.models import resolve; resolve({a.model!r})"],
+            [sys.executable, "-c", f"from prunella.io.models import resolve; resolve({a.model!r})"],
             cwd=checkouts["base"],
             env=checkout_env(checkouts["base"]),
             capture_output=True,

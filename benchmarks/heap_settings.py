@@ -7,7 +7,7 @@ minor page faults from the OS, and prints each setting's median with its range. 
 setting is the dtype of the forward passes (``--compute-dtype``), glibc's mmap
 threshold (``default`` leaves glibc's own, dynamic one, and its arenas; a fixed
 threshold comes with one arena) and whether the heap is trimmed after each layer's
-solve and each block; the last two are set by patching ``prunella.heap`` before the
+solve and each block; the last two are set by patching ``prunella.engine.heap`` before the
 CLI starts. The shipped default is bfloat16 (on a CPU with native bfloat16), a
 32 MiB threshold, one arena and the trims (see ``prunella/heap.py``).
 
@@ -35,15 +35,15 @@ SETTINGS = [
 
 LAUNCH = """
 import sys
-import prunella.cli, prunella.engine, prunella.heap, prunella.pipeline
+import prunella.cli, prunella.engine.prune, prunella.engine.heap, prunella.pipeline
 threshold, trim = sys.argv[1], sys.argv[2] == "1"
 if threshold == "default":
     prunella.cli.limit_heap_growth = lambda: None
     prunella.pipeline.limit_heap_growth = lambda: None
 else:
-    prunella.heap.MMAP_THRESHOLD = int(threshold) << 20
+    prunella.engine.heap.MMAP_THRESHOLD = int(threshold) << 20
 if not trim:
-    prunella.engine.trim_heap = lambda: None
+    prunella.engine.prune.trim_heap = lambda: None
 sys.exit(prunella.cli.main(sys.argv[3:]))
 """
 

@@ -58,7 +58,7 @@ def prune(out: Path, level: str, solver: str, rows: str, a) -> dict:
 def eigh_floor(model_dir: str) -> dict:
     """Seconds of one float64 eigendecomposition per distinct layer input of a block
     (attention, attention output, MLP, MLP down), times the number of blocks."""
-    from prunella.checkpoint import read_config, resolve
+    from prunella.io.checkpoint import read_config, resolve
 
     config = read_config(resolve(model_dir))
     sizes = [config["hidden_size"]] * 3 + [config["intermediate_size"]]

@@ -3,7 +3,7 @@
 Prunes SmolLM2-135M in process (SparseGPT 2:4, two passes, 32 x 512 calibration
 tokens by default) once per setting, and evaluates each result on held-out text.
 A setting is the forward's precision (``--compute-dtype``) and the number of tokens
-per Hessian accumulation step (``prunella.stats.TOKENS``). Chunking changes only
+per Hessian accumulation step (``prunella.engine.stats.TOKENS``). Chunking changes only
 the order of the float32 sums; each Hessian stays within ~1.5e-7 of a float64
 reference. The spread of the perplexities is therefore the noise floor that any
 comparison between two implementations of the same algorithm on this row has to
@@ -42,7 +42,7 @@ def main() -> None:
     a = parser.parse_args()
 
     import prunella
-    from prunella import stats
+    from prunella.engine import stats
 
     _, tokenizer = prunella.load(a.model)
     rows = []

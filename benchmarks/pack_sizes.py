@@ -54,8 +54,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunella.checkpoint import resolve
-    from prunella.pack import packed_tensors
+    from prunella.io.checkpoint import resolve
+    from prunella.io.pack import packed_tensors
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Where the time of a prune goes, against the floor of plain forward passes.
 
 Measures, on SmolLM2-135M and the same calibration windows, both on the CPU and in
-batches of the prune's default size (``prunella.engine.default_batch_size``, also
+batches of the prune's default size (``prunella.engine.prune.default_batch_size``, also
 handed to the prune explicitly so that both agree): (1) two plain forward
 passes of the windows through the decoder blocks (no hooks, no pruning) -- the
 floor that a two-pass pruner cannot beat and that the ratio below is measured
@@ -37,9 +37,9 @@ def main() -> None:
 
     import prunella
     from prunella.data import calibration_windows
-    from prunella.device import resolve_compute_dtype
-    from prunella.engine import capture, default_batch_size, forward_precision, matmuls_in
-    from prunella.models import load
+    from prunella.engine.device import resolve_compute_dtype
+    from prunella.engine.prune import capture, default_batch_size, forward_precision, matmuls_in
+    from prunella.io.models import load
 
     model, tokenizer, _, adapter = load(a.model)
     windows = calibration_windows(tokenizer, "sample", a.nsamples, a.seqlen, 0)

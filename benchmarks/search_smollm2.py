@@ -55,12 +55,12 @@ def speed(a, cache: str) -> dict:
     code = f"""
 import json, time, torch
 from prunella.data import calibration
-from prunella.search import SearchRun
-from prunella.search.fitness import KLFitness
-from prunella.patterns import parse_pattern
-from prunella.solvers import get_solver
-from prunella.store import open_store
-from prunella.device import resolve_compute_dtype
+from prunella.methods.search import SearchRun
+from prunella.methods.search.fitness import KLFitness
+from prunella.methods.sparsity.patterns import parse_pattern
+from prunella.methods.sparsity import get_solver
+from prunella.engine.store import open_store
+from prunella.engine.device import resolve_compute_dtype
 store, tok = open_store({a.model!r}, "none")
 cpu = torch.device("cpu")
 dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, cpu, "auto")
@@ -76,7 +76,7 @@ levels = dict.fromkeys(db.ladder.names, 0)
 fit(levels, ids)  # the dense reference of these windows, once
 tick = time.perf_counter(); fit(levels, ids); fitness_s = time.perf_counter() - tick
 batch = max(1, 4096 // {a.seqlen})
-from prunella.engine import forward_precision, matmuls_in, on_device
+from prunella.engine.prune import forward_precision, matmuls_in, on_device
 run_dtype, matmul_dtype = forward_precision(dtype, cpu)  # the precision the fitness runs in
 with torch.no_grad(), on_device(store.model, cpu, run_dtype), matmuls_in(matmul_dtype, cpu):
     tick = time.perf_counter()

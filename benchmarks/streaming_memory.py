@@ -33,7 +33,7 @@ def synthetic_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, vocab
     code = f"""
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from prunella.checkpoint import resolve
+from prunella.io.checkpoint import resolve
 config = LlamaConfig(hidden_size={hidden}, intermediate_size={ffn}, num_hidden_layers={layers},
                      num_attention_heads={hidden // 128}, num_key_value_heads={hidden // 128},
                      vocab_size={vocab}, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -52,13 +52,13 @@ def floor_mb(model: Path, nsamples: int, seqlen: int) -> dict:
     runtime = measured(
         [
             "-c",
-            f"import prunella.pipeline\nfrom prunella.checkpoint import empty_model\n"
+            f"import prunella.pipeline\nfrom prunella.io.checkpoint import empty_model\n"
             f"empty_model({str(model)!r})",
         ]
     )["peak_rss_mb"]
     from safetensors import safe_open
 
-    from prunella.safetensors_io import CheckpointReader
+    from prunella.io.safetensors_io import CheckpointReader
 
     reader = CheckpointReader(model)
     block, outside = {}, []
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--skip-in-memory-synthetic", action="store_true")
     a = parser.parse_args()
 
-    from prunella.checkpoint import resolve
+    from prunella.io.checkpoint import resolve
 
     rows = []
     with tempfile.TemporaryDirectory(dir=".") as tmp:

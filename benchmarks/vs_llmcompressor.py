@@ -55,8 +55,8 @@ CONFIGS = {
 def windows(a):
     from transformers import AutoTokenizer
 
-    from prunella.checkpoint import resolve
     from prunella.data import calibration_windows
+    from prunella.io.checkpoint import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(a.model))
     return calibration_windows(tokenizer, a.calib, a.nsamples, a.seqlen, a.seed)
@@ -66,7 +66,7 @@ def load_model(a):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prunella.checkpoint import resolve
+    from prunella.io.checkpoint import resolve
 
     return AutoModelForCausalLM.from_pretrained(resolve(a.model), dtype=torch.float32).eval()
 
@@ -74,7 +74,7 @@ def load_model(a):
 def save(a, model, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    from prunella.checkpoint import resolve
+    from prunella.io.checkpoint import resolve
 
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(resolve(a.model)).save_pretrained(out)
@@ -241,7 +241,7 @@ def main() -> None:
                 ours = measured(a, "prunella", name, out, passes)
                 rows.append({"config": name, "llm-compressor": llmc, "prunella": ours})
 
-    from prunella.device import resolve_compute_dtype
+    from prunella.engine.device import resolve_compute_dtype
 
     forward = resolve_compute_dtype(torch.float32, torch.device("cpu"))
     print(

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 import prunella
-from prunella import allocation
-from prunella.adapters import get_weight
-from prunella.allocation import Plan, fit_budget, fit_nm_levels, get_method, load_plan
-from prunella.allocation.alphapruning import alpha_hill, esd, farms_esd
-from prunella.allocation.erk import erk_densities
-from prunella.allocation.owl import owl_outlier_ratio, owl_sparsities
 from prunella.cli import main
+from prunella.engine.adapters import get_weight
+from prunella.engine.store import MemoryStore
 from prunella.errors import PrunellaError
-from prunella.models import load
-from prunella.patterns import NM, Unstructured
-from prunella.store import MemoryStore
+from prunella.io.models import load
+from prunella.methods import allocation
+from prunella.methods.allocation import Plan, fit_budget, fit_nm_levels, get_method, load_plan
+from prunella.methods.allocation.alphapruning import alpha_hill, esd, farms_esd
+from prunella.methods.allocation.erk import erk_densities
+from prunella.methods.allocation.owl import owl_outlier_ratio, owl_sparsities
+from prunella.methods.sparsity.patterns import NM, Unstructured
 
 
 def allocate(model, adapter, method, pattern, *, windows=None, options=None, **kwargs):

@@ -11,7 +11,6 @@ from transformers import AutoTokenizer
 
 from prunella import data
 from prunella.cli import main
-from prunella.corpus import ParquetFile
 from prunella.data import (
     calibration_windows,
     check_source,
@@ -19,6 +18,7 @@ from prunella.data import (
     evaluation_windows,
     read_text,
 )
+from prunella.data.corpus import ParquetFile
 from prunella.errors import PrunellaError
 
 PARAGRAPHS = [p for p in read_text("sample", "train").split("\n\n") if len(p) > 200]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunella.data import calibration_windows, evaluation_windows, read_text
 from prunella.errors import PrunellaError
-from prunella.evaluation import perplexity
+from prunella.report.evaluation import perplexity
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prunella
-from prunella.adapters import adapter_for, get_weight
 from prunella.data import calibration_windows
-from prunella.engine import prune_blocks
-from prunella.patterns import NM, Unstructured
+from prunella.engine.adapters import adapter_for, get_weight
+from prunella.engine.prune import prune_blocks
+from prunella.engine.stats import COL_NORMS
+from prunella.engine.store import MemoryStore
+from prunella.methods.sparsity import get_solver
+from prunella.methods.sparsity.patterns import NM, Unstructured
 from prunella.registry import Method
-from prunella.solvers import get_solver
-from prunella.stats import COL_NORMS
-from prunella.store import MemoryStore
 
 
 def prunable_layers(model, adapter):
@@ -151,7 +151,7 @@ def test_bfloat16_checkpoint_pruned_in_float32_and_saved_in_bfloat16(tmp_path, t
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_compute_dtype_on_cpu_follows_native_bfloat16(monkeypatch, native):
-    from prunella import device
+    from prunella.engine import device
 
     monkeypatch.setattr(device, "native_bf16", lambda: native)
     cpu = torch.device("cpu")
@@ -208,7 +208,7 @@ def test_narrow_forward_leaves_the_checkpoint_precision_alone(tiny_llama):
 
 
 def test_forward_precision_narrows_only_the_matmuls_on_cpu():
-    from prunella.engine import forward_precision
+    from prunella.engine.prune import forward_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert forward_precision(torch.bfloat16, cpu) == (torch.float32, torch.bfloat16)
@@ -219,7 +219,7 @@ def test_forward_precision_narrows_only_the_matmuls_on_cpu():
 def test_autocast_forward_sees_weights_pruned_in_place():
     """Two passes prune a weight in place between two forwards: a cached bfloat16 cast
     of the dense weight would be served to the second one."""
-    from prunella.engine import matmuls_in
+    from prunella.engine.prune import matmuls_in
 
     layer = torch.nn.Linear(8, 4)  # a parameter that requires grad: autocast would cache it
     x = torch.randn(3, 8)
@@ -233,9 +233,9 @@ def test_mixed_forward_keeps_statistics_in_float32(tiny_llama):
     """Under the bfloat16 forward, layer inputs stay float32 and the Hessian is summed
     in float32: block 0's q_proj reads the embeddings through RMSNorm (no product
     before it), so its Hessian is bit for bit the float32 forward's."""
-    from prunella.engine import visit_blocks
-    from prunella.models import load
-    from prunella.stats import HESSIAN
+    from prunella.engine.prune import visit_blocks
+    from prunella.engine.stats import HESSIAN
+    from prunella.io.models import load
 
     model, _, _, adapter = load(tiny_llama)
     windows = torch.randint(0, model.config.vocab_size, (4, 16))
@@ -324,7 +324,7 @@ def test_default_passes_depend_on_the_model_and_calibration_never_on_free_memory
 ):
     """The same command gives the same masks on any machine: ``passes=auto`` is decided
     from the model and the calibration size alone."""
-    from prunella import engine
+    import prunella.engine.prune as engine
 
     config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
     monkeypatch.setattr(engine, "ONE_PASS_BYTES", engine.one_pass_bytes(config, 4, 32))

@@ -13,12 +13,12 @@ from test_resume import KILL_AFTER_BLOCK, run_killed, weights
 from transformers import AutoModelForCausalLM
 
 import prunella
-from prunella.adapters import adapter_for, get_weight
 from prunella.cli import main
-from prunella.engine import visit_blocks
-from prunella.experts import ExpertLinear, expert_of, expert_views, is_fused_experts, routed
-from prunella.stats import HESSIAN
-from prunella.store import MemoryStore
+from prunella.engine.adapters import adapter_for, get_weight
+from prunella.engine.experts import ExpertLinear, expert_of, expert_views, is_fused_experts, routed
+from prunella.engine.prune import visit_blocks
+from prunella.engine.stats import HESSIAN
+from prunella.engine.store import MemoryStore
 
 
 def fused_experts(model):

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import prunella
-from prunella.adapters import adapter_for, get_weight
 from prunella.cli import main
+from prunella.engine.adapters import adapter_for, get_weight
 from prunella.errors import PrunellaError
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunella.allocation import load_plan
 from prunella.cli import main
 from prunella.errors import PrunellaError
+from prunella.methods.allocation import load_plan
 
 text = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12

@@ -11,8 +11,14 @@ from test_experts import fused_experts, tiny_model
 from transformers import AutoModelForCausalLM
 
 from prunella.cli import main
-from prunella.experts import expert_views, routed
-from prunella.heapr import atomic_keep, heapr, heapr_stats, shrink_experts, zero_atomic_experts
+from prunella.engine.experts import expert_views, routed
+from prunella.methods.heapr import (
+    atomic_keep,
+    heapr,
+    heapr_stats,
+    shrink_experts,
+    zero_atomic_experts,
+)
 
 
 def windows(model, n: int = 4, length: int = 32) -> torch.Tensor:

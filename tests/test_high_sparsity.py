@@ -12,11 +12,11 @@ import yaml
 from test_solvers import layer_problem, stats_for
 
 import prunella
+from prunella.engine.stats import HESSIAN
 from prunella.errors import PrunellaError
-from prunella.patterns import NM, RowBudget, Unstructured, row_counts_mask
-from prunella.rows import get_rows, trim
-from prunella.solvers import SOLVERS, alps, get_solver
-from prunella.stats import HESSIAN
+from prunella.methods.rows import get_rows, trim
+from prunella.methods.sparsity import SOLVERS, alps, get_solver
+from prunella.methods.sparsity.patterns import NM, RowBudget, Unstructured, row_counts_mask
 
 
 def solve_with(name, stats):

@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from conftest import build_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM
 
-from prunella import allocation
-from prunella.adapters import adapter_for, get_weight
-from prunella.allocation import ecoflap, get_method
-from prunella.allocation.ecoflap import direction, ecoflap_sparsities, zo_directional
-from prunella.allocation.layerif import datainf_influence, pieces, savgol
-from prunella.allocation.loss import block_gradients
-from prunella.allocation.lua import ce_threshold_grads, hard_kept, row_ranks, soft_mask
+from prunella.engine.adapters import adapter_for, get_weight
+from prunella.engine.loss import block_gradients
+from prunella.engine.store import MemoryStore, open_store
 from prunella.errors import PrunellaError
-from prunella.patterns import NM, Unstructured
-from prunella.store import MemoryStore, open_store
+from prunella.methods import allocation
+from prunella.methods.allocation import ecoflap, get_method
+from prunella.methods.allocation.ecoflap import direction, ecoflap_sparsities, zo_directional
+from prunella.methods.allocation.layerif import datainf_influence, pieces, savgol
+from prunella.methods.allocation.lua import ce_threshold_grads, hard_kept, row_ranks, soft_mask
+from prunella.methods.sparsity.patterns import NM, Unstructured
 
 CPU = torch.device("cpu")
 
@@ -365,7 +365,7 @@ def test_gradients_with_swapped_weights_stream_as_in_memory(tmp_path, tokenizer_
 def test_fitted_row_budgets_stay_within_the_clamp():
     """Rows clamped at the bounds keep whole counts within them (the leftover weights go
     only to rows with room), and the total is exact."""
-    from prunella.allocation import fit_budget
+    from prunella.methods.allocation import fit_budget
 
     sizes = torch.full((1000,), 576.0)
     raw = torch.linspace(0.5, 1.2, 1000, dtype=torch.float64)

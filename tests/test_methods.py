@@ -18,13 +18,13 @@ import yaml
 from safetensors.torch import load_file
 
 import prunella
-from prunella.adapters import get_weight
-from prunella.allocation import ALLOCATIONS
 from prunella.cli import main
+from prunella.engine.adapters import get_weight
 from prunella.errors import PrunellaError
-from prunella.patterns import NM, Unstructured
+from prunella.methods.allocation import ALLOCATIONS
+from prunella.methods.sparsity import SOLVERS, get_solver
+from prunella.methods.sparsity.patterns import NM, Unstructured
 from prunella.recipe import build
-from prunella.solvers import SOLVERS, get_solver
 
 
 def all_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -155,7 +155,7 @@ PLUGIN = {
     "prunella_demo/keepfirst.py": '''
         """Prunes the last columns of every row (a test method)."""
         import torch
-        from prunella.patterns import pruned_count
+        from prunella.methods.sparsity.patterns import pruned_count
         from prunella.registry import Option
 
         PAPER = "a test package"

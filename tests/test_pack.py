@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import prunella
 from prunella.cli import main
 from prunella.errors import PrunellaError
-from prunella.pack import pack, unpack
-from prunella.summary import checkpoint_summary
+from prunella.io.pack import pack, unpack
+from prunella.report.summary import checkpoint_summary
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunella.errors import PrunellaError
-from prunella.patterns import (
+from prunella.methods.sparsity.patterns import (
     NM,
     Unstructured,
     lowest_k_mask,

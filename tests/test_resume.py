@@ -18,7 +18,7 @@ from prunella.cli import main
 
 KILL_AFTER_BLOCK = """
 import os, signal, sys
-import prunella.store as store
+import prunella.engine.store as store
 original = store.WorkDir.save_block
 def save_block(self, index, *args):
     original(self, index, *args)
@@ -33,7 +33,7 @@ sys.exit(main(sys.argv[1:]))
 # temporary file are on disk when the process dies.
 KILL_WHILE_WRITING = """
 import os, signal, sys
-import prunella.store as store
+import prunella.engine.store as store
 original = store.save_tensors
 def save_tensors(tensors, path):
     if path.name == "{name}":
@@ -174,7 +174,7 @@ def test_resume_checks_the_input_weights_content(deep_llama, tmp_path, capsys):
 def test_nan_weights_stop_the_run_before_anything_is_written(
     tmp_path, tokenizer_dir, monkeypatch, capsys
 ):
-    import prunella.store as store
+    import prunella.engine.store as store
 
     src = build_checkpoint(tmp_path / "src", "llama", tokenizer_dir)
     tensors = load_file(src / "model.safetensors")
@@ -230,7 +230,7 @@ def test_streamed_prune_equals_in_memory_prune(family, tmp_path, tokenizer_dir):
 
 def test_streamed_run_keeps_one_block_in_memory(deep_llama, tmp_path, monkeypatch):
     """While block i is pruned, no other block has its parameters in memory."""
-    import prunella.engine as engine
+    import prunella.engine.prune as engine
 
     seen = []
     original = engine.BlockPruner.__call__
@@ -240,7 +240,7 @@ def test_streamed_run_keeps_one_block_in_memory(deep_llama, tmp_path, monkeypatc
         seen.append([i for i, b in enumerate(model_blocks) if not next(b.parameters()).is_meta])
         return original(self, *a, **k)
 
-    import prunella.store as store
+    import prunella.engine.store as store
 
     real_empty = store.empty_model
 
@@ -267,7 +267,7 @@ def test_block_files_hold_checkpoint_keys(deep_llama, tmp_path):
 def test_short_disk_is_refused_before_writing(deep_llama, tmp_path, monkeypatch, capsys):
     import shutil as real_shutil
 
-    import prunella.folders as folders
+    import prunella.io.folders as folders
 
     usage = real_shutil.disk_usage(tmp_path)
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: usage._replace(free=10_000))

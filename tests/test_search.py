@@ -17,18 +17,18 @@ import torch
 from conftest import build_checkpoint
 from test_allocation import allocate
 
-from prunella.adapters import get_weight
-from prunella.allocation import dsa
-from prunella.allocation.evopress import mutate
+from prunella.engine.adapters import get_weight
+from prunella.engine.store import MemoryStore
 from prunella.errors import PrunellaError
-from prunella.evaluation import perplexity
-from prunella.models import load
-from prunella.patterns import NM, Unstructured
-from prunella.search import SearchRun, levels_for_sparsities, unit_levels
-from prunella.search.fitness import KLFitness
-from prunella.search.levels import make_ladder
-from prunella.solvers import get_solver
-from prunella.store import MemoryStore
+from prunella.io.models import load
+from prunella.methods.allocation import dsa
+from prunella.methods.allocation.evopress import mutate
+from prunella.methods.search import SearchRun, levels_for_sparsities, unit_levels
+from prunella.methods.search.fitness import KLFitness
+from prunella.methods.search.levels import make_ladder
+from prunella.methods.sparsity import get_solver
+from prunella.methods.sparsity.patterns import NM, Unstructured
+from prunella.report.evaluation import perplexity
 
 CPU = torch.device("cpu")
 SMALL = {"offspring": 6, "survivors": "3,1", "tokens": "64,128"}
@@ -380,7 +380,7 @@ def test_prune_with_a_search_reports_its_curve(tiny_llama, tmp_path):
 
 
 def test_kl_fitness_streams_blocks_from_disk_with_the_same_value(tiny_llama):
-    from prunella.store import StreamedStore, open_store
+    from prunella.engine.store import StreamedStore, open_store
 
     model, _, _, adapter = load(tiny_llama)
     windows = windows_for(model)

@@ -14,7 +14,7 @@ import pytest
 
 import prunella
 from prunella.data import evaluation_windows
-from prunella.models import load
+from prunella.io.models import load
 
 pytestmark = [
     pytest.mark.slow,
@@ -65,9 +65,9 @@ def test_alps_beats_sparsegpt_on_real_layers(smollm2, pattern):
     """Real weights and real inputs: block 3's q_proj and down_proj of SmolLM2."""
     import torch
 
-    from prunella.patterns import parse_pattern
-    from prunella.solvers import alps, get_solver
-    from prunella.stats import HESSIAN, LayerStats
+    from prunella.engine.stats import HESSIAN, LayerStats
+    from prunella.methods.sparsity import alps, get_solver
+    from prunella.methods.sparsity.patterns import parse_pattern
 
     model, _, windows, _ = smollm2
     block = model.model.layers[3]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunella.patterns import NM, Unstructured
-from prunella.solvers import SOLVERS, get_solver
-from prunella.solvers.sparsegpt import inverse_hessian_cholesky
-from prunella.stats import COL_NORMS, HESSIAN, LayerStats, StatsCollector
+from prunella.engine.stats import COL_NORMS, HESSIAN, LayerStats, StatsCollector
+from prunella.methods.sparsity import SOLVERS, get_solver
+from prunella.methods.sparsity.patterns import NM, Unstructured
+from prunella.methods.sparsity.sparsegpt import inverse_hessian_cholesky
 
 
 def layer_problem(rows=96, cols=128, tokens=4096, seed=0):

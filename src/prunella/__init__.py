@@ -3,9 +3,9 @@
 from .api import evaluate, prune, prune_to_dir
 from .api import load_model as load
 from .errors import PrunellaError
-from .export import save
-from .heapr import heapr, heapr_to_dir
-from .pack import pack, unpack
+from .io.export import save
+from .io.pack import pack, unpack
+from .methods.heapr import heapr, heapr_to_dir
 from .recipe import Recipe
 from .version import __version__
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .allocation import Plan
 from .errors import PrunellaError
-from .evaluation import evaluate
-from .models import load
+from .io.models import load
+from .methods.allocation import Plan
 from .pipeline import run
 from .recipe import Recipe, build
+from .report.evaluation import evaluate
 
 __all__ = ["evaluate", "load_model", "prune", "prune_to_dir"]
 

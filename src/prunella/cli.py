@@ -20,8 +20,8 @@ from typing import Annotated
 import click
 import typer
 
+from .engine.heap import limit_heap_growth
 from .errors import PrunellaError
-from .heap import limit_heap_growth
 from .recipe import METHOD_FIELDS, Recipe
 
 app = typer.Typer(
@@ -107,10 +107,10 @@ def _build_recipe(recipe_file, **values) -> Recipe:
 def _check_early(recipe: Recipe, overwrite: bool) -> None:
     """Everything a user can get wrong, checked before any weight is read."""
     from . import data
-    from .checkpoint import check_checkpoint
-    from .device import pick_device
-    from .folders import check_out_dir
-    from .patterns import parse_pattern
+    from .engine.device import pick_device
+    from .io.checkpoint import check_checkpoint
+    from .io.folders import check_out_dir
+    from .methods.sparsity.patterns import parse_pattern
 
     if recipe.model is None:
         raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
@@ -164,14 +164,14 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
     """Print the sparsity plan an allocation method gives MODEL, without pruning."""
     if quiet:
         _quiet_transformers()
-    from .adapters import block_index
-    from .allocation import get_method
-    from .device import pick_device, resolve_compute_dtype
-    from .engine import default_batch_size
-    from .patterns import parse_pattern
+    from .engine.adapters import block_index
+    from .engine.device import pick_device, resolve_compute_dtype
+    from .engine.prune import default_batch_size
+    from .engine.stats import WEIGHTS
+    from .engine.store import open_store
+    from .methods.allocation import get_method
+    from .methods.sparsity.patterns import parse_pattern
     from .pipeline import calibrate, make_plan
-    from .stats import WEIGHTS
-    from .store import open_store
 
     options = _build_recipe(recipe, model=model, **values)
     _check_early(options, overwrite=False)
@@ -337,10 +337,10 @@ def eval_command(
     if quiet:
         _quiet_transformers()
     from . import data as data_module
-    from .checkpoint import check_checkpoint
-    from .device import pick_device
-    from .evaluation import evaluate, zero_shot
-    from .models import load
+    from .engine.device import pick_device
+    from .io.checkpoint import check_checkpoint
+    from .io.models import load
+    from .report.evaluation import evaluate, zero_shot
 
     if seqlen < 2:
         raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")
@@ -401,8 +401,8 @@ def pack_command(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Write a packed (sparse-bitmask) copy of a pruned checkpoint: about half the bytes at 50%."""
-    from .checkpoint import check_checkpoint
-    from .pack import pack
+    from .io.checkpoint import check_checkpoint
+    from .io.pack import pack
 
     path, _ = check_checkpoint(model)
     stats = pack(path, out, overwrite=overwrite, progress=not quiet)
@@ -436,7 +436,7 @@ def heapr_command(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Remove atomic experts (one neuron of one expert) by HEAPr's output-space score."""
-    from .heapr import heapr_to_dir
+    from .methods.heapr import heapr_to_dir
 
     _quiet_transformers()
     report = heapr_to_dir(
@@ -479,7 +479,7 @@ def search_worker_command(
 
     import torch
 
-    from .search import run_worker
+    from .methods.search import run_worker
 
     _quiet_transformers()
     if os.environ.get("PRUNELLA_THREADS"):
@@ -503,7 +503,7 @@ def unpack_command(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Inflate a packed checkpoint back to a plain Hugging Face checkpoint."""
-    from .pack import unpack
+    from .io.pack import unpack
 
     unpack(packed, out, overwrite=overwrite, progress=not quiet)
     typer.echo(f"unpacked {packed} -> {out}")
@@ -515,7 +515,7 @@ def inspect_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Per-layer sparsity and pattern of a checkpoint, pruned by Prunella or not."""
-    from .summary import checkpoint_summary
+    from .report.summary import checkpoint_summary
 
     summary = checkpoint_summary(model)
     if as_json:
@@ -555,11 +555,11 @@ def compare_command(
     if quiet:
         _quiet_transformers()
     from . import data as data_module
-    from .checkpoint import check_checkpoint
-    from .device import pick_device
-    from .evaluation import evaluate
-    from .models import load
-    from .summary import checkpoint_summary
+    from .engine.device import pick_device
+    from .io.checkpoint import check_checkpoint
+    from .io.models import load
+    from .report.evaluation import evaluate
+    from .report.summary import checkpoint_summary
 
     if seqlen < 2:
         raise PrunellaError(f"--seqlen must be at least 2, got {seqlen}")

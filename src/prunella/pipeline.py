@@ -21,23 +21,23 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters import block_index
-from .allocation import Plan, allocate, get_method, load_plan
-from .checkpoint import assert_finite, resolve, scan
 from .data import GIVEN_WINDOWS, calibration, describe
-from .device import pick_device, resolve_compute_dtype
-from .engine import choose_passes, default_batch_size, prune_blocks
+from .engine.adapters import block_index
+from .engine.device import pick_device, resolve_compute_dtype
+from .engine.heap import limit_heap_growth
+from .engine.prune import choose_passes, default_batch_size, prune_blocks
+from .engine.store import Store, WorkDir, open_store
 from .errors import PrunellaError
-from .evaluation import evaluate
-from .export import save_store
-from .folders import check_disk_space, check_out_dir
-from .heap import limit_heap_growth
-from .patterns import Unstructured, parse_pattern
+from .io.checkpoint import assert_finite, resolve, scan
+from .io.export import save_store
+from .io.folders import check_disk_space, check_out_dir
+from .methods.allocation import Plan, allocate, get_method, load_plan
+from .methods.rows import get_rows
+from .methods.sparsity import get_solver
+from .methods.sparsity.patterns import Unstructured, parse_pattern
 from .recipe import Recipe
-from .report import build_report
-from .rows import get_rows
-from .solvers import get_solver
-from .store import Store, WorkDir, open_store
+from .report.build import build_report
+from .report.evaluation import evaluate
 from .version import __version__
 
 

@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PrunellaError
-from .patterns import check_sparsity
+from .methods.sparsity.patterns import check_sparsity
 
 RECIPE = "recipe.yaml"
 # the recipe fields that name a method (with its options); see registry()
@@ -37,9 +37,9 @@ METHOD_FIELDS = ("solver", "allocation", "rows")
 
 def registry(field: str):
     """The :class:`~prunella.registry.Registry` of the methods a recipe field names."""
-    from .allocation import ALLOCATIONS
-    from .rows import ROWS
-    from .solvers import SOLVERS
+    from .methods.allocation import ALLOCATIONS
+    from .methods.rows import ROWS
+    from .methods.sparsity import SOLVERS
 
     return {"solver": SOLVERS, "allocation": ALLOCATIONS, "rows": ROWS}[field]
 

@@ -1,0 +1,108 @@
+"""Writing results: a Hugging Face checkpoint plus the report, the allocation picture and
+the resolved recipe, into an output folder that appears only when complete.
+
+``save`` writes a model the caller holds (``prunella.save``); ``save_store`` writes
+what a pipeline run pruned, from its :mod:`store <prunella.store>`, dense or packed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from ..engine.store import Store, WorkDir, model_nbytes
+from ..recipe import RECIPE
+from ..report.build import render
+from ..report.plots import allocation_figure
+from .folders import atomic_folder, check_disk_space, check_out_dir
+from .pack import pack
+
+REPORT = "prune_report.json"
+ALLOCATION_FIGURE = "allocation.png"
+REPORT_HTML = "report.html"
+
+
+def write_extras(folder: Path, report: dict | None, recipe=None) -> None:
+    """The report (JSON and HTML), the allocation picture and the resolved recipe."""
+    recipe_yaml = recipe.to_yaml() if recipe is not None else None
+    if recipe_yaml is not None:
+        (folder / RECIPE).write_text(recipe_yaml, encoding="utf-8")
+    if report is not None:
+        (folder / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if report.get("allocation"):
+            sizes = {
+                layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]
+            }
+            allocation_figure(report["allocation"], sizes, folder / ALLOCATION_FIGURE)
+        (folder / REPORT_HTML).write_text(render(report, recipe_yaml), encoding="utf-8")
+
+
+def save(
+    model,
+    out_dir: str | Path,
+    report: dict | None = None,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    model_dir: str | Path | None = None,
+    recipe=None,
+) -> Path:
+    """Save ``model`` (safetensors), its tokenizer and ``report`` atomically to ``out_dir``.
+
+    Without ``tokenizer``, the tokenizer files are copied from the source
+    checkpoint named in ``report["model"]`` when that is a folder.
+    """
+    if model_dir is None and report is not None and Path(str(report.get("model"))).is_dir():
+        model_dir = report["model"]
+    out = check_out_dir(out_dir, model_dir, overwrite)
+    if tokenizer is None and model_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return _fill(out, model_nbytes(model), model.save_pretrained, tokenizer, report, recipe)
+
+
+def save_store(
+    store: Store,
+    work: WorkDir | None,
+    out: Path,
+    report: dict,
+    recipe,
+    tokenizer,
+    overwrite: bool = False,
+) -> Path:
+    """Write the pruned model held by ``store`` to ``out``: dense, or packed when the
+    recipe's ``save_format`` says so (a dense copy is written first, then packed)."""
+    if recipe.save_format == "packed":
+        parent = out.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".prunella-dense-", dir=parent) as tmp:
+            dense = Path(tmp) / out.name
+            save_store(
+                store,
+                work,
+                dense,
+                report,
+                recipe.model_copy(update={"save_format": "dense"}),
+                tokenizer,
+            )
+            check_out_dir(out, store.path, overwrite)
+            pack(dense, out, overwrite=overwrite, progress=False)
+            (out / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+        return out
+    return _fill(
+        out, store.output_bytes(), lambda tmp: store.write(tmp, work), tokenizer, report, recipe
+    )
+
+
+def _fill(out: Path, nbytes: int, write_weights, tokenizer, report, recipe) -> Path:
+    """Check for ``nbytes`` of room, then fill ``out`` atomically: the weights (by
+    ``write_weights(folder)``), the tokenizer, the report and the recipe."""
+    check_disk_space(out.resolve().parent, nbytes)
+    with atomic_folder(out) as tmp:
+        write_weights(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_extras(tmp, report, recipe)
+    return out

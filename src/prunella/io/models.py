@@ -1,0 +1,49 @@
+"""Loading a whole model into memory: ``(model, tokenizer)`` from a checkpoint folder.
+
+Packed checkpoints (Prunella's, or legacy compressed-tensors ``sparse-bitmask`` and
+``sparse-24-bitmask``) are inflated on the way. Weights are read from safetensors
+only, and ``trust_remote_code`` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import PrunellaError, first_line
+from .checkpoint import assert_finite, check_checkpoint, sparsity_format
+from .pack import unpack
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise PrunellaError(f"could not load the tokenizer in {path}: {first_line(exc)}") from None
+
+
+def load(model: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
+    """Load ``(model, tokenizer, path, adapter)`` from a checkpoint folder or bundled name."""
+    from transformers import AutoModelForCausalLM
+
+    path, adapter = check_checkpoint(model)
+    with tempfile.TemporaryDirectory(prefix="prunella-unpacked-") as tmp:
+        weights = path
+        if sparsity_format(path):  # a packed checkpoint: inflate it first
+            weights = unpack(path, Path(tmp) / "dense", progress=False)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                weights, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+        except Exception as exc:
+            raise PrunellaError(
+                f"could not load the weights in {path}: {first_line(exc)}"
+            ) from None
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    hf_model.eval()
+    assert_finite(hf_model)
+    return hf_model, tokenizer, path, adapter

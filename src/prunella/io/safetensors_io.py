@@ -1,0 +1,147 @@
+"""Reading and writing safetensors files, one tensor at a time where it matters.
+
+* :class:`CheckpointReader` -- a checkpoint's tensors by key (one file or indexed
+  shards), each read only while it is needed;
+* :func:`save_tensors` -- a whole file at once, atomically;
+* :class:`ShardWriter` -- a file written one tensor at a time (the header is
+  assembled at the end), so that copying a checkpoint holds one tensor in memory;
+* :func:`write_index` -- ``model.safetensors.index.json`` for a sharded folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ..errors import PrunellaError
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint (one file or an indexed set of shards), by key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        index = self.path / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {key: self.path / name for key, name in weight_map.items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if len(files) != 1:
+                raise PrunellaError(f"{path} has {len(files)} safetensors files and no {INDEX}")
+            self.files = {}
+            for file in files:
+                with safe_open(file, framework="pt") as handle:
+                    self.files.update(dict.fromkeys(handle.keys(), file))
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A copy of one tensor; the file is mapped only while it is read, so the pages
+        of blocks already done do not stay in this process's resident memory."""
+        with safe_open(self.files[key], framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.files.values()))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file atomically (temporary name, then rename), tensor by tensor
+    from the tensors' own memory: no serialised copy of the whole file is built."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":"))
+    blob = blob.encode() + b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for tensor in tensors.values():
+            out.write(raw_bytes(tensor).data)
+    os.replace(tmp, path)
+
+
+def raw_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of ``tensor`` as a uint8 array (any dtype, bfloat16 included)."""
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
+class ShardWriter:
+    """Write a safetensors file one tensor at a time (header assembled at the end)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self.data = self.data_path.open("wb")
+        self.header: dict = {}
+        self.metadata: dict[str, str] = {"format": "pt"}
+        self.offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        raw = raw_bytes(tensor)
+        self.data.write(raw.data)
+        self.header[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.offset, self.offset + raw.size],
+        }
+        self.offset += raw.size
+
+    def close(self) -> int:
+        """Write the file (header, then the data) under its name; return the data bytes."""
+        self.data.close()
+        blob = json.dumps(
+            {"__metadata__": self.metadata, **self.header}, separators=(",", ":")
+        ).encode()
+        blob += b" " * (-len(blob) % 8)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        self.data_path.unlink()
+        os.replace(tmp, self.path)
+        return self.offset
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total: int) -> None:
+    """``model.safetensors.index.json`` for a folder of several shards (none for one)."""
+    if len(set(weight_map.values())) > 1:
+        (folder / INDEX).write_text(
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )

@@ -1,0 +1,125 @@
+"""EvoPress: evolutionary search over the levels of a level database.
+
+Sieberling et al., "EvoPress: Accurate Dynamic Model Compression via Evolutionary
+Search", ICML 2025 (IST-DASLab/EvoPress, ``evo_prune_search.py``).
+
+A candidate gives every unit (a layer, or a block with ``--granularity block``) a
+level of the :mod:`ladder <prunella.search.levels>`; the search starts from the
+uniform allocation (every level 0) and, each generation:
+
+1. *Mutation* (budget-preserving level switch): each of ``offspring`` children
+   is the parent with ``min(U{1,3}, U{1,3})`` flips; a flip moves one unit a level
+   down and another unit with the same step (in weights) a level up, so the
+   number of zeros stays exactly the target's. Duplicates are drawn again.
+2. *Multi-stage selection*: stage ``k`` scores the candidates on ``tokens[k]``
+   fresh calibration tokens (the same draw for all of them) and keeps the
+   ``survivors[k]`` with the lowest KL to the dense model; before the last stage
+   the parent joins them (elitism). The last survivor is the next parent.
+
+Defaults are the paper's (``run_prune_search.sh``): 64 offspring, survivors
+8, 2, 1 on 2048, 16384 and 65536 tokens; EvoPress runs 400 generations, we run
+as many as the budget (``minutes``, ``evaluations``) allows. Where we differ:
+stage tokens are whole calibration windows (``round(tokens / seqlen)``, at least
+one), where EvoPress truncates its last sequence; the units follow
+``--granularity`` (EvoPress searches per layer: use ``--granularity layer``).
+"""
+
+from __future__ import annotations
+
+import random
+
+from tqdm.auto import tqdm
+
+from ...errors import PrunellaError
+from ...registry import Option
+from ..search import SEARCH_OPTIONS, SearchRun, expand, start, unit_levels
+from .plan import Plan
+
+PAPER = (
+    "Sieberling et al., EvoPress: Accurate Dynamic Model Compression via Evolutionary "
+    "Search, ICML 2025"
+)
+NEEDS: frozenset[str] = frozenset()
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in str(text).split(",")]
+    if not values or min(values) < 1:
+        raise ValueError("need positive integers separated by commas")
+    return values
+
+
+OPTIONS = (
+    *SEARCH_OPTIONS,
+    Option("offspring", int, 64, "children per generation", low=1),
+    Option("survivors", str, "8,2,1", "candidates kept after each stage", parse=_ints),
+    Option("tokens", str, "2048,16384,65536", "calibration tokens of each stage", parse=_ints),
+)
+METRIC = None
+
+
+def mutate(parent: dict[str, int], ranges: dict, rng: random.Random) -> dict[str, int]:
+    """The parent with ``min(U{1,3}, U{1,3})`` budget-preserving level switches."""
+    child = dict(parent)
+    for _ in range(min(rng.randint(1, 3), rng.randint(1, 3))):
+        down = [u for u in child if child[u] - 1 >= ranges[u][0]]
+        if not down:
+            break
+        a = rng.choice(down)
+        up = [u for u in child if child[u] + 1 <= ranges[u][1] and ranges[u][2] == ranges[a][2]]
+        if not up:
+            continue
+        b = rng.choice(up)
+        child[a] -= 1
+        child[b] += 1
+    return child
+
+
+def search(run: SearchRun, **options) -> Plan:
+    """The allocation EvoPress finds within the budget."""
+    survivors, tokens = _ints(options["survivors"]), _ints(options["tokens"])
+    if len(survivors) != len(tokens):
+        raise PrunellaError("evopress: survivors and tokens need one value per stage each")
+    session = start(run, options, {})
+    ranges = unit_levels(session.ladder, run.units)
+    names = session.ladder.names
+    rng = random.Random(options["seed"])
+    parent = dict.fromkeys(run.units, 0)
+    best = None
+    bar = tqdm(desc="evopress", unit="gen", disable=not run.progress)
+    try:
+        generation = 0
+        while not session.spent():
+            children: list[dict[str, int]] = []
+            tries = 0
+            while len(children) < options["offspring"] and tries < 100 * options["offspring"]:
+                tries += 1
+                child = mutate(parent, ranges, rng)
+                if child != parent and child not in children:
+                    children.append(child)
+            candidates = children or [parent]
+            for stage, (keep, count) in enumerate(zip(survivors, tokens, strict=True)):
+                ids = sorted(rng.sample(range(len(run.windows)), run.windows_for(count)))
+                if stage == len(tokens) - 1 and parent not in candidates:
+                    candidates.append(parent)
+                scored = session.evaluator.evaluate(
+                    [
+                        (
+                            f"g{generation}s{stage}c{i}",
+                            [expand(run.units, c)[n] for n in names],
+                            ids,
+                        )
+                        for i, c in enumerate(candidates)
+                    ]
+                )
+                order = sorted(range(len(candidates)), key=lambda i: scored[i])[:keep]
+                candidates, fitness = [candidates[i] for i in order], [scored[i] for i in order]
+            parent, best = candidates[0], fitness[0]
+            session.record(best)
+            generation += 1
+            bar.update()
+            bar.set_postfix(kl=f"{best:.4f}", evaluations=session.evaluator.evaluations)
+    finally:
+        bar.close()
+        session.close()
+    return session.plan(expand(run.units, parent), best)

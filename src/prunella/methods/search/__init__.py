@@ -1,0 +1,380 @@
+"""Allocation search: what the search methods (``evopress``, ``tpe``, ``dsa``) share.
+
+A search method is an allocation module with a ``search(run, **options)`` function
+instead of ``unit_metric``/``sparsities``. It proposes candidate allocations, and
+:class:`SearchRun` scores them: every layer's levels come from the :mod:`level
+database <prunella.search.levels>` (built once), the fitness is the KL divergence to
+the dense model on calibration tokens (:mod:`prunella.search.fitness`), and the
+candidates are evaluated by any number of worker processes, on this machine or
+others, through an optuna study (:mod:`prunella.search.study`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ...errors import PrunellaError
+from ...registry import Method, Option
+from ..allocation.plan import allocation_units
+from ..sparsity.patterns import Pattern
+from .levels import NUM_LEVELS, Ladder, LevelDatabase, build_database, database_key, make_ladder
+
+SEARCH_OPTIONS = (
+    Option("minutes", float, 20.0, "wall-clock budget of the search", low=0.0, low_open=True),
+    Option("evaluations", int, 0, "most candidate evaluations (0: until minutes)", low=0),
+    Option(
+        "workers",
+        int,
+        1,
+        "evaluating processes on this machine (others join with prunella search-worker)",
+        low=1,
+    ),
+    Option(
+        "storage",
+        str,
+        "",
+        "optuna storage URL; default an SQLite file in the search folder; "
+        "postgresql://... for workers on several machines",
+    ),
+    Option("folder", str, "", "level database and studies (default ~/.cache/prunella/search)"),
+    Option("levels", int, NUM_LEVELS, "ladder steps each way from the target (EvoPress)", low=1),
+    Option("seed", int, 0, "seed of the search"),
+)
+
+
+def search_folder(given: str = "") -> Path:
+    """Where level databases and the default storage live: ``given``, else
+    ``$PRUNELLA_HOME/search`` (``~/.cache/prunella/search``)."""
+    from ...io.checkpoint import cache_home
+
+    return Path(given) if given else cache_home() / "search"
+
+
+@dataclass
+class SearchRun:
+    """Everything a search needs besides its own options: the model (a store), the
+    calibration windows, the target pattern, the solver that fills the database, and
+    where the units of the allocation are (blocks or layers)."""
+
+    store: object
+    windows: torch.Tensor
+    pattern: Pattern
+    solver: Method
+    solver_options: dict
+    granularity: str
+    min_sparsity: float
+    max_sparsity: float
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    progress: bool = True
+    method: Method | None = None  # the search method (set by the allocation step)
+    units: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.windows is None:
+            name = self.method.name if self.method is not None else "search"
+            raise PrunellaError(f"allocation {name!r} needs calibration data")
+        self.units = allocation_units(
+            list(self.store.layers()), self.store.adapter.blocks_path, self.granularity
+        )
+
+    def windows_for(self, tokens: int, available: int | None = None) -> int:
+        """How many calibration windows hold ``tokens`` (whole windows, at least one,
+        at most ``available``, default all)."""
+        available = len(self.windows) if available is None else available
+        return max(1, min(available, round(tokens / self.windows.shape[1])))
+
+    def ladder(self, levels: int) -> Ladder:
+        sizes = {n: rows * cols for n, (rows, cols) in self.store.layers().items()}
+        hidden = getattr(self.store.model.config, "hidden_size", None) or int(
+            math.sqrt(sorted(sizes.values())[len(sizes) // 2])
+        )
+        return make_ladder(
+            sizes, self.pattern, hidden, levels, lo=self.min_sparsity, hi=self.max_sparsity
+        )
+
+    def model_identity(self) -> str:
+        """The model, for database keys: its path and files' sizes and times, or (a
+        model object) a digest of its weights."""
+        path = getattr(self.store, "path", None)
+        if path is not None:
+            files = [*sorted(Path(path).glob("*.safetensors")), Path(path) / "config.json"]
+            stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            return database_key(path=str(Path(path).resolve()), files=stats)
+        with torch.no_grad():
+            digest = [
+                (name, float(p.double().sum()), float(p.double().abs().sum()))
+                for name, p in self.store.model.named_parameters()
+            ]
+        return database_key(weights=digest)
+
+    def database(self, ladder: Ladder, folder: Path) -> tuple[LevelDatabase, str]:
+        """The level database for ``ladder`` (built, or finished, when needed) and its key."""
+        key = database_key(
+            model=self.model_identity(),
+            windows=database_key(data=self.windows.flatten().tolist()),
+            solver=self.solver.name,
+            options=self.solver_options,
+            ladder=ladder.to_json(),
+            dtype=str(self.dtype),
+        )
+        db_folder = folder / "levels" / key
+        db_folder.mkdir(parents=True, exist_ok=True)
+        windows_file = db_folder / "windows.safetensors"
+        if not windows_file.exists():
+            partial = windows_file.with_suffix(f".{os.getpid()}.partial")
+            save_file({"windows": self.windows.contiguous()}, partial)
+            os.replace(partial, windows_file)
+        database = build_database(
+            db_folder,
+            self.store,
+            self.windows,
+            self.solver,
+            self.solver_options,
+            ladder,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
+        return database, key
+
+
+def unit_levels(ladder: Ladder, units: dict[str, list[str]]) -> dict[str, tuple[int, int, int]]:
+    """Per unit: (lowest level, highest level, weights per step) when all its layers
+    move together (the intersection of its layers' ranges)."""
+    return {
+        u: (
+            max(ladder.low[n] for n in layers),
+            min(ladder.high[n] for n in layers),
+            sum(ladder.step[n] for n in layers),
+        )
+        for u, layers in units.items()
+    }
+
+
+def expand(units: dict[str, list[str]], levels: dict[str, int]) -> dict[str, int]:
+    """Layer levels from unit levels."""
+    return {n: levels[u] for u, layers in units.items() for n in layers}
+
+
+def levels_for_sparsities(
+    ladder: Ladder, units: dict[str, list[str]], sparsity: dict[str, float]
+) -> dict[str, int]:
+    """The layer levels nearest to per-unit ``sparsity`` with the budget kept: each layer
+    gets the real level ``x_l = (s_u n_l - base_l) / step_l + c`` (clipped to its range,
+    ``c`` one shift making ``sum_l step_l x_l = 0``), rounded down, and the remaining
+    steps go to the layers with the largest remainders."""
+    names = ladder.names
+    step = torch.tensor([ladder.step[n] for n in names], dtype=torch.float64)
+    low = torch.tensor([ladder.low[n] for n in names], dtype=torch.float64)
+    high = torch.tensor([ladder.high[n] for n in names], dtype=torch.float64)
+    raw = torch.tensor(
+        [
+            (sparsity[u] * ladder.size[n] - ladder.base[n]) / ladder.step[n]
+            for u, layers in units.items()
+            for n in layers
+        ],
+        dtype=torch.float64,
+    )
+    order = [n for layers in units.values() for n in layers]
+    index = {n: i for i, n in enumerate(order)}
+    raw = raw[[index[n] for n in names]]
+    a, b = (low - raw).min().item() - 1, (high - raw).max().item() + 1
+    for _ in range(100):
+        mid = (a + b) / 2
+        a, b = (mid, b) if (step * (raw + mid).clamp(low, high)).sum() < 0 else (a, mid)
+    exact = (raw + (a + b) / 2).clamp(low, high)
+    levels = exact.floor()
+    deficit = -(step * levels).sum().item()
+    for i in (exact - levels).argsort(descending=True, stable=True).tolist():
+        if deficit <= 0:
+            break
+        if levels[i] < high[i] and step[i] <= deficit:
+            levels[i] += 1
+            deficit -= step[i].item()
+    return {n: int(v) for n, v in zip(names, levels.tolist(), strict=True)}
+
+
+@dataclass
+class Session:
+    """A search under way: its study, evaluator, fitness and budget."""
+
+    run: SearchRun
+    ladder: Ladder
+    database: LevelDatabase
+    fitness: object
+    study: object
+    evaluator: object
+    url: str
+    options: dict
+    workers: list = field(default_factory=list)
+    threads: int = 1  # torch threads of this process before workers shared them
+    started: float = 0.0
+    curve: list = field(default_factory=list)
+
+    def spent(self) -> bool:
+        """Whether the budget (``minutes``, ``evaluations``) is used up."""
+        evaluations = self.options["evaluations"]
+        if evaluations and self.evaluator.evaluations >= evaluations:
+            return True
+        return time.monotonic() - self.started >= 60 * self.options["minutes"]
+
+    def record(self, best: float) -> None:
+        """One point of the search curve: the best fitness after so many evaluations."""
+        self.curve.append([self.evaluator.evaluations, best])
+
+    def close(self) -> None:
+        from .study import stop_workers
+
+        self.study.set_user_attr("finished", True)
+        stop_workers(self.workers, self.threads)
+
+    def plan(self, levels: dict[str, int], best: float | None, extra: dict | None = None):
+        """The :class:`~prunella.allocation.plan.Plan` of the candidate ``levels``."""
+        from ..allocation.plan import Plan
+        from .study import public_url
+
+        ladder, run = self.ladder, self.run
+        plan = Plan(
+            target=ladder.target,
+            sparsity={n: ladder.sparsity(n, levels[n]) for n in ladder.names},
+            method=run.method.name,
+            granularity=run.granularity,
+            params=self.options
+            | {"storage": public_url(self.options["storage"]) if self.options["storage"] else ""}
+            | {"min_sparsity": run.min_sparsity, "max_sparsity": run.max_sparsity}
+            | {"search": self.summary() | {"best_kl": best, "levels": levels} | (extra or {})},
+        )
+        if ladder.m is not None:
+            plan.nm = {n: [ladder.pattern(n, levels[n]).n, ladder.m] for n in ladder.names}
+        return plan
+
+    def summary(self) -> dict:
+        """What the plan records about the search."""
+        from .study import public_url
+
+        return {
+            "evaluations": self.evaluator.evaluations,
+            "seconds": round(time.monotonic() - self.started, 1),
+            "curve": self.curve,
+            "study": self.study.study_name,
+            "storage": public_url(self.url),
+            "workers": self.options["workers"],
+            "database": str(self.database.folder),
+            "fitness_tokens": self.fitness.tokens,
+        }
+
+
+def start(run: SearchRun, options: dict, setup: dict, sampler=None) -> Session:
+    """Open (or resume) the study of ``method`` on ``run``: build the level database when
+    needed, start ``options["workers"] - 1`` more worker processes."""
+    from .fitness import KLFitness
+    from .study import Evaluator, make_objective, open_study, spawn_workers, storage_url
+
+    method = run.method
+    folder = search_folder(options["folder"])
+    ladder = run.ladder(options["levels"])
+    database, key = run.database(ladder, folder)
+    fitness = KLFitness(
+        run.store,
+        run.windows,
+        database,
+        device=run.device,
+        dtype=run.dtype,
+        batch_size=run.batch_size,
+    )
+    budget = ("minutes", "evaluations", "workers", "storage", "folder")
+    name = f"{method.name}-" + database_key(
+        database=key,
+        method=method.name,
+        options={k: v for k, v in options.items() if k not in budget},
+        setup=setup,
+        units=run.units,
+    )
+    setup = {
+        "method": method.name,
+        "model": str(run.store.path) if run.store.path is not None else None,
+        "offload": run.store.offload,
+        "database": str(database.folder),
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "batch_size": run.batch_size,
+        "units": run.units,
+        "options": options,
+        **setup,
+    }
+    url = storage_url(options["storage"], folder)
+    study = open_study(url, name, sampler, setup)
+    study.set_user_attr("finished", False)  # a re-run (resume, longer budget): workers welcome
+    propose = getattr(method.module, "propose", None)
+    objective = make_objective(
+        fitness,
+        ladder.names,
+        None if propose is None else lambda trial: propose(trial, ladder, run.units, setup),
+    )
+    workers = []
+    if options["workers"] > 1:
+        if run.store.path is None:
+            raise PrunellaError("workers > 1 need the model as a checkpoint path, not an object")
+        threads = torch.get_num_threads()
+        workers = spawn_workers(options["workers"] - 1, url, name, str(run.device))
+    return Session(
+        run, ladder, database, fitness, study, Evaluator(study, objective), url, options,
+        workers, threads if workers else torch.get_num_threads(), time.monotonic(),
+    )  # fmt: skip
+
+
+def run_worker(
+    url: str,
+    name: str,
+    *,
+    model: str | None = None,
+    folder: str | None = None,
+    device: str = "auto",
+    parent: int | None = None,
+) -> int:
+    """``prunella search-worker``: evaluate candidates of study ``name`` until it finishes."""
+    from ...engine.device import pick_device, resolve_compute_dtype
+    from ...engine.store import open_store
+    from ..allocation import get_method
+    from .fitness import KLFitness
+    from .study import make_objective, open_study, optuna_load, public_url, worker_loop
+
+    try:
+        probe = optuna_load(url, name)
+    except KeyError:
+        raise PrunellaError(f"no study {name!r} in {public_url(url)}") from None
+    setup = probe.user_attrs.get("setup")
+    if setup is None:
+        raise PrunellaError(f"study {name!r} was not made by prunella")
+    method = get_method(setup["method"])
+    sampler_of = getattr(method.module, "sampler", None)
+    # each worker its own seed: copies of one seeded sampler would propose the same points
+    study = open_study(url, name, sampler_of(setup, os.getpid()) if sampler_of else None)
+    where = model or setup["model"]
+    if where is None:
+        raise PrunellaError("the search's model is not a checkpoint: give --model")
+    store, _ = open_store(where, setup["offload"])
+    database = LevelDatabase(folder or setup["database"])
+    windows = load_file(database.folder / "windows.safetensors")["windows"]
+    dev = pick_device(device)
+    dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, dev, setup["dtype"])
+    fitness = KLFitness(
+        store, windows, database, device=dev, dtype=dtype, batch_size=setup["batch_size"]
+    )
+    ladder, units = database.ladder, setup["units"]
+    propose = getattr(method.module, "propose", None)
+    objective = make_objective(
+        fitness,
+        ladder.names,
+        None if propose is None else lambda trial: propose(trial, ladder, units, setup),
+    )
+    return worker_loop(study, objective, sampled=propose is not None, parent=parent)

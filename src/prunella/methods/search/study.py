@@ -1,0 +1,240 @@
+"""Search storage and workers: candidates are optuna trials, evaluated by any process.
+
+The study lives in optuna's storage (:class:`optuna.storages.RDBStorage`): an
+SQLite file in the search folder by default (one machine, several processes), or
+PostgreSQL (``storage=postgresql://...``) for workers on several machines. A
+candidate is one trial: a method that proposes candidates itself (EvoPress, DSA)
+enqueues them (``levels`` and calibration ``windows`` in the trial's user
+attributes, and a ``key`` naming it); a method driven by an optuna sampler (TPE)
+lets each worker ask the sampler (the method's ``propose(trial, ...)``). Every
+worker runs the same objective: score the trial's levels with the KL fitness.
+
+Failures: each running trial sends a heartbeat; a trial whose worker was killed
+goes stale and is failed, and the coordinator enqueues its candidate again, so a
+killed worker loses only that candidate. A killed coordinator re-run with the same
+command replays its seeded search, reading every result the storage already has
+(keyed), and goes on from there.
+
+The study's ``setup`` user attribute says what a worker on another machine needs:
+the model's path, the level database's folder (with the calibration windows in
+it), the solver, compute dtype and batch size. Give the worker the same paths
+(a shared file system), or ``--model``/``--folder`` where they differ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ...errors import PrunellaError
+
+HEARTBEAT = 2  # seconds between heartbeats of a running trial
+# seconds without one after which a trial is failed (its worker is gone)
+GRACE = int(os.environ.get("PRUNELLA_SEARCH_GRACE", "20"))
+POLL = 0.2  # seconds between looks at the storage while waiting
+MAX_FAILURES = 3  # a candidate whose evaluation failed this often stops the search
+
+
+def storage_url(given: str, folder: Path) -> str:
+    return given or f"sqlite:///{(folder / 'studies.db').resolve()}"
+
+
+def public_url(url: str) -> str:
+    """``url`` without its password (for reports)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT, grace_period=GRACE, engine_kwargs=kwargs
+            )
+    except Exception as exc:  # bad URL, server down, driver missing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrunellaError(f"cannot open search storage {public_url(url)}: {first}") from None
+
+
+def optuna_load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def open_study(url: str, name: str, sampler=None, setup: dict | None = None) -> optuna.Study:
+    """The study ``name`` (created with ``setup`` when new)."""
+    storage = open_storage(url)
+    study = optuna.create_study(
+        storage=storage, study_name=name, sampler=sampler, load_if_exists=True
+    )
+    if setup is not None and "setup" not in study.user_attrs:
+        study.set_user_attr("setup", setup)
+    return study
+
+
+def make_objective(fitness: Callable, names: list[str], propose: Callable | None):
+    """The objective every worker runs: the KL fitness of the trial's candidate."""
+
+    def objective(trial: optuna.Trial) -> float:
+        attrs = trial.user_attrs
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if "levels" in attrs:
+            levels, ids = attrs["levels"], attrs["windows"]
+        elif propose is not None:
+            levels, ids = propose(trial)
+            trial.set_user_attr("levels", levels)
+        else:  # a worker raced for an enqueued candidate that another took
+            raise optuna.TrialPruned
+        try:
+            return fitness(dict(zip(names, levels, strict=True)), ids)
+        except PrunellaError:  # NaN or Inf activations: the worst candidate, not a crash
+            return math.inf
+
+    return objective
+
+
+def run_one(study: optuna.Study, objective) -> None:
+    """Evaluate one trial (an enqueued candidate, or one the sampler proposes).
+
+    Two processes may take the same waiting trial (SQLite has no row locks), and a
+    trial may be failed as stale while its slow worker still runs: the second result
+    is then refused by the storage, and dropped here (the first one stands)."""
+    try:
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+    except ValueError as exc:
+        if "Cannot tell" not in str(exc):
+            raise
+
+
+class Evaluator:
+    """Scores keyed candidates through the study: ``evaluate([(key, levels, ids)])``.
+
+    Results already in the storage are read, not recomputed; the others are enqueued
+    and evaluated by this process and by any worker joined to the study.
+    """
+
+    def __init__(self, study: optuna.Study, objective) -> None:
+        self.study, self.objective = study, objective
+        self.evaluations = 0  # results obtained, read back or computed
+
+    def _trials(self) -> dict[str, list]:
+        by_key: dict[str, list] = {}
+        for trial in self.study.get_trials(deepcopy=False):
+            key = trial.user_attrs.get("key")
+            if key is not None:
+                by_key.setdefault(key, []).append(trial)
+        return by_key
+
+    def evaluate(self, candidates: list[tuple[str, list[int], list[int]]]) -> list[float]:
+        wanted = {key: (levels, ids) for key, levels, ids in candidates}
+        while True:
+            by_key = self._trials()
+            done, waiting = {}, False
+            for key, (levels, ids) in wanted.items():
+                trials = by_key.get(key, [])
+                complete = [t for t in trials if t.state == TrialState.COMPLETE]
+                if complete:
+                    done[key] = complete[0].value
+                elif not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
+                    if len(trials) >= MAX_FAILURES:
+                        raise PrunellaError(
+                            f"candidate {key} failed {len(trials)} times (workers crashed or "
+                            "were killed); see the workers' output"
+                        )
+                    self.study.enqueue_trial(
+                        {}, user_attrs={"key": key, "levels": list(levels), "windows": list(ids)}
+                    )
+                    waiting = True
+                else:
+                    waiting = waiting or any(t.state == TrialState.WAITING for t in trials)
+            if len(done) == len(wanted):
+                self.evaluations += len(wanted)
+                return [done[key] for key, _, _ in candidates]
+            if waiting:
+                run_one(self.study, self.objective)
+            else:  # the rest are running elsewhere
+                optuna.storages.fail_stale_trials(self.study)
+                time.sleep(POLL)
+
+
+def spawn_workers(count: int, url: str, name: str, device: str) -> list[subprocess.Popen]:
+    """``count`` worker processes on this machine, joined to study ``name``; the
+    machine's cores are shared between them and this process (until
+    :func:`stop_workers`). The storage URL goes by environment, not on the command
+    line, where ``ps`` would show a password."""
+    if count <= 0:
+        return []
+    threads = max(1, torch.get_num_threads() // (count + 1))
+    torch.set_num_threads(threads)
+    env = dict(os.environ, PRUNELLA_THREADS=str(threads), PRUNELLA_SEARCH_STORAGE=url)
+    command = [sys.executable, "-m", "prunella", "search-worker", "--study", name,
+               "--device", device, "--parent", str(os.getpid()), "--quiet"]  # fmt: skip
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def stop_workers(workers: list[subprocess.Popen], threads: int) -> None:
+    torch.set_num_threads(threads)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def finished(study: optuna.Study) -> bool:
+    return bool(optuna.load_study(study_name=study.study_name, storage=study._storage)
+                .user_attrs.get("finished"))  # fmt: skip
+
+
+def worker_loop(
+    study: optuna.Study,
+    objective,
+    *,
+    sampled: bool,
+    parent: int | None = None,
+    idle_minutes: float = 30.0,
+) -> int:
+    """Evaluate trials of ``study`` until it is finished (or ``parent`` is gone, or
+    nothing came for ``idle_minutes``); returns how many this worker evaluated."""
+    count, idle_since = 0, time.monotonic()
+    while not finished(study):
+        if parent is not None and not _alive(parent):
+            break
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if waiting or sampled:
+            run_one(study, objective)
+            count += 1
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > idle_minutes * 60:
+            break
+        else:
+            time.sleep(POLL)
+    return count
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

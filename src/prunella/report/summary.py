@@ -1,0 +1,77 @@
+"""What a checkpoint holds: per-layer sparsity and pattern, size on disk, format.
+
+Works on any checkpoint (dense, Prunella-packed, or legacy compressed-tensors
+``sparse-bitmask`` / ``sparse-24-bitmask``), pruned by Prunella or not: weights are
+read one tensor at a time from the safetensors shards, never as a whole model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..io.checkpoint import check_checkpoint, layer_order, prunable_keys, sparsity_format
+from ..io.pack import packed_tensors
+from ..io.safetensors_io import CheckpointReader
+
+NM_CANDIDATES = ((2, 4), (4, 8), (1, 4), (3, 4), (1, 8), (2, 8), (3, 8), (5, 8), (6, 8), (7, 8))
+
+
+def detect_pattern(weight: torch.Tensor) -> str:
+    """The N:M this weight was pruned to, else ``unstructured`` (or ``dense``).
+
+    N:M means every group of M consecutive weights of a row holds at least M - N
+    zeros, and not more than that on average (an unstructured matrix at 75% easily
+    has one zero in every 8, which does not make it 7:8).
+    """
+    zeros = weight == 0
+    if not zeros.any():
+        return "dense"
+    rows, cols = weight.shape
+    sparsity = zeros.float().mean().item()
+    for n, m in sorted(NM_CANDIDATES, key=lambda nm: (nm[1], nm[0])):
+        if cols % m or not (m - n) / m <= sparsity < (m - n + 1) / m:
+            continue
+        if (zeros.reshape(rows, -1, m).sum(-1) >= m - n).all():
+            return f"{n}:{m}"
+    return "unstructured"
+
+
+def checkpoint_summary(path: str | Path) -> dict:
+    """Format, size on disk and, per prunable linear layer (in model order), shape,
+    sparsity and pattern."""
+    path, _ = check_checkpoint(path)
+    fmt = sparsity_format(path) or "dense"
+    if fmt == "dense":  # prunable_keys come in model order
+        reader = CheckpointReader(path)
+        tensors = ((key, reader.tensor(key)) for key in prunable_keys(path))
+    else:  # packed weights come in shard order
+        tensors = ((n, t) for n, t, _, packed in packed_tensors(path) if packed)
+    layers = []
+    for name, tensor in tensors:
+        if tensor.dim() not in (2, 3):
+            continue
+        # fused experts stored as one 3-D tensor (gpt-oss, Llama 4): all experts in one row
+        pattern = detect_pattern(tensor) if tensor.dim() == 2 else "fused experts"
+        layers.append(
+            {
+                "name": name.removesuffix(".weight"),
+                "shape": list(tensor.flatten(0, -2).shape),
+                "sparsity": (tensor == 0).sum().item() / tensor.numel(),
+                "pattern": pattern,
+            }
+        )
+    if fmt != "dense":
+        order = {name: i for i, name in enumerate(layer_order(path))}
+        layers.sort(key=lambda r: order.get(r["name"], len(order)))
+    total = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
+    return {
+        "model": str(path),
+        "format": fmt,
+        "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        "sparsity": zeros / total if total else 0.0,
+        "prunable_parameters": total,
+        "layers": layers,
+    }
