@@ -38,7 +38,8 @@ def main() -> None:
     import prunella
     from prunella.data import calibration_windows
     from prunella.engine.device import resolve_compute_dtype
-    from prunella.engine.prune import capture, default_batch_size, forward_precision, matmuls_in
+    from prunella.engine.forward import capture, forward_precision, matmuls_in
+    from prunella.engine.prune import default_batch_size
     from prunella.io.models import load
 
     model, tokenizer, _, adapter = load(a.model)

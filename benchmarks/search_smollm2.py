@@ -76,7 +76,7 @@ levels = dict.fromkeys(db.ladder.names, 0)
 fit(levels, ids)  # the dense reference of these windows, once
 tick = time.perf_counter(); fit(levels, ids); fitness_s = time.perf_counter() - tick
 batch = max(1, 4096 // {a.seqlen})
-from prunella.engine.prune import forward_precision, matmuls_in, on_device
+from prunella.engine.forward import forward_precision, matmuls_in, on_device
 run_dtype, matmul_dtype = forward_precision(dtype, cpu)  # the precision the fitness runs in
 with torch.no_grad(), on_device(store.model, cpu, run_dtype), matmuls_in(matmul_dtype, cpu):
     tick = time.perf_counter()

@@ -208,7 +208,7 @@ def test_narrow_forward_leaves_the_checkpoint_precision_alone(tiny_llama):
 
 
 def test_forward_precision_narrows_only_the_matmuls_on_cpu():
-    from prunella.engine.prune import forward_precision
+    from prunella.engine.forward import forward_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert forward_precision(torch.bfloat16, cpu) == (torch.float32, torch.bfloat16)
@@ -219,7 +219,7 @@ def test_forward_precision_narrows_only_the_matmuls_on_cpu():
 def test_autocast_forward_sees_weights_pruned_in_place():
     """Two passes prune a weight in place between two forwards: a cached bfloat16 cast
     of the dense weight would be served to the second one."""
-    from prunella.engine.prune import matmuls_in
+    from prunella.engine.forward import matmuls_in
 
     layer = torch.nn.Linear(8, 4)  # a parameter that requires grad: autocast would cache it
     x = torch.randn(3, 8)
@@ -233,7 +233,7 @@ def test_mixed_forward_keeps_statistics_in_float32(tiny_llama):
     """Under the bfloat16 forward, layer inputs stay float32 and the Hessian is summed
     in float32: block 0's q_proj reads the embeddings through RMSNorm (no product
     before it), so its Hessian is bit for bit the float32 forward's."""
-    from prunella.engine.prune import visit_blocks
+    from prunella.engine.forward import visit_blocks
     from prunella.engine.stats import HESSIAN
     from prunella.io.models import load
 

@@ -16,7 +16,7 @@ import prunella
 from prunella.cli import main
 from prunella.engine.adapters import adapter_for, get_weight
 from prunella.engine.experts import ExpertLinear, expert_of, expert_views, is_fused_experts, routed
-from prunella.engine.prune import visit_blocks
+from prunella.engine.forward import visit_blocks
 from prunella.engine.stats import HESSIAN
 from prunella.engine.store import MemoryStore
 

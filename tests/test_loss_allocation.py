@@ -10,7 +10,7 @@ from conftest import build_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM
 
 from prunella.engine.adapters import adapter_for, get_weight
-from prunella.engine.loss import block_gradients
+from prunella.engine.gradients import block_gradients
 from prunella.engine.store import MemoryStore, open_store
 from prunella.errors import PrunellaError
 from prunella.methods import allocation

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data import check_text_input, describe, evaluation_windows
 from ..engine.device import eval_dtype, pick_device
-from ..engine.prune import on_device
+from ..engine.forward import on_device
 from ..errors import PrunellaError
 from ..io.models import load
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.prune import visit_blocks
+from ...engine.forward import visit_blocks
 from ...engine.stats import WEIGHTS
 from ...errors import PrunellaError
 from ...registry import Method, Registry

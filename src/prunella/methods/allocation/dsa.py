@@ -48,7 +48,7 @@ import random
 import torch
 from tqdm.auto import tqdm
 
-from ...engine.prune import visit_blocks
+from ...engine.forward import visit_blocks
 from ...engine.stats import COL_NORMS, WEIGHTS
 from ...errors import PrunellaError
 from ...registry import Option

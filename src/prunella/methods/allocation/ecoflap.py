@@ -48,12 +48,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ...engine.adapters import get_weight
-from ...engine.loss import block_output, next_token_loss, predicted_tokens
-from ...engine.prune import capture, on_device
+from ...engine.forward import capture, head_only, loaded, next_token_loss, predicted_tokens
 from ...engine.stats import LOSS
 from ...errors import PrunellaError
 from ...registry import Option
-from ..search.fitness import head_only
 
 PAPER = (
     "Sung et al., ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for "
@@ -128,27 +126,26 @@ def zo_directional(
             for g0 in starts:
                 g1 = min(len(blocks), g0 + group)
                 acts = capture(store.model, blocks, ids, len(ids), device, torch.float32)
-                dense, streams, as_tuple = acts.hidden[0], {}, False
+                dense, streams = acts.hidden[0], {}
                 for i in range(len(blocks)):
-                    block = store.load(i)
-                    with on_device(block, device, torch.float32):
-                        step = partial(block_output, acts, block, i, 0)
+                    with loaded(store, i, device, torch.float32) as (block, linears):
+                        step = partial(acts.run, block, i, 0)
                         for key, h in streams.items():
-                            streams[key], as_tuple = step(h)
+                            streams[key] = step(h)
                         if g0 <= i < g1:
-                            linears = store.adapter.linears(block)
                             layers = {f"{prefix}{i}.{n}": m for n, m in linears.items()}
                             for unit in units[i]:
                                 key = _key(unit, perturb, prefix)
                                 for sign in (1, -1):
                                     delta = eps * sign
                                     with _perturbed(layers, unit, delta, seed, k, index_of[key]):
-                                        streams[key, sign], as_tuple = step(dense)
+                                        streams[key, sign] = step(dense)
                         if i < g1 - 1:  # the dense input of the next source block
-                            dense, as_tuple = step(dense)
-                    store.release(i)
+                            dense = step(dense)
                     bar.update()
-                with head_only(store.model, blocks, device, torch.float32, as_tuple) as log_probs:
+                with head_only(
+                    store.model, blocks, device, torch.float32, acts.as_tuple
+                ) as log_probs:
                     for key in dict.fromkeys(key for key, _ in streams):
                         plus = next_token_loss(log_probs, ids, streams[key, 1])
                         minus = next_token_loss(log_probs, ids, streams[key, -1])

@@ -52,7 +52,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ...engine.loss import block_gradients
+from ...engine.gradients import block_gradients
 from ...engine.stats import LOSS
 from ...errors import PrunellaError
 from ...registry import Option

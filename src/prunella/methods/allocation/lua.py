@@ -48,8 +48,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ...engine.loss import block_gradients
-from ...engine.prune import visit_blocks
+from ...engine.forward import visit_blocks
+from ...engine.gradients import block_gradients
 from ...engine.stats import COL_NORMS, LOSS, WEIGHTS
 from ...errors import PrunellaError
 from ...registry import Option

@@ -31,7 +31,6 @@ import json
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,8 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ...engine.adapters import get_weight
-from ...engine.prune import visit_blocks
+from ...engine.forward import visit_blocks
 from ...engine.stats import exact
 from ...errors import PrunellaError
 from ...registry import Method
@@ -222,19 +220,3 @@ def build_database(
     )
     (folder / "complete").write_text("")
     return LevelDatabase(folder)
-
-
-def swap_in(layer: torch.nn.Module, weight: torch.Tensor) -> Callable[[], None]:
-    """Make ``layer`` run with ``weight`` (``[out, in]``); returns what puts its own back.
-
-    A layer's parameter is swapped (no copy); an expert's matrix, a view into the
-    fused experts parameter, is overwritten and restored from a copy."""
-    if "weight" not in layer._parameters:  # an expert of fused experts
-        view = get_weight(layer)
-        old = view.detach().clone()
-        view.data.copy_(weight)
-        return lambda: view.data.copy_(old)
-    old = layer._parameters["weight"]
-    new = weight.t() if get_weight(layer) is not old else weight  # Conv1D stores W^T
-    layer._parameters["weight"] = torch.nn.Parameter(new.to(old.dtype), requires_grad=False)
-    return lambda: layer._parameters.__setitem__("weight", old)
