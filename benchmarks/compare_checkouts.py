@@ -75,10 +75,22 @@ def default_rows() -> list[list[str]]:
                     *(["--sparsity", "0.5"] if pattern == "unstructured" else []),
                 ]
             )
-    # benchmarks/allocation_smollm2.py: OWL and AlphaPruning at 70%
+    # benchmarks/allocation_smollm2.py: OWL, AlphaPruning and ERK at 70%
     for solver in ("wanda", "sparsegpt"):
-        for method in ("owl", "alphapruning"):
+        for method in ("owl", "alphapruning", "erk"):
             rows.append(["--solver", solver, "--sparsity", "0.7", "--allocation", method])
+    # benchmarks/high_sparsity_smollm2.py: TRIM's row budgets and ALPS at 70%
+    rows.append(["--solver", "sparsegpt", "--sparsity", "0.7", "--rows", "trim"])
+    rows.append(["--solver", "alps", "--sparsity", "0.7"])
+    # the searches and the learned allocation, with a fixed budget (evaluations, steps)
+    rows.append(["--solver", "sparsegpt", "--sparsity", "0.7", "--allocation", "dsa",
+                 "--allocation-opt", "formula=W:(ABSLOG)-(VAR)-(ATAN,ASIN)"])  # fmt: skip
+    rows.append(["--solver", "sparsegpt", "--sparsity", "0.7", "--allocation", "evopress",
+                 "--allocation-opt", "evaluations=40", "--allocation-opt", "offspring=8",
+                 "--allocation-opt", "survivors=2,1", "--allocation-opt", "tokens=1024,2048",
+                 "--allocation-opt", "minutes=60"])  # fmt: skip
+    rows.append(["--solver", "wanda", "--sparsity", "0.7", "--allocation", "lua",
+                 "--allocation-opt", "steps=5"])  # fmt: skip
     return rows
 
 
@@ -151,7 +163,8 @@ def run_prune(checkout: Path, argv: list[str], logs: Path) -> dict:
         done = subprocess.run(
             ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv],
             cwd=checkout,
-            env=checkout_env(checkout),
+            # a cache of its own: a search builds its level database afresh, not the other's
+            env=checkout_env(checkout) | {"PRUNELLA_HOME": str(logs / "home")},
             stdout=out,
             stderr=err,
         )

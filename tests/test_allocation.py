@@ -10,31 +10,34 @@ import torch
 import prunella
 from prunella.cli import main
 from prunella.engine.adapters import get_weight
-from prunella.engine.store import MemoryStore
 from prunella.errors import PrunellaError
 from prunella.io.models import load
-from prunella.methods import allocation
-from prunella.methods.allocation import Plan, fit_budget, fit_nm_levels, get_method, load_plan
 from prunella.methods.allocation.alphapruning import alpha_hill, esd, farms_esd
 from prunella.methods.allocation.erk import erk_densities
-from prunella.methods.allocation.owl import owl_outlier_ratio, owl_sparsities
+from prunella.methods.allocation.owl import owl_outlier_ratio, owl_ratios
+from prunella.methods.plan import AxisPlan, Plan, fit_budget, load_plan
+from prunella.methods.sparsity import fit_nm_levels, levels
 from prunella.methods.sparsity.patterns import NM, Unstructured
 
 
 def allocate(model, adapter, method, pattern, *, windows=None, options=None, **kwargs):
-    """A plan for an in-memory model, on the CPU in float32."""
-    chosen = get_method(method)
-    return allocation.allocate(
-        MemoryStore(model, adapter),
-        chosen,
-        chosen.resolve(options),
-        pattern,
-        windows=windows,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+    """The sparsity plan for an in-memory model, on the CPU in float32."""
+    target = (
+        {"sparsity": pattern.sparsity}
+        if isinstance(pattern, Unstructured)
+        else {"pattern": str(pattern)}
+    )
+    plan = prunella.allocate(
+        model,
+        calibration=windows,
+        allocation={"name": method, "options": options or {}},
+        device="cpu",
+        compute_dtype="float32",
         progress=False,
+        **target,
         **kwargs,
     )
+    return plan["sparsity"]
 
 
 def prunable_layers(model, adapter):
@@ -101,13 +104,13 @@ def test_planted_outlier_columns_raise_the_outlier_ratio():
     plain = torch.rand(64, 64, generator=g)
     planted = plain.clone()
     planted[:, :3] *= 50.0  # large-magnitude columns, as from outlier features
-    assert owl_outlier_ratio([planted]) > owl_outlier_ratio([plain])
-    assert owl_outlier_ratio([plain]) == 0.0
+    assert owl_outlier_ratio([planted], 5.0) > owl_outlier_ratio([plain], 5.0)
+    assert owl_outlier_ratio([plain], 5.0) == 0.0
 
 
 def test_owl_mapping_more_outliers_less_sparsity():
     metric = torch.tensor([0.01, 0.03, 0.02, 0.05], dtype=torch.float64)
-    s = owl_sparsities(metric, 0.7, lam=0.08)
+    s = owl_ratios(metric, 0.7, spread=0.08)
     assert s.argmin() == 3 and s.argmax() == 0
     assert s.mean().item() == pytest.approx(0.7)
     assert (s.max() - s.min()).item() == pytest.approx(0.16)
@@ -131,7 +134,7 @@ def test_fit_budget_rejects_a_target_outside_the_clamp():
 def test_nm_levels_mix_around_the_target():
     sizes = torch.full((8,), 1000.0, dtype=torch.float64)
     raw = torch.linspace(0.4, 0.6, 8, dtype=torch.float64)
-    n = fit_nm_levels(raw, sizes, 0.5, m=8)
+    n = fit_nm_levels(raw, sizes, 0.5, 8, 0.0, 0.99)
     assert set(n.tolist()) <= set(range(1, 8)) and len(set(n.tolist())) > 1
     assert (1 - n.double() / 8).mean().item() == pytest.approx(0.5, abs=1 / 8)
 
@@ -139,7 +142,7 @@ def test_nm_levels_mix_around_the_target():
 def test_nm_levels_honour_the_sparsity_clamp():
     sizes = torch.full((8,), 1000.0, dtype=torch.float64)
     raw = torch.linspace(0.05, 0.95, 8, dtype=torch.float64)
-    free = fit_nm_levels(raw, sizes, 0.5, m=8)
+    free = fit_nm_levels(raw, sizes, 0.5, 8, 0.0, 0.99)
     assert min(free.tolist()) < 3 and max(free.tolist()) > 6  # the clamp below binds
     n = fit_nm_levels(raw, sizes, 0.5, m=8, lo=0.25, hi=0.625)
     assert set(n.tolist()) <= {3, 4, 5, 6}  # 1 - N/8 within [0.25, 0.625]
@@ -188,14 +191,14 @@ def test_every_plan_meets_the_budget_exactly(model_and_windows, method, granular
     )
     layers = prunable_layers(model, adapter)
     sizes = {n: r * c for n, (r, c) in layers.items()}
-    pruned = sum(round(plan.sparsity[n] * sizes[n]) for n in layers)
+    pruned = sum(round(plan.values[n] * sizes[n]) for n in layers)
     assert pruned == round(target * sum(sizes.values()))  # exact, for every method
     if method != "uniform" and not (method == "erk" and granularity == "block"):
-        assert len(set(plan.sparsity.values())) > 1
+        assert len(set(plan.values.values())) > 1
         assert len(plan.metric) == (3 if granularity == "block" else len(layers))
     if granularity == "block":
         for b in range(3):  # one value per block, up to the rounding of whole weights
-            values = [s for n, s in plan.sparsity.items() if f".{b}." in n]
+            values = [s for n, s in plan.values.items() if f".{b}." in n]
             assert max(values) - min(values) < 0.02
 
 
@@ -227,11 +230,11 @@ def test_allocation_composes_with_every_solver_and_pattern(model_and_windows, so
     weights = {name: get_weight(pruned.get_submodule(name)) for name in layers}
     if pattern == "unstructured":
         assert abs(report["sparsity"] - 0.7) < 1e-4
-        for name, s in report["allocation"]["sparsity"].items():
+        for name, s in report["plan"]["axes"]["sparsity"]["sparsity"].items():
             assert (weights[name] == 0).sum().item() == round(s * weights[name].numel())
     else:
         kept = total = 0
-        for name, (n, m) in report["allocation"]["nm"].items():
+        for name, (n, m) in report["plan"]["axes"]["sparsity"]["nm"].items():
             assert layers[name]["pattern"] == f"{n}:{m}"
             zeros = (weights[name] == 0).view(weights[name].shape[0], -1, m).sum(-1)
             assert (zeros == m - n).all()
@@ -240,25 +243,25 @@ def test_allocation_composes_with_every_solver_and_pattern(model_and_windows, so
         # overall: exactly what the mixed levels give, and as close to 4:8 as they allow
         assert report["sparsity"] == pytest.approx(1 - kept / total, abs=1e-12)
         assert abs(report["sparsity"] - 0.5) <= 0.5 / 8
-    assert report["allocation"]["method"] == "owl"
-    assert report["allocation"]["metric_name"] == "outlier_ratio"
+    assert report["plan"]["axes"]["sparsity"]["method"] == "owl"
+    assert report["plan"]["axes"]["sparsity"]["metric_name"] == "outlier_ratio"
 
 
 def test_plan_file_round_trip_and_validation(model_and_windows, tmp_path):
     _, model, adapter, windows = model_and_windows
     layers = prunable_layers(model, adapter)
     plan = allocate(model, adapter, "owl", Unstructured(0.7), windows=windows)
-    plan.save(tmp_path / "plan.json")
-    again = load_plan(tmp_path / "plan.json", layers)
-    assert again.sparsity == plan.sparsity and again.target == 0.7
+    Plan({"sparsity": plan}).save(tmp_path / "plan.json")
+    again = load_plan(tmp_path / "plan.json", layers)["sparsity"]
+    assert again.values == plan.values and again.target == 0.7
 
     data = json.loads((tmp_path / "plan.json").read_text())
-    data["sparsity"]["model.layers.9.mlp.up_proj"] = 0.5
+    data["axes"]["sparsity"]["sparsity"]["model.layers.9.mlp.up_proj"] = 0.5
     (tmp_path / "unknown.json").write_text(json.dumps(data))
     with pytest.raises(PrunellaError, match="does not have"):
         load_plan(tmp_path / "unknown.json", layers)
 
-    data = plan.to_json()
+    data = plan.to_json()  # a sparsity plan alone: the first format
     first = next(iter(data["sparsity"]))
     data["sparsity"][first] = 0.0  # no longer sums to the target
     (tmp_path / "off.json").write_text(json.dumps(data))
@@ -268,8 +271,9 @@ def test_plan_file_round_trip_and_validation(model_and_windows, tmp_path):
     nm_plan = allocate(model, adapter, "owl", NM(4, 8), windows=windows)
     data = nm_plan.to_json()
     assert len(set(map(tuple, data["nm"].values()))) > 1  # mixed levels
-    nm_plan.save(tmp_path / "nm.json")
-    assert load_plan(tmp_path / "nm.json", layers).nm == nm_plan.nm
+    Plan({"sparsity": nm_plan}).save(tmp_path / "nm.json")
+    loaded = load_plan(tmp_path / "nm.json", layers)["sparsity"]
+    assert loaded.detail["nm"] == nm_plan.detail["nm"]
     wrong = next(name for name, (n, m) in data["nm"].items() if n != 4)
     data["nm"][wrong] = [8 - data["nm"][wrong][0], 8]  # the level no longer gives its sparsity
     (tmp_path / "contradicts.json").write_text(json.dumps(data))
@@ -314,7 +318,8 @@ def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, caps
     assert code == 0
     report = json.loads((tmp_path / "o" / "prune_report.json").read_text())
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert report["allocation"]["sparsity"] == plan["sparsity"]
+    assert plan["format"] == "prunella-plan/2" and plan["cost"]["bytes"] > 0
+    assert report["plan"]["axes"]["sparsity"]["sparsity"] == plan["axes"]["sparsity"]["sparsity"]
     assert (tmp_path / "o" / "allocation.png").stat().st_size > 1000
 
 
@@ -323,7 +328,7 @@ def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, caps
     [
         (["--allocation", "nosuchmethod"], "unknown allocation 'nosuchmethod'"),
         (["--allocation", "alphapruning", "--allocation-opt", "lam=0.1"], "no option 'lam'"),
-        (["--allocation", "owl", "--allocation-opt", "lam=2"], "option 'lam' must be in [0, 1)"),
+        (["--allocation", "owl", "--allocation-opt", "spread=2"], "'spread' must be in [0, 1)"),
         (["--allocation", "owl", "--allocation-opt", "lam"], "KEY=VALUE"),
         (["--solver", "sparsegpt", "--solver-opt", "blocksize=x"], "must be int"),
         (["--allocation", "owl", "--granularity", "row"], "granularity"),
@@ -353,5 +358,14 @@ def test_cli_allocation_errors(model_and_windows, tmp_path, capsys, argv, needle
 
 
 def test_plan_patterns():
-    plan = Plan(target=0.5, sparsity={"a": 0.5}, nm={"a": [3, 8]})
-    assert plan.patterns() == {"a": NM(3, 8)}
+    plan = AxisPlan("sparsity", 0.5, {"a": 0.625}, detail={"nm": {"a": [3, 8]}})
+    assert levels(plan, {"a": (4, 8)}) == {"a": NM(3, 8)}
+
+
+def test_a_former_option_name_is_taken_with_a_notice(model_and_windows, capsys):
+    _, model, adapter, windows = model_and_windows
+    old = allocate(model, adapter, "owl", Unstructured(0.7), windows=windows, options={"lam": 0.1})
+    new = allocate(model, adapter, "owl", Unstructured(0.7), windows=windows,
+                   options={"spread": 0.1})  # fmt: skip
+    assert old.values == new.values and old.params["spread"] == 0.1
+    assert "option 'lam' is now 'spread'" in capsys.readouterr().err

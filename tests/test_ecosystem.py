@@ -377,7 +377,10 @@ def test_readme_python_example(tiny_llama, tmp_path):
         seqlen=64,
         progress=False,
     )
-    assert abs(report["sparsity"] - 0.7) < 1e-4 and report["allocation"]["method"] == "owl"
+    assert (
+        abs(report["sparsity"] - 0.7) < 1e-4
+        and report["plan"]["axes"]["sparsity"]["method"] == "owl"
+    )
     out = prunella.save(model, tmp_path / "out", report)
     assert (out / "report.html").is_file()
     result = prunella.evaluate(

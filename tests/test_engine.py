@@ -16,7 +16,8 @@ from prunella.engine.adapters import adapter_for, get_weight
 from prunella.engine.prune import prune_blocks
 from prunella.engine.stats import COL_NORMS
 from prunella.engine.store import MemoryStore
-from prunella.methods.sparsity import get_solver
+from prunella.methods.rows import get_rows
+from prunella.methods.sparsity import Pruner, get_solver
 from prunella.methods.sparsity.patterns import NM, Unstructured
 from prunella.registry import Method
 
@@ -39,15 +40,24 @@ def windows(tiny_llama):
 HALF = Unstructured(0.5)
 
 
+def pruner(solver="wanda"):
+    """The sparsity axis's compressor: ``solver`` (a name or a method) with uniform rows."""
+    solver = get_solver(solver) if isinstance(solver, str) else solver
+    return Pruner(solver, {}, get_rows("uniform"), {})
+
+
+def sparsity_levels(patterns: dict) -> dict:
+    return {name: {"sparsity": pattern} for name, pattern in patterns.items()}
+
+
 def run(model, windows, solver="wanda", pattern=HALF, batch_size=2, **kw):
     adapter = adapter_for(model)
     patterns = {name: pattern for name in prunable_layers(model, adapter)}
-    solver = get_solver(solver) if isinstance(solver, str) else solver
     return prune_blocks(
         MemoryStore(model, adapter),
         windows,
-        patterns,
-        solver,
+        sparsity_levels(patterns),
+        [pruner(solver)],
         device=torch.device("cpu"),
         dtype=torch.float32,
         batch_size=batch_size,
@@ -122,8 +132,8 @@ def test_only_planned_layers_are_pruned(llama, windows):
     prune_blocks(
         MemoryStore(llama, adapter),
         windows,
-        patterns,
-        get_solver("wanda"),
+        sparsity_levels(patterns),
+        [pruner("wanda")],
         device=torch.device("cpu"),
         dtype=torch.float32,
         batch_size=3,

@@ -206,7 +206,7 @@ def test_expert_granularity_gives_each_expert_its_own_sparsity_and_usage_orders_
         src, sparsity=0.6, allocation="expert_usage", granularity="expert",
         nsamples=4, seqlen=64, progress=False,
     )  # fmt: skip
-    plan = report["allocation"]
+    plan = report["plan"]["axes"]["sparsity"]
     assert plan["granularity"] == "expert" and report["sparsity"] == pytest.approx(0.6, abs=1e-4)
     # one unit per expert, plus the rest of each block (attention, shared expert, router-free)
     assert set(plan["metric"]) == {
@@ -241,7 +241,7 @@ def test_any_allocation_method_works_per_expert(tmp_path, tokenizer_dir):
             src, sparsity=0.5, allocation=method, granularity="expert", solver="wanda",
             nsamples=4, seqlen=32, progress=False,
         )  # fmt: skip
-        sparsity = report["allocation"]["sparsity"]
+        sparsity = report["plan"]["axes"]["sparsity"]["sparsity"]
         assert report["sparsity"] == pytest.approx(0.5, abs=1e-4), method
         experts = {n.rsplit(".", 1)[0] for n in sparsity if expert_of(n)}
         assert len(experts) == 3 * 4

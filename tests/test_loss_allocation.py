@@ -13,9 +13,8 @@ from prunella.engine.adapters import adapter_for, get_weight
 from prunella.engine.gradients import block_gradients
 from prunella.engine.store import MemoryStore, open_store
 from prunella.errors import PrunellaError
-from prunella.methods import allocation
-from prunella.methods.allocation import ecoflap, get_method
-from prunella.methods.allocation.ecoflap import direction, ecoflap_sparsities, zo_directional
+from prunella.methods.allocation import ecoflap
+from prunella.methods.allocation.ecoflap import direction, ecoflap_ratios, zo_directional
 from prunella.methods.allocation.layerif import datainf_influence, pieces, savgol
 from prunella.methods.allocation.lua import ce_threshold_grads, hard_kept, row_ranks, soft_mask
 from prunella.methods.sparsity.patterns import NM, Unstructured
@@ -57,16 +56,30 @@ def autograd_grads(model, adapter, ids: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 def plan_for(model, adapter, method, pattern, ids, options=None, **kwargs):
-    chosen = get_method(method)
-    return allocation.allocate(
-        MemoryStore(model, adapter), chosen, chosen.resolve(options), pattern, windows=ids,
-        device=CPU, dtype=torch.float32, progress=False, **kwargs,
-    )  # fmt: skip
+    """The sparsity plan of ``method`` for an in-memory model, on the CPU in float32."""
+    import prunella
+
+    target = (
+        {"sparsity": pattern.sparsity}
+        if isinstance(pattern, Unstructured)
+        else {"pattern": str(pattern)}
+    )
+    return prunella.allocate(
+        model, calibration=ids, allocation={"name": method, "options": options or {}},
+        device="cpu", compute_dtype="float32", progress=False, **target, **kwargs,
+    )["sparsity"]  # fmt: skip
+
+
+def save(plan, path) -> None:
+    """A sparsity plan written as a plan file."""
+    from prunella import Plan
+
+    Plan({"sparsity": plan}).save(path)
 
 
 def budget(plan, model, adapter) -> float:
     sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
-    return sum(plan.sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    return sum(plan.values[n] * sizes[n] for n in sizes) / sum(sizes.values())
 
 
 # --- ECoFLaP ------------------------------------------------------------------
@@ -77,8 +90,8 @@ def test_zeroth_order_estimate_equals_autograd_directional_derivative(family):
     model, adapter = tiny(family)
     ids = windows(4)
     eps = 1e-3
-    g = zo_directional(MemoryStore(model, adapter), ids, eps=eps, batch=2, device=CPU,
-                       progress=False)  # fmt: skip
+    g = zo_directional(MemoryStore(model, adapter), ids, mu=eps, batch=2, perturb="matrix",
+                       seed=0, device=CPU, progress=False)  # fmt: skip
     names = list(adapter.layers(model))
     assert list(g) == names
     estimates, exact = [], []
@@ -98,7 +111,7 @@ def test_zeroth_order_block_perturbation_and_model_untouched():
     model, adapter = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = windows(2)
-    g = zo_directional(MemoryStore(model, adapter), ids, eps=1e-3, batch=2, perturb="block",
+    g = zo_directional(MemoryStore(model, adapter), ids, mu=1e-3, batch=2, perturb="block", seed=0,
                        device=CPU, progress=False)  # fmt: skip
     assert list(g) == [f"model.layers.{i}" for i in range(3)]
     grads = autograd_grads(model, adapter, ids)
@@ -116,10 +129,10 @@ def test_zeroth_order_block_perturbation_and_model_untouched():
 def test_ecoflap_mapping_is_proportional_with_the_cap_and_exact():
     sizes = torch.tensor([100.0, 100.0, 200.0, 100.0])
     score = torch.tensor([1.0, 2.0, 0.5, 40.0])
-    s = ecoflap_sparsities(score, 0.7, sizes, gap=0.1)
+    s = ecoflap_ratios(score, 0.7, sizes, gap=0.1)
     assert ((1 - s) * sizes).sum().item() == pytest.approx(0.3 * sizes.sum().item())
     assert (s <= 0.8 + 1e-9).all()  # the cap: at most target + gap
-    s = ecoflap_sparsities(score, 0.7, sizes, gap=0.25)
+    s = ecoflap_ratios(score, 0.7, sizes, gap=0.25)
     keep = (1 - s) * sizes
     assert keep.sum().item() == pytest.approx(0.3 * sizes.sum().item())
     assert s[3].item() == pytest.approx(0.0)  # the top score is dense, its overflow re-shared
@@ -137,14 +150,14 @@ def test_ecoflap_plan_exact_for_unstructured_and_nm_and_layers():
         plan = plan_for(model, adapter, "ecoflap", pattern, ids, {"batch": 2},
                         granularity=granularity)  # fmt: skip
         if isinstance(pattern, NM):
-            assert set(plan.nm[n][1] for n in plan.nm) == {8}
+            assert set(plan.detail["nm"][n][1] for n in plan.detail["nm"]) == {8}
             assert budget(plan, model, adapter) == pytest.approx(0.5, abs=0.07)
         else:
             sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
-            pruned = sum(round(plan.sparsity[n] * sizes[n]) for n in sizes)
+            pruned = sum(round(plan.values[n] * sizes[n]) for n in sizes)
             assert pruned == round(pattern.sparsity * sum(sizes.values()))
         assert plan.method == "ecoflap" and plan.metric_name == "zo_grad"
-        assert len(plan.metric) == (3 if granularity == "block" else len(plan.sparsity))
+        assert len(plan.metric) == (3 if granularity == "block" else len(plan.values))
 
 
 def test_ecoflap_streams_as_it_runs_in_memory(tmp_path, tokenizer_dir, monkeypatch):
@@ -153,10 +166,18 @@ def test_ecoflap_streams_as_it_runs_in_memory(tmp_path, tokenizer_dir, monkeypat
     results = []
     for offload in ("none", "disk"):
         store, _ = open_store(path, offload)
-        results.append(zo_directional(store, ids, eps=1e-2, batch=2, device=CPU, progress=False))
+        results.append(
+            zo_directional(
+                store, ids, mu=1e-2, batch=2, perturb="matrix", seed=0, device=CPU, progress=False
+            )
+        )
     monkeypatch.setattr(ecoflap, "STREAM_BYTES", 1)  # one source block per sweep
     store, _ = open_store(path, "disk")
-    results.append(zo_directional(store, ids, eps=1e-2, batch=2, device=CPU, progress=False))
+    results.append(
+        zo_directional(
+            store, ids, mu=1e-2, batch=2, perturb="matrix", seed=0, device=CPU, progress=False
+        )
+    )
     for name in results[0]:
         for other in results[1:]:
             assert results[0][name] == pytest.approx(other[name], rel=1e-4, abs=1e-6)
@@ -262,20 +283,18 @@ def test_savgol_matches_the_published_coefficients_and_keeps_cubics():
 def test_layerif_plan_splits_the_text_and_meets_the_budget():
     model, adapter = tiny()
     ids = windows(4, seqlen=32)
-    plan = plan_for(model, adapter, "layerif", Unstructured(0.7), ids, {"seqlen": 16, "smooth": 0})
+    plan = plan_for(model, adapter, "layerif", Unstructured(0.7), ids, {"length": 16, "smooth": 0})
     sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
-    assert sum(round(plan.sparsity[n] * sizes[n]) for n in sizes) == round(
-        0.7 * sum(sizes.values())
-    )
+    assert sum(round(plan.values[n] * sizes[n]) for n in sizes) == round(0.7 * sum(sizes.values()))
     assert plan.metric_name == "influence" and len(plan.metric) == 3
     order = sorted(plan.metric, key=plan.metric.get)  # higher influence, more sparsity
-    block = {u: plan.sparsity[f"{u}.mlp.up_proj"] for u in plan.metric}
+    block = {u: plan.values[f"{u}.mlp.up_proj"] for u in plan.metric}
     assert block[order[0]] < block[order[-1]]
     assert pieces(ids, 16).shape == (8, 16)
     with pytest.raises(PrunellaError, match="at least 2 training"):
-        plan_for(model, adapter, "layerif", Unstructured(0.7), ids[:1], {"seqlen": 32})
+        plan_for(model, adapter, "layerif", Unstructured(0.7), ids[:1], {"length": 32})
     with pytest.raises(PrunellaError, match="longer than the calibration windows"):
-        plan_for(model, adapter, "layerif", Unstructured(0.7), ids, {"seqlen": 64})
+        plan_for(model, adapter, "layerif", Unstructured(0.7), ids, {"length": 64})
 
 
 # --- Lua-LLM ------------------------------------------------------------------
@@ -322,12 +341,12 @@ def test_lua_plan_has_exact_row_budgets_that_the_solvers_honour(tmp_path):
     ids = windows(4)
     plan = plan_for(model, adapter, "lua", Unstructured(0.6), ids, {"steps": 4, "lr": 0.05})
     sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
-    assert sum(sum(plan.rows[n]) for n in sizes) == round(0.6 * sum(sizes.values()))
-    assert len({round(plan.sparsity[n], 3) for n in sizes}) > 1  # learned, not uniform
+    assert sum(sum(plan.detail["rows"][n]) for n in sizes) == round(0.6 * sum(sizes.values()))
+    assert len({round(plan.values[n], 3) for n in sizes}) > 1  # learned, not uniform
     for n, (rows, cols) in adapter.layers(model).items():
-        assert len(plan.rows[n]) == rows
-        assert sum(plan.rows[n]) == round(plan.sparsity[n] * rows * cols)
-    plan.save(tmp_path / "plan.json")
+        assert len(plan.detail["rows"][n]) == rows
+        assert sum(plan.detail["rows"][n]) == round(plan.values[n] * rows * cols)
+    save(plan, tmp_path / "plan.json")
     for solver in ("wanda", "sparsegpt"):
         pruned, _ = prunella.prune(
             tiny()[0], sparsity=0.6, solver=solver, allocation=tmp_path / "plan.json",
@@ -336,9 +355,9 @@ def test_lua_plan_has_exact_row_budgets_that_the_solvers_honour(tmp_path):
         for i, block in enumerate(adapter.blocks(pruned)):
             for local, layer in adapter.linears(block).items():
                 zeros = (get_weight(layer) == 0).sum(1).tolist()
-                assert zeros == plan.rows[f"model.layers.{i}.{local}"], (solver, local)
+                assert zeros == plan.detail["rows"][f"model.layers.{i}.{local}"], (solver, local)
     nm = plan_for(model, adapter, "lua", NM(4, 8), ids, {"steps": 2})
-    assert nm.rows is None and {v[1] for v in nm.nm.values()} == {8}
+    assert "rows" not in nm.detail and {v[1] for v in nm.detail["nm"].values()} == {8}
 
 
 def test_gradients_with_swapped_weights_stream_as_in_memory(tmp_path, tokenizer_dir):
@@ -365,7 +384,7 @@ def test_gradients_with_swapped_weights_stream_as_in_memory(tmp_path, tokenizer_
 def test_fitted_row_budgets_stay_within_the_clamp():
     """Rows clamped at the bounds keep whole counts within them (the leftover weights go
     only to rows with room), and the total is exact."""
-    from prunella.methods.allocation import fit_budget
+    from prunella.methods.plan import fit_budget
 
     sizes = torch.full((1000,), 576.0)
     raw = torch.linspace(0.5, 1.2, 1000, dtype=torch.float64)
@@ -380,7 +399,7 @@ def test_a_row_plan_is_refused_for_an_nm_pattern(tmp_path):
 
     model, adapter = tiny()
     plan = plan_for(model, adapter, "lua", Unstructured(0.5), windows(2), {"steps": 1})
-    plan.save(tmp_path / "plan.json")
+    save(plan, tmp_path / "plan.json")
     import prunella
 
     with pytest.raises(Error, match="per-row budgets, which a 2:4 pattern cannot honour"):

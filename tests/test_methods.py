@@ -46,9 +46,9 @@ def test_every_method_declares_its_options_and_paper():
 def test_recipe_resolves_method_options_and_names_bad_keys():
     recipe = build(solver="sparsegpt", solver_options={"percdamp": "0.05"})
     assert recipe.solver.options == {"blocksize": 128, "percdamp": 0.05}
-    assert build(allocation={"name": "owl", "options": {"lam": 0.1}}).allocation.options == {
+    assert build(allocation={"name": "owl", "options": {"spread": 0.1}}).allocation.options == {
         "outlier_m": 5.0,
-        "lam": 0.1,
+        "spread": 0.1,
     }
     with pytest.raises(PrunellaError, match="solver 'wanda' has no option 'percdamp'"):
         build(solver="wanda", solver_options={"percdamp": 0.1})
@@ -76,11 +76,11 @@ def test_methods_command_lists_options_defaults_and_papers(capsys):
     sparsegpt = {o["name"]: o for o in solvers["sparsegpt"]["options"]}
     assert sparsegpt["percdamp"]["default"] == 0.01 and "SparseGPT" in solvers["sparsegpt"]["paper"]
     allocations = {m["name"]: m for m in listing["allocation"]}
-    assert {o["name"] for o in allocations["owl"]["options"]} == {"outlier_m", "lam"}
+    assert {o["name"] for o in allocations["owl"]["options"]} == {"outlier_m", "spread"}
     assert "Random Pruning" in allocations["erk"]["paper"]
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
-    assert "--solver-opt KEY=VALUE" in text and "lam (float, default 0.08" in text
+    assert "--solver-opt KEY=VALUE" in text and "spread (float, default 0.08" in text
 
 
 def test_solver_options_reach_the_solver(tiny_llama, tmp_path):
@@ -125,7 +125,7 @@ def test_random_pruning_with_erk_composes_and_meets_the_budget(tiny_llama):
         seqlen=32,
         progress=False,
     )
-    layers = report["allocation"]["sparsity"]
+    layers = report["plan"]["axes"]["sparsity"]["sparsity"]
     sizes = {r["name"]: r["shape"][0] * r["shape"][1] for r in report["layers"]}
     zeros = sum((get_weight(model.get_submodule(n)) == 0).sum().item() for n in layers)
     assert zeros == round(0.7 * sum(sizes.values()))  # exactly the budget
@@ -173,15 +173,17 @@ PLUGIN = {
         """The last block gets the most sparsity (a test method)."""
         import torch
 
+        from prunella.methods.allocation.run import Scores
+
         PAPER = "a test package"
         NEEDS = frozenset()
         OPTIONS = ()
         METRIC = "block_position"
 
-        def unit_metric(layers, **_):
-            return float(len(layers))
+        def allocate(run):
+            return Scores(run.per_unit(lambda layers: float(len(layers))))
 
-        def sparsities(metric, target, sizes, **_):
+        def ratios(metric, target, sizes, **_):
             return target + torch.linspace(-0.1, 0.1, len(metric), dtype=metric.dtype)
     ''',
 }
@@ -250,7 +252,7 @@ def test_third_party_methods_register_through_entry_points(tiny_llama, tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "prune_report.json").read_text())
     assert report["solver"] == "keepfirst" and report["solver_options"] == {"scale": 2.0}
-    per_block = report["allocation"]["sparsity"]
+    per_block = report["plan"]["axes"]["sparsity"]["sparsity"]
     assert per_block["model.layers.2.mlp.up_proj"] > per_block["model.layers.0.mlp.up_proj"]
     weights = all_weights(out)
     w = weights["model.layers.0.mlp.up_proj.weight"]

@@ -21,13 +21,15 @@ from prunella.engine.adapters import get_weight
 from prunella.engine.store import MemoryStore
 from prunella.errors import PrunellaError
 from prunella.io.models import load
-from prunella.methods.allocation import dsa
+from prunella.methods import AXES
+from prunella.methods.allocation import ALLOCATIONS, dsa
 from prunella.methods.allocation.evopress import mutate
-from prunella.methods.search import SearchRun, levels_for_sparsities, unit_levels
+from prunella.methods.allocation.run import AllocationRun
+from prunella.methods.search import levels_for_ratios, open_database, search_ladder, unit_levels
 from prunella.methods.search.fitness import KLFitness
 from prunella.methods.search.levels import make_ladder
-from prunella.methods.sparsity import get_solver
 from prunella.methods.sparsity.patterns import NM, Unstructured
+from prunella.recipe import build
 from prunella.report.evaluation import perplexity
 
 CPU = torch.device("cpu")
@@ -45,17 +47,30 @@ def windows_for(model, count=6, seqlen=32, seed=0):
 
 
 def search_run(model, adapter, pattern, windows, granularity="block", solver="sparsegpt"):
-    return SearchRun(
-        MemoryStore(model, adapter), windows, pattern, get_solver(solver), {}, granularity,
-        0.0, 0.99, CPU, torch.float32, 2, False,
+    """The run object an EvoPress search of ``model`` gets (on the CPU, float32)."""
+    target = (
+        {"sparsity": pattern.sparsity}
+        if isinstance(pattern, Unstructured)
+        else {"pattern": str(pattern)}
+    )
+    recipe = build(**target, solver=solver, granularity=granularity, allocation="evopress")
+    method = ALLOCATIONS.get("evopress")
+    return AllocationRun(
+        MemoryStore(model, adapter), windows, recipe, AXES, AXES.budgets(recipe), method,
+        method.defaults(), CPU, torch.float32, 2, False,
     )  # fmt: skip
+
+
+def ladder_and_database(run, levels: int = 4):
+    ladder = search_ladder(run, levels)
+    return ladder, open_database(run, ladder, Path(os.environ["PRUNELLA_HOME"]))[0]
 
 
 def plan_of(path, method, pattern, options, granularity="block"):
     model, _, _, adapter = load(path)
     return allocate(
         model, adapter, method, pattern, windows=windows_for(model), options=options,
-        granularity=granularity, batch_size=2, solver=get_solver("sparsegpt"), solver_options={},
+        granularity=granularity, batch_size=2, solver="sparsegpt",
     )  # fmt: skip
 
 
@@ -101,12 +116,12 @@ def test_level_switch_mutation_keeps_the_budget_exactly():
     assert moved > 0
 
 
-def test_levels_for_sparsities_keeps_the_budget_and_follows_the_wish():
+def test_levels_for_ratios_keeps_the_budget_and_follows_the_wish():
     sizes = {f"b{b}.{k}": s for b in range(4) for k, s in (("q", 4096), ("mlp", 16384))}
     ladder = make_ladder(sizes, Unstructured(0.5), hidden_size=64)
     units = {f"b{b}": [f"b{b}.q", f"b{b}.mlp"] for b in range(4)}
     wish = {"b0": 0.40, "b1": 0.45, "b2": 0.55, "b3": 0.60}
-    levels = levels_for_sparsities(ladder, units, wish)
+    levels = levels_for_ratios(ladder, units, wish)
     assert sum(ladder.pruned(n, levels[n]) for n in sizes) == sum(
         ladder.pruned(n, 0) for n in sizes
     )
@@ -123,9 +138,9 @@ def test_levels_for_sparsities_keeps_the_budget_and_follows_the_wish():
 def test_database_levels_are_the_solver_at_each_level_and_are_reused(tiny_llama):
     model, _, _, adapter = load(tiny_llama)
     run = search_run(model, adapter, Unstructured(0.5), windows_for(model))
-    ladder = run.ladder(4)
+    ladder = search_ladder(run, 4)
     folder = Path(os.environ["PRUNELLA_HOME"])
-    database, key = run.database(ladder, folder)
+    database, key = open_database(run, ladder, folder)
     name = ladder.names[0]
     for level in ladder.levels(name):
         w = database.weight(name, level)
@@ -135,7 +150,7 @@ def test_database_levels_are_the_solver_at_each_level_and_are_reused(tiny_llama)
     (database.folder / "complete").unlink()
     lost = database.folder / "layers" / f"{ladder.names[-1]}.safetensors"
     lost.unlink()
-    again, key2 = run.database(ladder, folder)
+    again, key2 = open_database(run, ladder, folder)
     assert key2 == key and lost.exists()
     kept = {p: p.stat().st_mtime_ns for p in (again.folder / "layers").iterdir() if p != lost}
     assert kept == {p: t for p, t in stamp.items() if p != lost}  # only the lost one rebuilt
@@ -149,7 +164,7 @@ def test_kl_fitness_equals_the_kl_of_the_stitched_model(family, tmp_path, tokeni
     model, _, _, adapter = load(build_checkpoint(tmp_path / family, family, tokenizer_dir))
     windows = windows_for(model)
     run = search_run(model, adapter, Unstructured(0.6), windows)
-    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_HOME"]))
+    _, database = ladder_and_database(run)
     ladder = database.ladder
     levels = {n: (i % 3) - 1 for i, n in enumerate(ladder.names)}
     levels = {n: max(ladder.low[n], min(ladder.high[n], v)) for n, v in levels.items()}
@@ -179,11 +194,11 @@ def test_evopress_is_seeded_and_exact_to_the_budget(tiny_llama, granularity, tmp
     a = plan_of(tiny_llama, "evopress", Unstructured(0.6), options, granularity)
     b = plan_of(tiny_llama, "evopress", Unstructured(0.6),
                 options | {"folder": str(tmp_path / "other")}, granularity)  # fmt: skip
-    assert a.sparsity == b.sparsity  # a fresh storage, the same search
+    assert a.values == b.values  # a fresh storage, the same search
     sizes = {n: r * c for n, (r, c) in load(tiny_llama)[3].layers(load(tiny_llama)[0]).items()}
-    pruned = sum(a.sparsity[n] * sizes[n] for n in sizes)
+    pruned = sum(a.values[n] * sizes[n] for n in sizes)
     assert abs(pruned - 0.6 * sum(sizes.values())) <= len(sizes)
-    assert len(set(a.sparsity.values())) > 1  # it moved away from uniform
+    assert len(set(a.values.values())) > 1  # it moved away from uniform
     search = a.params["search"]
     assert search["evaluations"] >= 30
     assert search["curve"] and all(kl >= 0 for _, kl in search["curve"])
@@ -196,23 +211,23 @@ def test_a_search_gives_each_expert_one_sparsity(tmp_path, tokenizer_dir):
     plan = plan_of(moe, "evopress", Unstructured(0.6), SMALL | {"evaluations": 12}, "expert")
     model, _, _, adapter = load(moe)
     sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
-    assert abs(sum(plan.sparsity[n] * sizes[n] for n in sizes) - 0.6 * sum(sizes.values())) <= len(
+    assert abs(sum(plan.values[n] * sizes[n] for n in sizes) - 0.6 * sum(sizes.values())) <= len(
         sizes
     )
     experts = {n.rsplit(".", 1)[0] for n in sizes if ".experts." in n}
     assert len(experts) == 3 * 4
     for expert in experts:
-        values = [plan.sparsity[f"{expert}.{p}"] for p in ("gate_proj", "up_proj", "down_proj")]
+        values = [plan.values[f"{expert}.{p}"] for p in ("gate_proj", "up_proj", "down_proj")]
         assert max(values) - min(values) < 0.05  # one ladder level per unit, to whole weights
 
 
 def test_evopress_mixes_nm_levels(tiny_llama):
     plan = plan_of(tiny_llama, "evopress", NM(4, 8), SMALL | {"evaluations": 30}, "layer")
-    assert plan.nm is not None and all(m == 8 for _, m in plan.nm.values())
-    assert len({n for n, _ in plan.nm.values()}) > 1
+    nm = plan.detail["nm"]
+    assert all(m == 8 for _, m in nm.values()) and len({n for n, _ in nm.values()}) > 1
     model, _, _, adapter = load(tiny_llama)
     sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
-    mean = sum(plan.sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    mean = sum(plan.values[n] * sizes[n] for n in sizes) / sum(sizes.values())
     assert mean == pytest.approx(0.5, abs=1e-9)
 
 
@@ -220,7 +235,7 @@ def test_tpe_is_seeded_and_starts_from_uniform(tiny_llama, tmp_path):
     options = {"evaluations": 8, "tokens": 64, "startup": 3, "seed": 1}
     a = plan_of(tiny_llama, "tpe", Unstructured(0.6), options)
     b = plan_of(tiny_llama, "tpe", Unstructured(0.6), options | {"folder": str(tmp_path / "b")})
-    assert a.sparsity == b.sparsity
+    assert a.values == b.values
     curve = a.params["search"]["curve"]
     assert len(curve) >= 8 and [kl for _, kl in curve] == sorted((kl for _, kl in curve),
                                                                     reverse=True)  # fmt: skip
@@ -241,7 +256,7 @@ def test_dsa_formula_grammar_and_value():
     assert dsa.dsa_value(dsa.parse_formula(dsa.PUBLISHED), x, 1000) == pytest.approx(expected)
     # a value outside asin's domain counts as 0, as in the reference
     assert dsa.dsa_value((("NO_OP",), "MEAN", ("ASIN",)), torch.full((10,), 5.0), 10) == 0.0
-    s = dsa.dsa_sparsities(torch.tensor([0.2, 0.5, 1.0, 0.9]), 0.7, lam=0.08)
+    s = dsa.dsa_ratios(torch.tensor([0.2, 0.5, 1.0, 0.9]), 0.7, spread=0.08)
     assert s.mean().item() == pytest.approx(0.7)
     assert (s.max() - s.min()).item() == pytest.approx(0.16)
     assert s.argmax().item() == 2  # a higher value is pruned more
@@ -257,7 +272,7 @@ def test_dsa_searches_a_formula_and_validates_it_on_held_out_windows(tiny_llama)
     assert search["held_out_kl"] > 0 and search["held_out_kl_uniform"] > 0
     # the formula found, applied without a search, gives the same plan
     again = plan_of(tiny_llama, "dsa", Unstructured(0.6), {"formula": formula})
-    assert again.sparsity == plan.sparsity
+    assert again.values == plan.values
 
 
 def test_a_search_needs_calibration_windows(tiny_llama):
@@ -317,7 +332,7 @@ def test_a_sigkilled_search_resumes_to_the_same_plan(tiny_llama, tmp_path):
     clean = dict(os.environ, PRUNELLA_HOME=str(tmp_path / "clean"))
     subprocess.run(allocate_command(tiny_llama, tmp_path / "b.json"), env=clean, check=True)
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert a["sparsity"] == b["sparsity"]
+    assert a["axes"]["sparsity"]["sparsity"] == b["axes"]["sparsity"]["sparsity"]
 
 
 def test_workers_on_postgresql_share_one_study(tiny_llama, tmp_path, postgres_url):
@@ -349,7 +364,7 @@ def test_workers_on_postgresql_share_one_study(tiny_llama, tmp_path, postgres_ur
     assert coordinator.wait(timeout=300) == 0
     out_text, _ = workers[0].communicate(timeout=60)
     assert "evaluated" in out_text
-    plan = json.loads(out.read_text())
+    plan = json.loads(out.read_text())["axes"]["sparsity"]
     trials = study.get_trials(deepcopy=False)
     by = {t.user_attrs.get("worker", "").split(":")[-1] for t in trials
           if t.state == optuna.trial.TrialState.COMPLETE}  # fmt: skip
@@ -370,7 +385,7 @@ def test_prune_with_a_search_reports_its_curve(tiny_llama, tmp_path):
     ])  # fmt: skip
     assert code == 0
     report = json.loads((out / "prune_report.json").read_text())
-    search = report["allocation"]["params"]["search"]
+    search = report["plan"]["axes"]["sparsity"]["params"]["search"]
     assert search["evaluations"] >= 12 and search["curve"]
     assert report["sparsity"] == pytest.approx(0.6, abs=1e-4)
     html = (out / "report.html").read_text()
@@ -385,7 +400,7 @@ def test_kl_fitness_streams_blocks_from_disk_with_the_same_value(tiny_llama):
     model, _, _, adapter = load(tiny_llama)
     windows = windows_for(model)
     run = search_run(model, adapter, Unstructured(0.6), windows)
-    database, _ = run.database(run.ladder(4), Path(os.environ["PRUNELLA_HOME"]))
+    _, database = ladder_and_database(run)
     levels = {n: database.ladder.high[n] for n in database.ladder.names}
     in_memory = KLFitness(run.store, windows, database, device=CPU, dtype=torch.float32,
                           batch_size=2)(levels, [0, 2])  # fmt: skip

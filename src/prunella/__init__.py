@@ -1,18 +1,21 @@
-"""Prunella: one-shot pruning of causal language models, and where the sparsity goes."""
+"""Prunella: one-shot compression of causal language models, and where it goes."""
 
-from .api import evaluate, prune, prune_to_dir
+from .api import allocate, evaluate, prune, prune_to_dir
 from .api import load_model as load
 from .errors import PrunellaError
 from .io.export import save
 from .io.pack import pack, unpack
 from .methods.heapr import heapr, heapr_to_dir
+from .methods.plan import Plan
 from .recipe import Recipe
 from .version import __version__
 
 __all__ = [
+    "Plan",
     "PrunellaError",
     "Recipe",
     "__version__",
+    "allocate",
     "evaluate",
     "heapr",
     "heapr_to_dir",

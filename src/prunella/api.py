@@ -19,12 +19,12 @@ import torch
 
 from .errors import PrunellaError
 from .io.models import load
-from .methods.allocation import Plan
-from .pipeline import run
+from .methods.plan import Plan
+from .pipeline import allocate_only, run
 from .recipe import Recipe, build
 from .report.evaluation import evaluate
 
-__all__ = ["evaluate", "load_model", "prune", "prune_to_dir"]
+__all__ = ["allocate", "evaluate", "load_model", "prune", "prune_to_dir"]
 
 
 def prune(
@@ -34,22 +34,19 @@ def prune(
     allocation: str | dict | Plan | Path | None = None,
     tokenizer=None,
     progress: bool = True,
-    solver_options: dict | None = None,
-    allocation_options: dict | None = None,
-    rows_options: dict | None = None,
     **options,
 ) -> tuple[torch.nn.Module, dict]:
     """Prune ``model`` (a checkpoint path, a bundled name, or a loaded HF causal LM) in
     memory; returns the pruned model and the report (a JSON-serialisable dict).
 
     ``options`` are the recipe's (``sparsity``, ``pattern``, ``solver``, ``nsamples``,
-    ``seqlen``, ``passes``, ...); ``solver``, ``allocation`` and ``rows`` are a method's
-    name or ``{"name": ..., "options": {...}}``, and ``solver_options``,
-    ``allocation_options``, ``rows_options`` add options. ``calibration`` is a text
-    source (a file, ``"sample"``, ``"wikitext2"``, ``"c4"``) or ready token windows
-    ``LongTensor[n, seqlen]``; ``allocation`` may also be a :class:`Plan` or the path of
-    a plan file. For a checkpoint on disk, :func:`prune_to_dir` adds resuming and
-    models larger than memory.
+    ``seqlen``, ``passes``, ... and every axis's own); a method field (``solver``,
+    ``allocation``, ``rows``, ...) is a method's name or ``{"name": ..., "options":
+    {...}}``, and ``FIELD_options`` (``solver_options``, ...) adds options.
+    ``calibration`` is a text source (a file, ``"sample"``, ``"wikitext2"``, ``"c4"``) or
+    ready token windows ``LongTensor[n, seqlen]``; ``allocation`` may also be a
+    :class:`Plan` or the path of a plan file. For a checkpoint on disk,
+    :func:`prune_to_dir` adds resuming and models larger than memory.
     """
     if options.get("out") is not None:
         raise PrunellaError(
@@ -67,16 +64,35 @@ def prune(
     loaded = model if isinstance(model, torch.nn.Module) else None
     if loaded is None:
         options["model"] = str(model)
-    recipe = build(
-        solver_options=solver_options,
-        allocation_options=allocation_options,
-        rows_options=rows_options,
-        **options,
-    )
+    recipe = build(**options)
     store, report = run(
         recipe, model=loaded, tokenizer=tokenizer, windows=windows, plan=plan, progress=progress
     )
     return store.model, report
+
+
+def allocate(
+    model,
+    *,
+    calibration: str | Path | torch.Tensor | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    **options,
+) -> Plan:
+    """The plan the recipe's allocation gives ``model`` (a checkpoint path, a bundled
+    name, or a loaded model), without compressing: ``prunella allocate``. ``options``
+    and ``calibration`` are as for :func:`prune`; ``plan.save(path)`` writes it for
+    ``allocation=path``."""
+    windows = calibration if isinstance(calibration, torch.Tensor) else None
+    if calibration is not None and windows is None:
+        options["calib"] = str(calibration)
+    loaded = model if isinstance(model, torch.nn.Module) else None
+    if loaded is None:
+        options["model"] = str(model)
+    plan, _ = allocate_only(
+        build(**options), model=loaded, tokenizer=tokenizer, windows=windows, progress=progress
+    )
+    return plan
 
 
 def prune_to_dir(

@@ -14,3 +14,15 @@ def first_line(exc: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+_noticed: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """Say ``message`` once per process, as one line on stderr (deprecations)."""
+    import sys
+
+    if message not in _noticed:
+        _noticed.add(message)
+        print(f"note: {message}", file=sys.stderr)

@@ -1,12 +1,14 @@
-"""The one pipeline that ``prunella prune``, ``prunella.prune`` and ``prunella.prune_to_dir`` run.
+"""The one pipeline that ``prunella prune``, ``prunella allocate``, ``prunella.prune`` and
+``prunella.prune_to_dir`` run.
 
-    resolve the recipe -> open the store -> calibrate -> allocate -> prune the blocks
-    -> evaluate (optional) -> report -> save
+    resolve the recipe -> open the store -> calibrate -> allocate (the plan, on every
+    axis the recipe asks for) -> compress the blocks -> evaluate (optional) -> report
+    -> save
 
-The store (:mod:`prunella.store`) is chosen once: the whole model in memory, or
+The store (:mod:`prunella.engine.store`) is chosen once: the whole model in memory, or
 one block at a time streamed from the checkpoint; nothing below branches on it.
 With an output folder, progress is kept in ``OUT.partial`` after every block
-(:class:`prunella.store.WorkDir`), and re-running the same recipe continues from
+(:class:`prunella.engine.store.WorkDir`), and re-running the same recipe continues from
 the last finished block, in memory or streamed alike.
 """
 
@@ -26,15 +28,16 @@ from .engine.adapters import block_index
 from .engine.device import pick_device, resolve_compute_dtype
 from .engine.heap import limit_heap_growth
 from .engine.prune import choose_passes, default_batch_size, prune_blocks
+from .engine.stats import WEIGHTS
 from .engine.store import Store, WorkDir, open_store
 from .errors import PrunellaError
 from .io.checkpoint import assert_finite, resolve, scan
 from .io.export import save_store
 from .io.folders import check_disk_space, check_out_dir
-from .methods.allocation import Plan, allocate, get_method, load_plan
-from .methods.rows import get_rows
-from .methods.sparsity import get_solver
-from .methods.sparsity.patterns import Unstructured, parse_pattern
+from .methods import AXES
+from .methods.allocation import ALLOCATIONS
+from .methods.allocation.run import AllocationRun, allocate
+from .methods.plan import Plan, load_plan, plan_cost
 from .recipe import Recipe
 from .report.build import build_report
 from .report.evaluation import evaluate
@@ -70,6 +73,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class Setting:
+    """What a run settles before any weight is compressed: the store and tokenizer, the
+    device, the forward dtype and batch size, and each axis's budget."""
+
+    def __init__(self, recipe: Recipe, store: Store, tokenizer, nsamples: int, seqlen: int):
+        self.store, self.tokenizer = store, tokenizer
+        self.device = pick_device(recipe.device)
+        model_dtype = next(store.model.parameters()).dtype
+        self.dtype = resolve_compute_dtype(model_dtype, self.device, recipe.compute_dtype)
+        self.batch_size = recipe.batch_size or default_batch_size(seqlen, self.device)
+        self.passes = choose_passes(recipe.passes, store.model.config, nsamples, seqlen)
+        self.budgets = AXES.budgets(recipe)
+
+
 def run(
     recipe: Recipe,
     *,
@@ -82,7 +99,8 @@ def run(
     restart: bool = False,
     progress: bool = True,
 ) -> tuple[Store, dict]:
-    """Prune as ``recipe`` says; returns the store (holding the pruned model) and the report.
+    """Compress as ``recipe`` says; returns the store (holding the compressed model) and
+    the report.
 
     ``model`` (a loaded model), ``windows`` (token windows) and ``plan`` stand in for the
     recipe's ``model``, ``calib`` and ``allocation`` when given. With ``recipe.out``
@@ -97,9 +115,8 @@ def run(
         raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
     if resume and restart:
         raise PrunellaError("--resume and --restart exclude each other")
-    pattern = parse_pattern(recipe.pattern, recipe.sparsity)
-    solver = get_solver(recipe.solver.name)
-    dev = pick_device(recipe.device)
+    AXES.budgets(recipe)  # a bad budget stops here
+    pick_device(recipe.device)
     if model is not None and recipe.out is not None:
         raise PrunellaError("a loaded model is pruned in memory: save it with prunella.save")
     out = work = None
@@ -122,16 +139,12 @@ def run(
     if model is not None:
         assert_finite(model)
     timings["load"] = time.perf_counter() - tick
-    config = store.model.config
-    dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, dev, recipe.compute_dtype)
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
-    batch_size = recipe.batch_size or default_batch_size(seqlen, dev)
+    setting = Setting(recipe, store, tokenizer, nsamples, seqlen)
+    dev, dtype = setting.device, setting.dtype
     # resolved, so that a resume (perhaps on another machine) must match them
     recipe = recipe.model_copy(
-        update={
-            "passes": choose_passes(recipe.passes, config, nsamples, seqlen),
-            "compute_dtype": str(dtype).removeprefix("torch."),
-        }
+        update={"passes": setting.passes, "compute_dtype": str(dtype).removeprefix("torch.")}
     )
 
     resuming = False
@@ -151,8 +164,7 @@ def run(
         windows = work.windows()
         if work.has("calibration.json"):
             calib_info = work.load_json("calibration.json")
-        data = work.load_json("plan.json")
-        plan = Plan(**{k: v for k, v in data.items() if k != "format"})
+        plan = Plan.from_json(work.load_json("plan.json"))
         start = work.next_block()
         hidden = work.hidden(start) if start else None
         results = [r for r in work.load_json("results.json") if block_index(r["name"]) < start]
@@ -166,7 +178,7 @@ def run(
         timings["calibration_data"] = time.perf_counter() - tick
         tick = time.perf_counter()
         if plan is None:
-            plan = make_plan(recipe, store, pattern, windows, dev, dtype, batch_size, progress)
+            plan = make_plan(recipe, setting, windows, progress)
         timings["allocation"] = time.perf_counter() - tick
         start, hidden, results = 0, None, []
         if recipe.eval_data is not None:  # before anything is written: bad eval data stops here
@@ -178,26 +190,29 @@ def run(
             work.save_json("calibration.json", calib_info)
             if recipe.eval_data is not None:
                 work.save_json("dense_eval.json", dense_eval)
-    if isinstance(pattern, Unstructured):  # the resolved recipe names the sparsity it used
-        recipe = recipe.model_copy(update={"sparsity": plan.target})
+    for name, axis_plan in plan.axes.items():  # the resolved recipe names what was used
+        recipe = recipe.model_copy(update=AXES.get(name).record(recipe, axis_plan))
 
     def finish_block(i: int, acts, block_results) -> None:
         results.extend(r.as_dict() for r in block_results)
         if work is not None:
             work.save_block(i, store.block_tensors(i), acts.hidden, results)
 
+    shapes = store.layers()
+    per_axis = {name: AXES.get(name).levels(axis, shapes) for name, axis in plan.axes.items()}
+    levels = {layer: {name: per_axis[name][layer] for name in per_axis} for layer in shapes}
+    compressors = [AXES.get(name).compressor(recipe) for name in plan.axes]
+    first = next(iter(levels.values()))
+    level_keys = [k for c in compressors for k in c.describe(first[c.axis])]
     try:
         _, phase_times = prune_blocks(
             store,
             windows,
-            plan.patterns(store.layers()),
-            solver,
+            levels,
+            compressors,
             device=dev,
             dtype=dtype,
-            batch_size=batch_size,
-            solver_options=recipe.solver.options,
-            rows=get_rows(recipe.rows.name),
-            rows_options=recipe.rows.options,
+            batch_size=setting.batch_size,
             one_pass=recipe.passes == 1,
             expert_min_tokens=recipe.expert_min_tokens,
             progress=progress,
@@ -226,7 +241,9 @@ def run(
         model=store.model,
         source=source,
         recipe=recipe,
-        pattern=pattern,
+        axes={
+            name: AXES.get(name).report(recipe, axis, results) for name, axis in plan.axes.items()
+        },
         plan=plan,
         calibration=calib_info,
         windows=windows,
@@ -235,6 +252,7 @@ def run(
         started=started,
         timings=timings,
         results=results,
+        level_keys=level_keys,
         extra=extra,
     )
     if out is not None:
@@ -265,41 +283,56 @@ def calibrate(
     )
 
 
-def make_plan(
-    recipe: Recipe,
-    store: Store,
-    pattern,
-    windows: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_size: int,
-    progress: bool = True,
-) -> Plan:
-    """The plan: read from ``recipe.allocation_file``, or made by the recipe's allocation."""
+def make_plan(recipe: Recipe, setting: Setting, windows, progress: bool = True) -> Plan:
+    """The plan: read from ``recipe.allocation_file``, or made by the recipe's allocation
+    method (the one protocol, :mod:`prunella.methods.allocation.run`); with its cost."""
+    store = setting.store
+    shapes = store.layers()
     if recipe.allocation_file is not None:
-        plan = load_plan(recipe.allocation_file, store.layers(), recipe.sparsity)
-        if plan.rows is not None and not isinstance(pattern, Unstructured):
-            raise PrunellaError(
-                f"allocation file {recipe.allocation_file} gives per-row budgets, "
-                f"which a {pattern} pattern cannot honour"
-            )
-        return plan
-    return allocate(
-        store,
-        get_method(recipe.allocation.name),
-        recipe.allocation.options,
-        pattern,
-        windows=windows,
-        granularity=recipe.granularity,
-        min_sparsity=recipe.min_sparsity,
-        max_sparsity=recipe.max_sparsity,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        progress=progress,
-        solver=get_solver(recipe.solver.name),
-        solver_options=recipe.solver.options,
-    )
+        plan = load_plan(recipe.allocation_file, shapes, AXES.asked(recipe), AXES)
+    else:
+        method = ALLOCATIONS.get(recipe.allocation.name)
+        run = AllocationRun(
+            store, windows, recipe, AXES, setting.budgets, method, recipe.allocation.options,
+            setting.device, setting.dtype, setting.batch_size, progress,
+        )  # fmt: skip
+        plan = allocate(run)
+    element = next(store.model.parameters()).element_size()
+    dense_layers = sum(r * c for r, c in shapes.values()) * element
+    other = _tensor_bytes(store.model) - dense_layers
+    plan.cost = plan_cost(plan, AXES, shapes, element, other, recipe.save_format)
+    return plan
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model saves (tied ones once), loaded or not (meta)."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def allocate_only(
+    recipe: Recipe,
+    *,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    windows: torch.Tensor | None = None,
+    progress: bool = True,
+) -> tuple[Plan, Store]:
+    """``prunella allocate``: the plan the recipe's allocation gives its model (or
+    ``model``, a loaded one), without compressing; calibration windows (``windows``, or
+    drawn from the recipe's text) only when the method reads them."""
+    recipe = recipe.resolved()
+    if recipe.model is None and model is None:
+        raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
+    AXES.budgets(recipe)
+    source = model if model is not None else recipe.model
+    store, tokenizer = open_store(source, recipe.offload, tokenizer=tokenizer)
+    nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
+    setting = Setting(recipe, store, tokenizer, nsamples, seqlen)
+    method = ALLOCATIONS.get(recipe.allocation.name)
+    if recipe.allocation_file is None and method.needs - {WEIGHTS} and windows is None:
+        windows = calibrate(recipe, store, tokenizer)[0]
+    return make_plan(recipe, setting, windows, progress), store
 
 
 def _evaluate(store: Store, tokenizer, recipe: Recipe, device, progress: bool) -> dict:

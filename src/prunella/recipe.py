@@ -1,9 +1,10 @@
 """Recipes: every option of ``prunella prune`` as one validated, serialisable object.
 
 A recipe is YAML (read with ``yaml.safe_load``) whose keys are the long option
-names of ``prunella prune`` with ``_`` for ``-``. The solver and the allocation
-method are each a name and that method's own options (declared by the method's
-module, see :mod:`prunella.registry`); a bare name means the method's defaults::
+names of ``prunella prune`` with ``_`` for ``-``. A field that names a method (the
+allocation; the solver and the row method of the sparsity axis; ...) is a name and
+that method's own options (declared by the method's module, see
+:mod:`prunella.registry`); a bare name means the method's defaults::
 
     model: smollm2-135m
     sparsity: 0.7
@@ -16,128 +17,34 @@ Unknown keys, wrong types and unknown method options are errors that name the
 key. Options given on the command line override the recipe, and every output
 folder holds the fully resolved recipe (``recipe.yaml``) that reproduces the run.
 This class is the one list of options: the CLI's ``prune`` flags, the Python
-API's keyword arguments and the report are all derived from it.
+API's keyword arguments and the report are all derived from it. Its fields are the
+general ones below and every compression axis's own (:mod:`prunella.methods`: the
+sparsity axis brings ``sparsity``, ``pattern``, ``solver``, ``rows``, ...), so an
+axis added as a package brings its flags, keywords and recipe keys with it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import PrunellaError
-from .methods.sparsity.patterns import check_sparsity
+from .methods import AXES
+from .methods.allocation import ALLOCATIONS
+from .registry import MethodChoice, Registry, method_field
 
 RECIPE = "recipe.yaml"
-# the recipe fields that name a method (with its options); see registry()
-METHOD_FIELDS = ("solver", "allocation", "rows")
 
 
-def registry(field: str):
-    """The :class:`~prunella.registry.Registry` of the methods a recipe field names."""
-    from .methods.allocation import ALLOCATIONS
-    from .methods.rows import ROWS
-    from .methods.sparsity import SOLVERS
-
-    return {"solver": SOLVERS, "allocation": ALLOCATIONS, "rows": ROWS}[field]
-
-
-class MethodChoice(BaseModel):
-    """A method by name, with its options (resolved: every option, defaults filled in)."""
+class _Recipe(BaseModel):
+    """What every recipe shares: forbidden extras, the checks, the resolution."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
-class Recipe(BaseModel):
-    """The options of one prune, with their defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="Checkpoint folder, or a bundled name.")
-    out: str | None = Field(None, description="Output folder for the pruned checkpoint.")
-    sparsity: float | None = Field(None, description="Fraction of weights to prune, in [0, 1).")
-    pattern: str = Field("unstructured", description="'unstructured', or N:M such as 2:4.")
-    solver: MethodChoice = Field(
-        MethodChoice(name="sparsegpt"),
-        description="Layer-wise solver (see 'prunella methods').",
-    )
-    allocation: MethodChoice = Field(
-        MethodChoice(name="uniform"),
-        description="Where the sparsity goes (see 'prunella methods').",
-    )
-    rows: MethodChoice = Field(
-        MethodChoice(name="uniform"),
-        description="How each layer's sparsity is spread over its rows (uniform, trim).",
-    )
-    allocation_file: str | None = Field(
-        None, description="A plan from 'prunella allocate --json' (overrides --allocation)."
-    )
-    granularity: Literal["block", "layer", "expert"] = Field(
-        "block",
-        description="One sparsity per block, per layer, or per expert (each expert of a "
-        "mixture of experts, and the rest of its block).",
-    )
-    expert_min_tokens: int = Field(
-        16,
-        ge=0,
-        description="An expert that the router sends fewer calibration tokens than this is "
-        "pruned by magnitude (noted in the report).",
-    )
-    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="Lowest sparsity of any layer.")
-    max_sparsity: float = Field(0.99, ge=0.0, lt=1.0, description="Highest sparsity of any layer.")
-    calib: str = Field(
-        "sample",
-        description="Calibration data: a text, JSONL or Parquet file, a datasets folder, "
-        "'sample' (shipped), wikitext2 or c4.",
-    )
-    text_field: str = Field(
-        "text", description="The text field of JSONL/Parquet/datasets records (or chat messages)."
-    )
-    nsamples: int = Field(128, ge=1, description="Number of calibration windows.")
-    seqlen: int = Field(2048, ge=2, description="Tokens per calibration window.")
-    seed: int = Field(0, description="Seed for drawing the calibration windows.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: int | None = Field(
-        None, ge=1, description="Windows per forward pass (default: 4096 tokens' worth on CPU)."
-    )
-    offload: Literal["auto", "none", "disk"] = Field(
-        "auto",
-        description="none (model in memory), disk (one block at a time), auto (disk when "
-        "the checkpoint allows it and --eval-data is not given).",
-    )
-    passes: Literal["auto", 1, 2] = Field(
-        "auto",
-        description="Forward passes per block: 1, 2 (the papers'), or auto (1 when the "
-        "waiting activations take at most 4 GiB).",
-    )
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="dtype of the calibration forward passes (on a CPU: of their matmuls only).",
-    )
-    save_format: Literal["dense", "packed"] = Field(
-        "dense", description="dense (a plain checkpoint) or packed (sparse-bitmask)."
-    )
-    eval_data: str | None = Field(
-        None, description="Evaluate perplexity before and after pruning on this text."
-    )
-    eval_max_windows: int | None = Field(None, ge=1, description="At most this many eval windows.")
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity_range(cls, value: float | None) -> float | None:
-        return None if value is None else check_sparsity(value)
-
-    @field_validator(*METHOD_FIELDS, mode="before")
-    @classmethod
-    def _bare_name(cls, value):
-        return {"name": value} if isinstance(value, str) else value
-
-    @field_validator("passes", mode="before")
+    @field_validator("passes", mode="before", check_fields=False)
     @classmethod
     def _passes_number(cls, value):
         return int(value) if value in ("1", "2") else value
@@ -145,14 +52,114 @@ class Recipe(BaseModel):
     def resolved(self) -> Recipe:
         """This recipe with the methods' names checked and every option filled in."""
         update = {}
-        for field in METHOD_FIELDS:
+        for field, methods in METHOD_FIELDS.items():
             chosen = getattr(self, field)
-            method = registry(field).get(chosen.name)
+            method = methods.get(chosen.name)
             update[field] = MethodChoice(name=method.name, options=method.resolve(chosen.options))
         return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+FRONT = {
+    "model": (str | None, Field(None, description="Checkpoint folder, or a bundled name.")),
+    "out": (str | None, Field(None, description="Output folder for the compressed checkpoint.")),
+}
+GENERAL = {
+    "allocation": method_field("uniform", "Where the compression goes (see 'prunella methods')."),
+    "allocation_file": (
+        str | None,
+        Field(None, description="A plan from 'prunella allocate --json' (overrides --allocation)."),
+    ),
+    "granularity": (
+        Literal["block", "layer", "expert"],
+        Field(
+            "block",
+            description="One ratio per block, per layer, or per expert (each expert of a "
+            "mixture of experts, and the rest of its block).",
+        ),
+    ),
+    "expert_min_tokens": (
+        int,
+        Field(
+            16,
+            ge=0,
+            description="An expert that the router sends fewer calibration tokens than this is "
+            "compressed without calibration data (noted in the report).",
+        ),
+    ),
+    "calib": (
+        str,
+        Field(
+            "sample",
+            description="Calibration data: a text, JSONL or Parquet file, a datasets folder, "
+            "'sample' (shipped), wikitext2 or c4.",
+        ),
+    ),
+    "text_field": (
+        str,
+        Field(
+            "text",
+            description="The text field of JSONL/Parquet/datasets records (or chat messages).",
+        ),
+    ),
+    "nsamples": (int, Field(128, ge=1, description="Number of calibration windows.")),
+    "seqlen": (int, Field(2048, ge=2, description="Tokens per calibration window.")),
+    "seed": (int, Field(0, description="Seed for drawing the calibration windows.")),
+    "device": (str, Field("auto", description="auto, cpu, cuda or cuda:N.")),
+    "batch_size": (
+        int | None,
+        Field(
+            None, ge=1, description="Windows per forward pass (default: 4096 tokens' worth on CPU)."
+        ),
+    ),
+    "offload": (
+        Literal["auto", "none", "disk"],
+        Field(
+            "auto",
+            description="none (model in memory), disk (one block at a time), auto (disk when "
+            "the checkpoint allows it and --eval-data is not given).",
+        ),
+    ),
+    "passes": (
+        Literal["auto", 1, 2],
+        Field(
+            "auto",
+            description="Forward passes per block: 1, 2 (the papers'), or auto (1 when the "
+            "waiting activations take at most 4 GiB).",
+        ),
+    ),
+    "compute_dtype": (
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Field(
+            "auto",
+            description="dtype of the calibration forward passes (on a CPU: of their matmuls "
+            "only).",
+        ),
+    ),
+    "save_format": (
+        Literal["dense", "packed"],
+        Field("dense", description="dense (a plain checkpoint) or packed (sparse-bitmask)."),
+    ),
+    "eval_data": (
+        str | None,
+        Field(None, description="Evaluate perplexity before and after compression on this text."),
+    ),
+    "eval_max_windows": (
+        int | None,
+        Field(None, ge=1, description="At most this many eval windows."),
+    ),
+}
+# the recipe fields that name a method, with the registry each is looked up in
+METHOD_FIELDS: dict[str, Registry] = {"allocation": ALLOCATIONS, **AXES.method_registries()}
+Recipe = create_model("Recipe", __base__=_Recipe, **FRONT, **AXES.fields(), **GENERAL)
+Recipe.__doc__ = "The options of one run, with their defaults (general and every axis's)."
+
+
+def registry(field: str) -> Registry:
+    """The :class:`~prunella.registry.Registry` of the methods a recipe field names."""
+    return METHOD_FIELDS[field]
 
 
 def _one_line(error: ValidationError, recipe: Path | None) -> PrunellaError:
@@ -201,19 +208,22 @@ def _merge_method(base, name: str | None, options: dict | None, default: str):
 def build(
     file: str | Path | None = None,
     *,
-    solver_options: dict | None = None,
-    allocation_options: dict | None = None,
-    rows_options: dict | None = None,
+    method_options: dict[str, dict] | None = None,
     **overrides,
 ) -> Recipe:
     """A resolved recipe from a YAML file (optional) with ``overrides`` (``None`` = not
-    given) on top; ``solver``/``allocation``/``rows`` may be a name or ``{name,
-    options}``, and ``solver_options``/``allocation_options``/``rows_options`` add
-    options to the chosen method."""
+    given) on top; a method field (``solver``, ``allocation``, ``rows``, ...) may be a
+    name or ``{name, options}``, and ``method_options[field]`` (or the keyword
+    ``FIELD_options``) adds options to the chosen method."""
+    method_options = dict(method_options or {})
+    for field in METHOD_FIELDS:
+        extra = overrides.pop(f"{field}_options", None)
+        if extra:
+            method_options[field] = {**method_options.get(field, {}), **extra}
     values = read_yaml(file) if file is not None else {}
     path = Path(file) if file is not None else None
     given = {key: value for key, value in overrides.items() if value is not None}
-    extra = {"solver": solver_options, "allocation": allocation_options, "rows": rows_options}
+    extra = {f: method_options.get(f) for f in METHOD_FIELDS}
     for key, options in extra.items():
         flag = given.pop(key, None)
         if isinstance(flag, dict | MethodChoice):

@@ -1,26 +1,24 @@
-"""Methods by name: each solver and each allocation method is one module that declares
-its options next to its one function, and a registry binds a name to that module.
+"""Methods by name: each method is one module that declares its options next to its
+function, and a registry binds a name to that module (PEFT's method registry).
 
 A method module declares:
 
 * ``PAPER``   -- the paper it implements, one line;
-* ``NEEDS``   -- the layer statistics it needs (see :mod:`prunella.stats`; an
-  allocation method may also need ``"weights"``);
-* ``OPTIONS`` -- a tuple of :class:`Option` (name, type, default, bounds, one-line help);
+* ``NEEDS``   -- what it reads besides the weights' shapes (:mod:`prunella.engine.stats`:
+  layer statistics, the weights' values, the model's loss, the KL fitness);
+* ``OPTIONS`` -- a tuple of :class:`Option` (name, type, default, bounds, one-line help):
+  the one place an option and its default are written; the method's functions take
+  the options as keyword arguments without defaults, and the registry passes them all;
 
-and its function(s): a solver ``prune(weight, pattern, stats, **options)``
-returning the weight and a dict of facts for the report (a ``"note"`` among them is
-also printed); an allocation method ``unit_metric(layers, **options)`` and
-``sparsities(metric, target, sizes, **options)`` plus ``METRIC`` (the metric's name,
-or ``None``), or a search ``search(run, **options)`` returning the plan it found
-(:mod:`prunella.search`); a row method ``prune(weight, pattern, stats, solve, **options)``.
+and the hooks of its kind (a solver's ``prune``, an allocation's ``allocate``, a row
+method's ``prune``: see :mod:`prunella.methods`). A module may declare ``FALLBACK =
+True``: it is what its registry falls back to where the calibration data is too thin
+(an expert the router sends few tokens).
 
-Built-in methods are listed in ``prunella.solvers``, ``prunella.allocation`` and
-``prunella.rows``; third-party packages add theirs through the entry point groups
-``prunella.solvers``, ``prunella.allocations`` and ``prunella.rows`` (``name =
-"package.module"``).
-Nothing outside a method's module knows its options: the CLI, the recipe, the
-report and the pipeline read them from here.
+Built-in methods are listed in their package's ``__init__``; third-party packages add
+theirs through the entry point groups (``prunella.solvers``, ``prunella.allocations``,
+``prunella.rows``, ...; ``name = "package.module"``). Nothing outside a method's module
+knows its options: the CLI, the recipe, the report and the pipeline read them here.
 """
 
 from __future__ import annotations
@@ -29,9 +27,11 @@ import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
-from .errors import PrunellaError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from .errors import PrunellaError, notice
 
 TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -55,6 +55,7 @@ class Option:
     high_open: bool = False
     choices: tuple | None = None
     parse: Callable[[Any], Any] | None = None
+    old: tuple[str, ...] = ()  # former names, still accepted (with a notice)
 
     def bounds(self) -> str:
         """The allowed values, in words (``"in (0, 1)"``, ``"one of a, b"``, or ``""``)."""
@@ -130,9 +131,15 @@ class Method:
         return {option.name: option.default for option in self.options}
 
     def resolve(self, given: dict | None) -> dict:
-        """Every option's value: ``given`` (checked) over the defaults; unknown keys are errors."""
+        """Every option's value: ``given`` (checked) over the defaults; unknown keys are errors.
+        A former name of an option is taken for it, with a one-line notice."""
         declared = {option.name: option for option in self.options}
         given = dict(given or {})
+        for option in self.options:
+            for old in option.old:
+                if old in given and option.name not in given:
+                    notice(f"{self.kind} {self.name!r} option {old!r} is now {option.name!r}")
+                    given[option.name] = given.pop(old)
         unknown = sorted(set(given) - set(declared))
         if unknown:
             allowed = ", ".join(declared) or "none"
@@ -201,6 +208,14 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self.names()
 
+    def fallback(self) -> Method:
+        """The method that declares ``FALLBACK = True``: what this kind falls back to
+        where the calibration data is too thin."""
+        found = [m for m in map(self.get, self.names()) if getattr(m.module, "FALLBACK", False)]
+        if len(found) != 1:
+            raise PrunellaError(f"{len(found)} {self.kind} methods declare FALLBACK, not one")
+        return found[0]
+
     def get(self, name: str) -> Method:
         self._load_entry_points()
         try:
@@ -220,3 +235,25 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
             raise PrunellaError(f"{flag} takes KEY=VALUE, got {pair!r}")
         options[key.strip().replace("-", "_")] = value.strip()
     return options
+
+
+class MethodChoice(BaseModel):
+    """A method by name, with its options (resolved: every option, defaults filled in)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def _bare_name(value):
+    return {"name": value} if isinstance(value, str) else value
+
+
+def method_field(default: str, description: str) -> tuple:
+    """A recipe field that names a method (``name``, or ``{name, options}``), for
+    ``pydantic.create_model``."""
+    return (
+        Annotated[MethodChoice, BeforeValidator(_bare_name)],
+        Field(MethodChoice(name=default), description=description),
+    )

@@ -1,4 +1,4 @@
-"""The sequential engine: prune a model block by block on calibration data.
+"""The sequential engine: compress a model block by block on calibration data.
 
 1. *Capture*: run the model on the calibration windows with every decoder block
    replaced by a recorder, which keeps the hidden states entering block 0 and
@@ -6,8 +6,10 @@
    embeddings, position ids), then stops before the LM head.
 2. For each block ``i``, with only that block on the compute device:
    a. *statistics*: forward the block's inputs through the dense block with
-      hooks that accumulate what the solver declares (Hessian, input norms);
-   b. *solve*: prune every linear layer of the block with the solver;
+      hooks that accumulate what the axes' methods declare (Hessian, input norms);
+   b. *solve*: compress every linear layer of the block to its level on each axis
+      of the plan, in axis order, with each axis's compressor (sparsity: the row
+      method around the solver);
    c. *propagate*: forward the inputs through the pruned block; the outputs,
       written over the inputs, are block ``i+1``'s inputs. The relative
       reconstruction error ``||(W - W_hat) X|| / ||W X||`` of each layer is
@@ -31,10 +33,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PrunellaError
-from ..methods.rows import get_rows
-from ..methods.sparsity import Solver, get_solver
-from ..methods.sparsity.patterns import Pattern
-from ..registry import Method
 from .adapters import get_weight, set_weight
 from .experts import ExpertLinear, routed
 from .forward import Activations, capture, forward_precision, matmuls_in, on_device, run_in_lockstep
@@ -128,43 +126,46 @@ class ErrorProbe:
 class LayerResult:
     name: str
     shape: tuple[int, int]
-    pattern: str
-    target_sparsity: float
+    levels: dict  # what the axes say of the layer's level (sparsity: pattern, target)
     sparsity: float
     rel_error: float
     info: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        """The report row: name, shape, pattern, target and achieved sparsity, error, info."""
-        row = {k: v for k, v in self.__dict__.items() if k != "info"}
-        return {**row, "shape": list(self.shape), **self.info}
+        """The report row: name, shape, the levels, achieved sparsity, error, facts."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            **self.levels,
+            "sparsity": self.sparsity,
+            "rel_error": self.rel_error,
+            **self.info,
+        }
 
 
 @dataclass
 class BlockPruner:
-    """Prunes the linear layers of one block at a time, in one or two passes."""
+    """Compresses the linear layers of one block at a time, in one or two passes:
+    each layer to its level on every axis (``levels[layer][axis]``), by the axes'
+    compressors in axis order."""
 
-    patterns: dict[str, Pattern]
-    solver: Solver
-    options: dict
+    levels: dict[str, dict]
+    compressors: list
     error_tokens: int
     one_pass: bool
     timings: dict[str, float]
-    rows: Method
-    rows_options: dict
     expert_min_tokens: int = 0
 
     @property
     def needs(self) -> frozenset[str]:
-        """The statistics the solver and the row method read."""
-        return self.solver.needs | self.rows.needs
+        """The statistics the compressors read."""
+        return frozenset().union(*(c.needs for c in self.compressors))
 
     def solve(self, name: str, layer: nn.Module, stats, master: torch.Tensor) -> tuple:
-        """Prune ``master`` (the checkpoint's weight of ``layer``) in place, and the copy
-        ``layer`` runs with; return the dense weight (float32) and the solver's (and the
-        row method's) facts.
+        """Compress ``master`` (the checkpoint's weight of ``layer``) in place, and the copy
+        ``layer`` runs with; return the dense weight (float32) and the compressors' facts.
 
-        The solver starts from ``master`` at full precision, never from the forward's
+        The compressors start from ``master`` at full precision, never from the forward's
         copy, which may be narrower (bfloat16 on CPU).
         """
         tick = time.perf_counter()
@@ -173,23 +174,19 @@ class BlockPruner:
         if not torch.isfinite(dense).all():
             raise PrunellaError(f"layer {name} has NaN or Inf weights")
 
-        # an expert routed too few tokens for statistics: a data-free solver, uniform rows
+        # an expert routed too few tokens for statistics: what needs no calibration data
         few = isinstance(layer, ExpertLinear) and stats is not None
         few = few and stats.tokens < self.expert_min_tokens
-        solver, options = (get_solver("magnitude"), {}) if few else (self.solver, self.options)
-        rows, rows_options = (get_rows("uniform"), {}) if few else (self.rows, self.rows_options)
-
-        def run_solver(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, dict]:
-            return solver.prune(weight, pattern, stats, **options)
-
+        new, info = dense.clone(), {}
         with exact(dense):
-            new, info = rows.prune(
-                dense.clone(), self.patterns[name], stats, run_solver, **rows_options
-            )
+            for compressor in self.compressors:
+                new, facts = compressor(new, self.levels[name][compressor.axis], stats, few)
+                info |= facts
         if few:
             info["note"] = (
                 f"the router sent this expert {stats.tokens} calibration tokens "
-                f"(fewer than {self.expert_min_tokens}): pruned by magnitude"
+                f"(fewer than {self.expert_min_tokens}): "
+                + "; ".join(c.data_free_note for c in self.compressors)
             )
         # Round to the checkpoint's dtype now, so that what follows is calibrated on
         # exactly the weights that will be saved.
@@ -267,8 +264,11 @@ class BlockPruner:
             LayerResult(
                 name=prefix + local,
                 shape=tuple(weight.shape),
-                pattern=str(self.patterns[prefix + local]),
-                target_sparsity=self.patterns[prefix + local].sparsity,
+                levels={
+                    k: v
+                    for c in self.compressors
+                    for k, v in c.describe(self.levels[prefix + local][c.axis]).items()
+                },
                 sparsity=(weight == 0).sum().item() / weight.numel(),
                 rel_error=probe.relative_error(local),
                 info=info[local] | routed_tokens(local),
@@ -281,15 +281,12 @@ class BlockPruner:
 def prune_blocks(
     store,
     windows: torch.Tensor,
-    patterns: dict[str, Pattern],
-    solver: Solver,
+    levels: dict[str, dict],
+    compressors: list,
     *,
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int,
-    solver_options: dict | None = None,
-    rows: Method | None = None,
-    rows_options: dict | None = None,
     error_tokens: int = 2048,
     progress: bool = True,
     start: int = 0,
@@ -298,8 +295,9 @@ def prune_blocks(
     one_pass: bool = False,
     expert_min_tokens: int = 0,
 ) -> tuple[list[LayerResult], dict[str, float]]:
-    """Prune every linear layer named in ``patterns``, block by block, in place, with
-    ``solver`` under the row budgets of ``rows`` (:mod:`prunella.rows`; default uniform).
+    """Compress every linear layer named in ``levels``, block by block, in place: layer
+    ``name`` to ``levels[name][axis]`` on each axis, by ``compressors`` (one per axis,
+    in axis order; :mod:`prunella.methods`).
 
     ``store`` holds the model (:mod:`prunella.store`): each block is loaded before
     it is pruned and released after ``after_block(i, activations, results)`` has run
@@ -315,7 +313,8 @@ def prune_blocks(
 
     Fused experts run through their views (:func:`prunella.experts.routed`): each
     expert's matrices are layers, calibrated on the tokens routed to that expert; an
-    expert with fewer than ``expert_min_tokens`` of them is pruned by magnitude.
+    expert with fewer than ``expert_min_tokens`` of them is compressed by what needs no
+    calibration data (each axis's fallback: magnitude for sparsity).
     """
     timings = dict.fromkeys(("capture", "read", "statistics", "solve", "propagate"), 0.0)
     tick = time.perf_counter()
@@ -326,23 +325,13 @@ def prune_blocks(
         acts.hidden = [h.to(device=device, dtype=dtype) for h in hidden]
     store.after_capture()
     timings["capture"] = time.perf_counter() - tick
-    pruner = BlockPruner(
-        patterns,
-        solver,
-        solver_options or {},
-        error_tokens,
-        one_pass,
-        timings,
-        rows or get_rows("uniform"),
-        rows_options or {},
-        expert_min_tokens,
-    )
+    pruner = BlockPruner(levels, compressors, error_tokens, one_pass, timings, expert_min_tokens)
     blocks_path = store.adapter.blocks_path
 
     results: list[LayerResult] = []
     bar = tqdm(
         range(start, len(blocks)),
-        desc=f"pruning ({solver.name}, {pruner.rows.name} rows)",
+        desc=f"compressing ({'; '.join(c.name for c in compressors)})",
         unit="block",
         disable=not progress,
         initial=start,
@@ -356,7 +345,7 @@ def prune_blocks(
         linears = {
             local: layer
             for local, layer in store.adapter.linears(block).items()
-            if prefix + local in patterns
+            if prefix + local in levels
         }
         # The pruned weights go straight into the checkpoint's tensors (in its dtype);
         # the block runs on a copy when it moves device or dtype.

@@ -27,11 +27,14 @@ from torch import nn
 
 HESSIAN = "hessian"
 COL_NORMS = "col_norms"
-KNOWN = frozenset({HESSIAN, COL_NORMS})
-# Not a statistic: an allocation method that reads weight values (not only shapes)
-# declares it, so that a streamed model's blocks are read for it.
+STATISTICS = KNOWN = frozenset({HESSIAN, COL_NORMS})  # what a forward pass gathers per layer
+# Not statistics: what else a method may need. WEIGHTS: the weights' values, not only
+# their shapes (a streamed model's blocks are read for it); LOSS: the whole model's loss
+# (ecoflap, layerif, lua); FITNESS: the KL to the dense model (the searches). All but
+# WEIGHTS need calibration data.
 WEIGHTS = "weights"
-LOSS = "loss"  # an allocation that reads the whole model's loss (ecoflap, layerif, lua)
+LOSS = "loss"
+FITNESS = "fitness"
 ROWS = 256  # row block of the lower-triangular accumulation
 TOKENS = 1024  # input rows per accumulation step
 

@@ -24,17 +24,18 @@ REPORT_HTML = "report.html"
 
 
 def write_extras(folder: Path, report: dict | None, recipe=None) -> None:
-    """The report (JSON and HTML), the allocation picture and the resolved recipe."""
+    """The report (JSON and HTML), the allocation pictures (``allocation.png`` for the
+    first axis of the plan, ``allocation-AXIS.png`` for any other) and the resolved recipe."""
     recipe_yaml = recipe.to_yaml() if recipe is not None else None
     if recipe_yaml is not None:
         (folder / RECIPE).write_text(recipe_yaml, encoding="utf-8")
     if report is not None:
         (folder / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if report.get("allocation"):
-            sizes = {
-                layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]
-            }
-            allocation_figure(report["allocation"], sizes, folder / ALLOCATION_FIGURE)
+        axes = (report.get("plan") or {}).get("axes") or {}
+        sizes = {layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]}
+        for i, (name, axis) in enumerate(axes.items()):
+            figure = ALLOCATION_FIGURE if i == 0 else f"allocation-{name}.png"
+            allocation_figure(name, axis, sizes, folder / figure)
         (folder / REPORT_HTML).write_text(render(report, recipe_yaml), encoding="utf-8")
 
 

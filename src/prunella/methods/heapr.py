@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -301,13 +300,13 @@ def heapr(
 
 
 def heapr_to_dir(
-    model: str | Path, out: str | Path, *, ratio: float = 0.25, uniform: bool = False,
-    calib: str = "sample", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-    batch_size: int = 1, device: str = "auto", overwrite: bool = False, progress: bool = True,
+    recipe, *, ratio: float = 0.25, uniform: bool = False, overwrite: bool = False,
+    progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Prune the checkpoint ``model`` with HEAPr into ``out`` (written atomically, in the
-    checkpoint's dtype), with ``heapr_report.json``; returns the report. The scores are
-    computed in float32 on ``device`` (``auto``: a GPU when there is one)."""
+    """Prune ``recipe.model`` with HEAPr into ``recipe.out`` (written atomically, in the
+    checkpoint's dtype, with ``heapr_report.json`` and the recipe), calibrated as the
+    recipe says (``calib``, ``nsamples``, ``seqlen``, ``seed``, ``text_field``); returns
+    the report. The scores are computed in float32 on ``recipe.device``."""
     from ..data import calibration
     from ..engine.device import pick_device
     from ..io.checkpoint import check_checkpoint
@@ -315,15 +314,16 @@ def heapr_to_dir(
     from ..io.models import load
 
     check_ratio(ratio)  # bad input stops before the model is read
-    out = check_out_dir(out, check_checkpoint(model)[0], overwrite)
-    hf_model, tokenizer, path, _ = load(model)
+    device = pick_device(recipe.device)
+    out = check_out_dir(recipe.out, check_checkpoint(recipe.model)[0], overwrite)
+    hf_model, tokenizer, path, _ = load(recipe.model)
     dtype = next(hf_model.parameters()).dtype  # the checkpoint's: scored in float32, saved so
-    hf_model.to(device=pick_device(device), dtype=torch.float32)
+    hf_model.to(device=device, dtype=torch.float32)
     windows, calib_info = calibration(
-        tokenizer, calib, nsamples, seqlen, seed,
-        getattr(hf_model.config, "max_position_embeddings", None),
+        tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed,
+        getattr(hf_model.config, "max_position_embeddings", None), recipe.text_field,
     )  # fmt: skip
-    report = heapr(hf_model, windows, ratio, uniform, batch_size, progress)
+    report = heapr(hf_model, windows, ratio, uniform, 1, progress)
     report |= {"model": str(path), "calibration": calib_info}
     hf_model.to(device="cpu", dtype=dtype)
     with atomic_folder(out) as tmp:

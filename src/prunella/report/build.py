@@ -16,9 +16,9 @@ from ..engine.device import peak_memory_mb
 from ..version import __version__
 from .plots import allocation_figure, layer_figure, search_figure
 
-# The columns every layer row has; anything else in a row is the solver's (and the row
-# method's) own facts.
-LAYER_KEYS = ("name", "shape", "pattern", "target_sparsity", "sparsity", "rel_error")
+# The columns every layer row has, besides what the axes say of its level (the report's
+# "layer_levels"); anything else in a row is the methods' own facts.
+LAYER_KEYS = ("name", "shape", "sparsity", "rel_error")
 
 
 def _calibration_read(calib: dict) -> str:
@@ -40,7 +40,7 @@ def build_report(
     model,
     source: str,
     recipe,
-    pattern,
+    axes: dict[str, dict],
     plan,
     calibration: dict,
     windows: torch.Tensor,
@@ -49,22 +49,22 @@ def build_report(
     started: float,
     timings: dict,
     results: list[dict],
+    level_keys: list[str],
     extra: dict | None = None,
 ) -> dict:
-    """The JSON report: what was asked (the resolved recipe's methods), what was done
-    (the plan, every layer's achieved sparsity and error), where and how long."""
+    """The JSON report: what was asked (the resolved recipe's methods; ``axes``, each
+    axis's own keys, also at the top level: sparsity's solver, rows, pattern and target;
+    and its one-line summary), what was done (the
+    plan and its cost, every layer's level, achieved sparsity and error), where and how
+    long."""
     total = sum(r["shape"][0] * r["shape"][1] for r in results)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in results)
     return {
         "prunella_version": __version__,
         "model": source,
         "architecture": model.config.model_type,
-        "solver": recipe.solver.name,
-        "solver_options": recipe.solver.options,
-        "rows": recipe.rows.name,
-        "rows_options": recipe.rows.options,
-        "pattern": str(pattern),
-        "target_sparsity": plan.target,
+        **{k: v for keys in axes.values() for k, v in keys.items() if k != "summary"},
+        "axes": axes,
         "sparsity": zeros / total if total else 0.0,
         "prunable_parameters": total,
         "seed": recipe.seed,
@@ -74,8 +74,8 @@ def build_report(
             "seqlen": windows.shape[1],
             "tokens": windows.numel(),
         },
-        "allocation": {k: v for k, v in plan.to_json().items() if k != "rows"}
-        | ({"row_budgets_layers": len(plan.rows)} if plan.rows is not None else {}),
+        "plan": plan.summary(),
+        "layer_levels": level_keys,
         "device": str(device),
         "dtype": str(next(p.dtype for p in model.parameters())).removeprefix("torch."),
         "compute_dtype": str(dtype).removeprefix("torch."),
@@ -114,28 +114,32 @@ def _rows(pairs) -> str:
     )
 
 
-def _facts(row: dict) -> str:
-    """The solver's own facts about a layer (whatever it reported), as ``key=value``."""
-    facts = {k: v for k, v in row.items() if k not in LAYER_KEYS}
+def _facts(row: dict, levels: list[str]) -> str:
+    """The methods' own facts about a layer (whatever they reported), as ``key=value``."""
+    facts = {k: v for k, v in row.items() if k not in LAYER_KEYS and k not in levels}
     return ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items()
     )
 
 
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def render(report: dict, recipe_yaml: str | None = None) -> str:
     """The HTML page for a prune report."""
     e = html.escape
+    plan = report.get("plan") or {"axes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        figures = []
-        if report.get("allocation"):
-            sizes = {
-                layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]
-            }
-            figures.append(
-                _png(allocation_figure(report["allocation"], sizes, Path(tmp) / "allocation.png"))
-            )
+        sizes = {layer["name"]: layer["shape"][0] * layer["shape"][1] for layer in report["layers"]}
+        figures = [
+            _png(allocation_figure(name, axis, sizes, Path(tmp) / f"allocation-{name}.png"))
+            for name, axis in plan["axes"].items()
+        ]
         figures.append(_png(layer_figure(report, Path(tmp) / "layers.png")))
-        search = ((report.get("allocation") or {}).get("params") or {}).get("search")
+        search = next(
+            (a["params"]["search"] for a in plan["axes"].values() if "search" in a["params"]), None
+        )
         search_html = ""
         if search and search.get("curve"):
             facts = [
@@ -152,16 +156,30 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
             curve = _png(search_figure(search, Path(tmp) / "search.png"))
             search_html = f"<h2>Search</h2><table class=kv>{_rows(facts)}</table><p>{curve}</p>"
     calib = report.get("calibration", {})
+    cost = plan.get("cost") or {}
     summary = [
         ("model", report.get("model")),
         ("architecture", report.get("architecture")),
-        ("solver", f"{report.get('solver')} {report.get('solver_options') or ''}".strip()),
-        ("pattern", report.get("pattern")),
-        ("rows", f"{report.get('rows', 'uniform')} {report.get('rows_options') or ''}".strip()),
-        ("allocation", (report.get("allocation") or {}).get("method", "uniform")),
-        ("target sparsity", f"{report.get('target_sparsity', 0):.4%}"),
+        *((name, keys.get("summary", "")) for name, keys in (report.get("axes") or {}).items()),
+        *(
+            (
+                f"{name}: target, allocation",
+                f"{axis['target']:.4g}, {axis['method']} ({axis['granularity']} granularity)",
+            )
+            for name, axis in plan["axes"].items()
+        ),
         ("achieved sparsity", f"{report.get('sparsity', 0):.4%}"),
         ("prunable weights", f"{report.get('prunable_parameters', 0):,}"),
+        *(
+            [
+                (
+                    "checkpoint bytes (plan)",
+                    f"{cost['bytes']:,} of {cost['dense_bytes']:,} dense ({cost['format']})",
+                )
+            ]
+            if cost
+            else []
+        ),
         (
             "calibration",
             f"{calib.get('source')}: {calib.get('nsamples')} x "
@@ -195,13 +213,15 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
             rows.append(("KL to dense (nats/token)", f"{ev['kl_to_reference']:.4f}"))
         rows.append(("tokens", ev.get("tokens")))
         evaluation = f"<h2>Evaluation</h2><table class=kv>{_rows(rows)}</table>"
+    levels = report.get("layer_levels") or []
     layer_rows = "".join(
         f"<tr><td>{e(r['name'])}</td><td>{r['shape'][0]}x{r['shape'][1]}</td>"
-        f"<td>{e(str(r['pattern']))}</td><td class=n>{r['target_sparsity']:.4f}</td>"
-        f"<td class=n>{r['sparsity']:.4f}</td><td class=n>{r['rel_error']:.4f}</td>"
-        f"<td>{e(_facts(r))}</td></tr>"
+        + "".join(f"<td class=n>{e(_cell(r.get(k)))}</td>" for k in levels)
+        + f"<td class=n>{r['sparsity']:.4f}</td><td class=n>{r['rel_error']:.4f}</td>"
+        f"<td>{e(_facts(r, levels))}</td></tr>"
         for r in report["layers"]
     )
+    level_heads = "".join(f"<th>{e(k.replace('_', ' '))}</th>" for k in levels)
     recipe = f"<h2>Recipe</h2><pre>{e(recipe_yaml)}</pre>" if recipe_yaml else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Prunella report</title>
@@ -209,13 +229,13 @@ def render(report: dict, recipe_yaml: str | None = None) -> str:
 <h1>Prunella report</h1>
 <table class=kv>{_rows(summary)}</table>
 {evaluation}
-<h2>Where the sparsity went</h2>
+<h2>Where the compression went</h2>
 {"".join(f"<p>{f}</p>" for f in figures)}
 {search_html}
 <h2>Time per phase</h2><table class=kv>{phases}</table>
 <h2>Layers</h2>
-<table><tr><th>layer</th><th>shape</th><th>pattern</th><th>target</th><th>sparsity</th>
-<th>rel. error</th><th>solver</th></tr>{layer_rows}</table>
+<table><tr><th>layer</th><th>shape</th>{level_heads}<th>sparsity</th>
+<th>rel. error</th><th>facts</th></tr>{layer_rows}</table>
 {recipe}
 </body></html>
 """

@@ -8,8 +8,9 @@ from pathlib import Path
 from ..engine.adapters import block_index
 
 
-def allocation_figure(plan: dict, layer_sizes: dict[str, int], path: str | Path) -> Path:
-    """Bars: parameter-weighted sparsity per block. Line: the method's metric per block."""
+def allocation_figure(axis: str, plan: dict, layer_sizes: dict[str, int], path: str | Path) -> Path:
+    """Bars: the parameter-weighted value per block on ``axis`` (``plan``: that axis's
+    plan). Line: the method's metric per block."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,21 +19,22 @@ def allocation_figure(plan: dict, layer_sizes: dict[str, int], path: str | Path)
 
     pruned: dict[int, float] = {}
     total: dict[int, int] = {}
-    for name, sparsity in plan["sparsity"].items():
+    for name, value in plan[axis].items():
         b = block_index(name)
-        pruned[b] = pruned.get(b, 0.0) + sparsity * layer_sizes[name]
+        pruned[b] = pruned.get(b, 0.0) + value * layer_sizes[name]
         total[b] = total.get(b, 0) + layer_sizes[name]
     blocks = sorted(total)
     per_block = [pruned[b] / total[b] for b in blocks]
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(blocks) + 2), 3.6), dpi=120)
-    ax.bar(blocks, per_block, color="#7a9cc6", label="sparsity")
-    ax.axhline(plan["target"], color="#444", lw=1, ls="--", label=f"target {plan['target']:.0%}")
+    ax.bar(blocks, per_block, color="#7a9cc6", label=axis)
+    ax.axhline(plan["target"], color="#444", lw=1, ls="--", label=f"target {plan['target']:.4g}")
     low, high = min(per_block), max(per_block)
-    ax.set_ylim(max(0.0, low - 0.1), min(1.0, high + 0.1))
+    margin = 0.1 * max(abs(high), abs(low), 1e-9) if high > 1 else 0.1
+    ax.set_ylim(max(0.0, low - margin), high + margin if high > 1 else min(1.0, high + 0.1))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("block")
-    ax.set_ylabel("sparsity")
+    ax.set_ylabel(axis)
     title = f"allocation: {plan['method']}"
     if plan.get("metric") and plan.get("metric_name"):
         values: dict[int, list[float]] = {}

@@ -38,6 +38,7 @@ import torch
 
 from ...engine.stats import WEIGHTS
 from ...registry import Option
+from .run import AllocationRun, Scores
 
 PAPER = (
     "Lu et al., AlphaPruning: Using Heavy-Tailed Self Regularization Theory for Improved "
@@ -49,7 +50,7 @@ OPTIONS = (
         "epsilon",
         float,
         0.3,
-        "sparsities span target x [1 - eps, 1 + eps]",
+        "unit ratios span target x [1 - epsilon, 1 + epsilon]",
         low=0.0,
         high=1.0,
         high_open=True,
@@ -119,24 +120,26 @@ def alpha_hill(eigs: torch.Tensor, xmin: str = "peak", bins: int = 100) -> float
     return best_alpha
 
 
-def layer_alpha(weight: torch.Tensor, farms: bool = False, xmin: str = "peak") -> float:
+def layer_alpha(weight: torch.Tensor, farms: bool, xmin: str) -> float:
     return alpha_hill(farms_esd(weight) if farms else esd(weight), xmin=xmin)
 
 
-def unit_metric(layers, farms: bool = False, xmin: str = "peak", **_) -> float:
-    """Mean ``PL_Alpha_Hill`` over the unit's weight matrices."""
-    return sum(layer_alpha(w, farms, xmin) for w, _ in layers) / len(layers)
+def allocate(run: AllocationRun, *, farms: bool, xmin: str, **_) -> Scores:
+    """Mean ``PL_Alpha_Hill`` over each unit's weight matrices."""
+    return Scores(run.per_unit(
+        lambda layers: sum(layer_alpha(w, farms, xmin) for w, _ in layers) / len(layers)
+    ))  # fmt: skip
 
 
-def alphapruning_sparsities(
-    metric: torch.Tensor, target: float, sizes: torch.Tensor, epsilon: float = 0.3, **_
+def alphapruning_ratios(
+    metric: torch.Tensor, target: float, sizes: torch.Tensor, *, epsilon: float, **_
 ) -> torch.Tensor:
     """Factors in ``[1 - eps, 1 + eps]`` (linear in alpha) times the target, budget-scaled."""
-    spread = metric.max() - metric.min()
-    if spread <= 0:
+    span = metric.max() - metric.min()
+    if span <= 0:
         return torch.full_like(metric, target)
-    factors = (metric - metric.min()) / spread * (2 * epsilon) + (1 - epsilon)
+    factors = (metric - metric.min()) / span * (2 * epsilon) + (1 - epsilon)
     return factors * target * (sizes.sum() / (sizes * factors).sum())
 
 
-sparsities = alphapruning_sparsities  # the registry's hook
+ratios = alphapruning_ratios  # the registry's hook

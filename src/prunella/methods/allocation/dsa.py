@@ -33,7 +33,7 @@ Where we differ: the paper scores functions by perplexity on a held-out part of
 the training text; we use the KL fitness of every search here (calibration tokens
 only). The paper does not publish its population size, rates or tournament size:
 ours are ``population = 20``, crossover and mutation each with probability 0.5,
-tournaments of 3. Reductions are estimated on ``samples`` scores drawn per block
+tournaments of 3. Reductions are estimated on ``draws`` scores drawn per block
 (seeded; sums and the entropy are scaled to the block's full count), where the
 reference pools every score in memory. The reference's matrix reductions (rank,
 determinant, ...) need a matrix and are not applicable to the pooled scores;
@@ -49,18 +49,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ...engine.forward import visit_blocks
-from ...engine.stats import COL_NORMS, WEIGHTS
+from ...engine.stats import COL_NORMS, FITNESS, WEIGHTS
 from ...errors import PrunellaError
 from ...registry import Option
-from ..search import SEARCH_OPTIONS, SearchRun, levels_for_sparsities, start
+from ..search import SEARCH_OPTIONS, levels_for_ratios, start
 from ..sparsity.wanda import wanda_scores
-from .plan import Plan, build_plan
+from .run import AllocationRun, Scores
 
 PAPER = (
     "Li et al., Discovering Sparsity Allocation for Layer-wise Pruning of Large Language "
     "Models, NeurIPS 2024"
 )
-NEEDS = frozenset({WEIGHTS, COL_NORMS})
+NEEDS = frozenset({WEIGHTS, COL_NORMS, FITNESS})
 PUBLISHED = "W:(ABSLOG)-(VAR)-(ATAN,ASIN)"  # the paper's function for LLaMA-1-7B at 70%
 
 PRE = {
@@ -140,18 +140,26 @@ OPTIONS = (
         parse=lambda t: parse_formula(t) if t else None,
     ),
     Option(
-        "lam",
+        "spread",
         float,
         0.08,
-        "sparsities span target +- lambda",
+        "unit ratios span target +- spread (the paper's lambda)",
         low=0.0,
         low_open=True,
         high=1.0,
         high_open=True,
+        old=("lam",),
     ),
     Option("population", int, 20, "functions kept each generation", low=2),
     Option("tokens", int, 16384, "calibration tokens each function is scored on", low=1),
-    Option("samples", int, 65536, "pooled scores drawn per block for the reductions", low=16),
+    Option(
+        "draws",
+        int,
+        65536,
+        "pooled scores drawn per block for the reductions",
+        low=16,
+        old=("samples",),
+    ),
 )
 METRIC = "dsa_score"
 
@@ -176,22 +184,22 @@ def dsa_value(formula: tuple, scores: torch.Tensor, full: int) -> float:
     return -1.0 if math.isinf(value) else value
 
 
-def dsa_sparsities(metric: torch.Tensor, target: float, lam: float = 0.08, **_) -> torch.Tensor:
-    """Sparsity per block, a higher value pruned more: ``1 - (a - mean(a) + 1 - target)``
+def dsa_ratios(metric: torch.Tensor, target: float, *, spread: float, **_) -> torch.Tensor:
+    """Ratio per block, a higher value compressed more: ``1 - (a - mean(a) + 1 - target)``
     with ``a = 2 lambda (1 - minmax(v))`` (min-max again after the flip, as the reference)."""
-    spread = metric.max() - metric.min()
-    if not torch.isfinite(spread) or spread <= 0:
+    span = metric.max() - metric.min()
+    if not torch.isfinite(span) or span <= 0:
         return torch.full_like(metric, target)
-    a = 1 - (metric - metric.min()) / spread
-    a = (a - a.min()) * (2 * lam) / (a.max() - a.min())
+    a = 1 - (metric - metric.min()) / span
+    a = (a - a.min()) * (2 * spread) / (a.max() - a.min())
     return 1 - (a - a.mean() + 1 - target)
 
 
-sparsities = dsa_sparsities  # the registry's hook (the plan of a given function)
+ratios = dsa_ratios  # the registry's hook (the plan of a given function)
 
 
-def block_scores(run: SearchRun, samples: int, seed: int) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per block: ``samples`` pooled Wanda scores drawn (seeded) and the block's count."""
+def block_scores(run: AllocationRun, draws: int, seed: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per block: ``draws`` pooled Wanda scores drawn (seeded) and the block's count."""
     found: dict[str, tuple[torch.Tensor, int]] = {}
     generator = torch.Generator().manual_seed(seed)
 
@@ -199,7 +207,7 @@ def block_scores(run: SearchRun, samples: int, seed: int) -> dict[str, tuple[tor
         pooled = torch.cat(
             [wanda_scores(w.float(), s.col_norms).flatten().cpu() for w, s in block_layers.values()]
         )
-        pick = torch.randint(len(pooled), (min(samples, len(pooled)),), generator=generator)
+        pick = torch.randint(len(pooled), (min(draws, len(pooled)),), generator=generator)
         found[prefix.removesuffix(".")] = (pooled[pick], len(pooled))
 
     visit_blocks(
@@ -232,28 +240,23 @@ def tournament(population: list, fitness: dict, rng: random.Random, size: int = 
     return min(drawn, key=lambda f: fitness[formula_text(*f)])
 
 
-def _plan(run: SearchRun, formula: tuple, scores: dict, options: dict, extra: dict) -> Plan:
-    from . import get_method
+def _scores(run: AllocationRun, formula: tuple, scores: dict, options: dict, extra: dict):
+    """The function's value per block, for the plan (the blocks are the units)."""
+    from ..search.study import public_url
 
     metric = {b: dsa_value(formula, s, full) for b, (s, full) in scores.items()}
     blocks = {b: [n for n in run.store.layers() if n.startswith(b + ".")] for b in metric}
-    sizes = {n: r * c for n, (r, c) in run.store.layers().items()}
-    from ..search.study import public_url
-
-    params = dict(options, storage=public_url(options["storage"]) if options["storage"] else "")
+    facts = {"storage": public_url(options["storage"]) if options["storage"] else ""}
     if extra:
-        params |= {"formula": formula_text(*formula), "search": extra}
-    return build_plan(
-        get_method("dsa"), metric, blocks, sizes, run.pattern.sparsity, run.pattern,
-        "block", params, run.min_sparsity, run.max_sparsity,
-    )  # fmt: skip
+        facts |= {"formula": formula_text(*formula), "search": extra}
+    return Scores(metric, units=blocks, granularity="block", facts=facts)
 
 
-def search(run: SearchRun, **options) -> Plan:
+def allocate(run: AllocationRun, **options) -> Scores:
     """Apply ``formula``, or search for the allocation function within the budget."""
-    scores = block_scores(run, options["samples"], options["seed"])
+    scores = block_scores(run, options["draws"], options["seed"])
     if options["formula"]:
-        return _plan(run, parse_formula(options["formula"]), scores, options, {})
+        return _scores(run, parse_formula(options["formula"]), scores, options, {})
     run.units = {b: [n for n in run.store.layers() if n.startswith(b + ".")] for b in scores}
     held_out = max(1, round(len(run.windows) / 5))
     if len(run.windows) - held_out < 1:
@@ -268,8 +271,8 @@ def search(run: SearchRun, **options) -> Plan:
     def levels_of(formula: tuple) -> dict[str, int]:
         values = [dsa_value(formula, *scores[b]) for b in run.units]
         metric = torch.tensor(values, dtype=torch.float64)
-        raw = dsa_sparsities(metric, ladder.target, options["lam"])
-        return levels_for_sparsities(
+        raw = dsa_ratios(metric, ladder.target, spread=options["spread"])
+        return levels_for_ratios(
             ladder, run.units, dict(zip(run.units, raw.tolist(), strict=False))
         )
 
@@ -317,4 +320,4 @@ def search(run: SearchRun, **options) -> Plan:
         "held_out_kl": session.fitness(levels_of(best), held),
         "held_out_kl_uniform": session.fitness(uniform, held),
     }
-    return _plan(run, best, scores, options, extra)
+    return _scores(run, best, scores, options, extra)

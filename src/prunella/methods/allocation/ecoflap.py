@@ -8,12 +8,12 @@ Metric (the coarse, global step). For each weight matrix ``W`` and each batch ``
 of ``batch`` calibration windows, one Gaussian direction ``z ~ N(0, I)`` and the
 two-point estimate of the directional derivative of the next-token loss
 
-    g_k = (L_k(W + eps z) - L_k(W - eps z)) / (2 eps),        eps = 1e-3,
+    g_k = (L_k(W + mu z) - L_k(W - mu z)) / (2 mu),        mu = 1e-3 (the paper's eps),
 
 with the rest of the model dense: forward passes only. A matrix scores
 ``sum_k |g_k|`` (``E|z^T grad L| = sqrt(2/pi) ||grad L||``: a gradient-norm
 importance), and a unit (a block, a layer, an expert) the sum over its matrices
-(the reference's ``GradOnly``/``_sum`` defaults). ``samples = 32`` windows in
+(the reference's ``GradOnly``/``_sum`` defaults). ``windows = 32`` windows in
 batches of ``batch = 8``: four directions per matrix.
 
 Mapping: keep budgets proportional to the score, with the paper's cap. Every unit
@@ -28,11 +28,11 @@ One sweep over the blocks (each loaded once, so a streamed model works) carries
 every perturbed hidden state ("stream") started so far alongside the dense one;
 when the streams would exceed ``STREAM_BYTES``, the source blocks are split into
 groups, one sweep each. Forwards run in float32 (a difference of two losses
-``2 eps`` apart is lost in bfloat16 rounding).
+``2 mu`` apart is lost in bfloat16 rounding).
 
 Where we differ: ``perturb=block`` (one direction for all a block's matrices
 together, ``sum_k |g_k|`` per block) cuts the cost by the number of matrices per
-block (7 for LLaMA), for a block allocation only; ``seqlen`` crops the windows
+block (7 for LLaMA), for a block allocation only; ``crop`` crops the windows
 to their first tokens (0: whole windows). Both exist because the paper's
 settings take hours on a CPU; the defaults are the paper's. The reference's
 rebalancing has a sign slip when the proportional shares overshoot; here the
@@ -41,7 +41,6 @@ overflow is redistributed, so the budget is met whatever the scores.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -52,6 +51,8 @@ from ...engine.forward import capture, head_only, loaded, next_token_loss, predi
 from ...engine.stats import LOSS
 from ...errors import PrunellaError
 from ...registry import Option
+from ..plan import check_finite
+from .run import AllocationRun, Scores
 
 PAPER = (
     "Sung et al., ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for "
@@ -60,9 +61,22 @@ PAPER = (
 NEEDS = frozenset({LOSS})
 OPTIONS = (
     Option(
-        "eps", float, 1e-3, "perturbation size of the two-point estimate", low=0.0, low_open=True
+        "mu",
+        float,
+        1e-3,
+        "perturbation size of the two-point estimate (the paper's eps)",
+        low=0.0,
+        low_open=True,
+        old=("eps",),
     ),
-    Option("samples", int, 32, "calibration windows scored (at most those given)", low=1),
+    Option(
+        "windows",
+        int,
+        32,
+        "calibration windows scored (at most those given)",
+        low=1,
+        old=("samples",),
+    ),
     Option("batch", int, 8, "windows per random direction", low=1),
     Option("gap", float, 0.1, "a unit's sparsity is at most target + gap", low=0.0, high=1.0),
     Option(
@@ -72,7 +86,14 @@ OPTIONS = (
         "one direction per weight matrix, or per block",
         choices=("matrix", "block"),
     ),
-    Option("seqlen", int, 0, "score the first tokens of each window only (0: all)", low=0),
+    Option(
+        "crop",
+        int,
+        0,
+        "score the first tokens of each window only (0: all)",
+        low=0,
+        old=("seqlen",),
+    ),
     Option("seed", int, 0, "seed of the random directions"),
 )
 METRIC = "zo_grad"
@@ -89,10 +110,10 @@ def zo_directional(
     store,
     windows: torch.Tensor,
     *,
-    eps: float = 1e-3,
-    batch: int = 8,
-    perturb: str = "matrix",
-    seed: int = 0,
+    mu: float,
+    batch: int,
+    perturb: str,
+    seed: int,
     device: torch.device,
     progress: bool = True,
 ) -> dict[str, list[float]]:
@@ -137,7 +158,7 @@ def zo_directional(
                             for unit in units[i]:
                                 key = _key(unit, perturb, prefix)
                                 for sign in (1, -1):
-                                    delta = eps * sign
+                                    delta = mu * sign
                                     with _perturbed(layers, unit, delta, seed, k, index_of[key]):
                                         streams[key, sign] = step(dense)
                         if i < g1 - 1:  # the dense input of the next source block
@@ -149,7 +170,7 @@ def zo_directional(
                     for key in dict.fromkeys(key for key, _ in streams):
                         plus = next_token_loss(log_probs, ids, streams[key, 1])
                         minus = next_token_loss(log_probs, ids, streams[key, -1])
-                        g[key].append(((plus - minus) / predicted_tokens(ids) / (2 * eps)).item())
+                        g[key].append(((plus - minus) / predicted_tokens(ids) / (2 * mu)).item())
     bar.close()
     return g
 
@@ -180,30 +201,31 @@ class _perturbed:
             w.data.copy_(saved)
 
 
-def model_metric(
-    run, eps=1e-3, samples=32, batch=8, perturb="matrix", seqlen=0, seed=0, **_
-) -> dict[str, float]:
+def allocate(
+    run: AllocationRun, *, mu: float, windows: int, batch: int, perturb: str, crop: int,
+    seed: int, **_,
+) -> Scores:  # fmt: skip
     """Each allocation unit's score ``sum_k |g_k|``, summed over its matrices."""
     if perturb == "block" and run.granularity != "block":
         raise PrunellaError("ecoflap option perturb=block needs --granularity block")
-    windows = run.windows[:samples]
-    if seqlen:
-        if seqlen < 2:
-            raise PrunellaError("ecoflap option seqlen must be 0 or at least 2")
-        windows = windows[:, :seqlen]
+    scored = run.windows[:windows]
+    if crop:
+        if crop < 2:
+            raise PrunellaError("ecoflap option crop must be 0 or at least 2")
+        scored = scored[:, :crop]
     g = zo_directional(
-        run.store, windows, eps=eps, batch=batch, perturb=perturb, seed=seed,
+        run.store, scored, mu=mu, batch=batch, perturb=perturb, seed=seed,
         device=run.device, progress=run.progress,
     )  # fmt: skip
-    _check_finite([v for values in g.values() for v in values])
+    check_finite([v for values in g.values() for v in values], "ecoflap: the loss")
     score = {key: sum(abs(v) for v in values) for key, values in g.items()}
     if perturb == "block":
-        return {unit: score[unit] for unit in run.units}
-    return {unit: sum(score[n] for n in names) for unit, names in run.units.items()}
+        return Scores({unit: score[unit] for unit in run.units})
+    return Scores({unit: sum(score[n] for n in names) for unit, names in run.units.items()})
 
 
-def ecoflap_sparsities(
-    metric: torch.Tensor, target: float, sizes: torch.Tensor, gap: float = 0.1, **_
+def ecoflap_ratios(
+    metric: torch.Tensor, target: float, sizes: torch.Tensor, *, gap: float, **_
 ) -> torch.Tensor:
     """Keep ``n_u (1 - target - gap)`` per unit, the rest of the keep budget in proportion
     to the scores (at most dense, overflow handed out again)."""
@@ -225,9 +247,4 @@ def ecoflap_sparsities(
     return 1 - keep / sizes
 
 
-sparsities = ecoflap_sparsities  # the registry's hook
-
-
-def _check_finite(values: list[float]) -> None:
-    if not all(math.isfinite(v) for v in values):
-        raise PrunellaError("ecoflap: the loss is not finite on the calibration windows")
+ratios = ecoflap_ratios  # the registry's hook

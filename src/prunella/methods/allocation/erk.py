@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .run import AllocationRun, Scores
+
 PAPER = (
     "Liu et al., The Unreasonable Effectiveness of Random Pruning: "
     "Return of the Most Naive Baseline for Sparse Training, ICLR 2022"
@@ -32,9 +34,11 @@ OPTIONS = ()
 METRIC = "erk_perimeter"
 
 
-def unit_metric(layers, **_) -> float:
-    """``sum_l (n_in + n_out)`` over the unit's weight matrices (shapes only)."""
-    return float(sum(weight.shape[0] + weight.shape[1] for weight, _ in layers))
+def allocate(run: AllocationRun) -> Scores:
+    """``sum_l (n_in + n_out)`` over each unit's weight matrices (shapes only)."""
+    return Scores(
+        run.per_unit(lambda layers: float(sum(w.shape[0] + w.shape[1] for w, _ in layers)))
+    )
 
 
 def erk_densities(perimeter: torch.Tensor, sizes: torch.Tensor, target: float) -> torch.Tensor:
@@ -52,5 +56,5 @@ def erk_densities(perimeter: torch.Tensor, sizes: torch.Tensor, target: float) -
         dense |= over
 
 
-def sparsities(metric: torch.Tensor, target: float, sizes: torch.Tensor, **_) -> torch.Tensor:
+def ratios(metric: torch.Tensor, target: float, sizes: torch.Tensor, **_) -> torch.Tensor:
     return 1 - erk_densities(metric, sizes, target)

@@ -30,16 +30,17 @@ import random
 
 from tqdm.auto import tqdm
 
+from ...engine.stats import FITNESS
 from ...errors import PrunellaError
 from ...registry import Option
-from ..search import SEARCH_OPTIONS, SearchRun, expand, start, unit_levels
-from .plan import Plan
+from ..search import SEARCH_OPTIONS, expand, start, unit_levels
+from .run import AllocationRun, Assignment
 
 PAPER = (
     "Sieberling et al., EvoPress: Accurate Dynamic Model Compression via Evolutionary "
     "Search, ICML 2025"
 )
-NEEDS: frozenset[str] = frozenset()
+NEEDS = frozenset({FITNESS})
 
 
 def _ints(text: str) -> list[int]:
@@ -75,7 +76,7 @@ def mutate(parent: dict[str, int], ranges: dict, rng: random.Random) -> dict[str
     return child
 
 
-def search(run: SearchRun, **options) -> Plan:
+def allocate(run: AllocationRun, **options) -> Assignment:
     """The allocation EvoPress finds within the budget."""
     survivors, tokens = _ints(options["survivors"]), _ints(options["tokens"])
     if len(survivors) != len(tokens):
@@ -122,4 +123,4 @@ def search(run: SearchRun, **options) -> Plan:
     finally:
         bar.close()
         session.close()
-    return session.plan(expand(run.units, parent), best)
+    return Assignment(run.budget().axis, **session.finish(expand(run.units, parent), best))

@@ -11,8 +11,8 @@ Metric: on the dense model and the calibration windows, expert ``e`` receives
 for less than one chosen as often with large weights.
 
 Mapping: relative usage ``r_e = u_e / mean(u)`` over all experts, and
-``s_e = target + lambda * clip(1 - r_e, -1, 1)``: an unused expert is pruned at
-``target + lambda``, one used twice as much as the average at ``target - lambda``.
+``s_e = target + lambda * clip(1 - r_e, -1, 1)`` (option ``spread``): an unused expert is
+pruned at ``target + lambda``, one used twice as much as the average at ``target - lambda``.
 Units that are not experts (attention, shared experts, dense blocks) stay at the
 target; the plan layer then makes the budget exact. ``lambda = 0.1`` is ours.
 
@@ -30,18 +30,20 @@ import torch
 
 from ...engine.stats import COL_NORMS
 from ...registry import Option
+from .run import AllocationRun, Scores
 
 PAPER = "Prunella: experts pruned by their routing frequency and router weight mass"
 NEEDS = frozenset({COL_NORMS})  # any statistic: the routed token counts come with it
 OPTIONS = (
     Option(
-        "lam",
+        "spread",
         float,
         0.1,
-        "expert sparsities stay within target +- lambda",
+        "expert ratios stay within target +- spread",
         low=0.0,
         high=1.0,
         high_open=True,
+        old=("lam",),
     ),
 )
 METRIC = "expert_usage"
@@ -52,7 +54,7 @@ def expert_usage(tokens: int, routed_weight: float) -> float:
     return math.sqrt(tokens * routed_weight)
 
 
-def unit_metric(layers: list[tuple[torch.Tensor, object]], **options) -> float:
+def unit_usage(layers: list[tuple[torch.Tensor, object]]) -> float:
     """The mean usage of the experts' inputs in the unit (NaN when it holds no expert)."""
     inputs = {id(s): s for _, s in layers if s is not None and s.routed_weight is not None}
     if not inputs:
@@ -60,13 +62,15 @@ def unit_metric(layers: list[tuple[torch.Tensor, object]], **options) -> float:
     return sum(expert_usage(s.tokens, s.routed_weight) for s in inputs.values()) / len(inputs)
 
 
-def sparsities(
-    metric: torch.Tensor, target: float, sizes: torch.Tensor | None = None, lam: float = 0.1
-) -> torch.Tensor:
-    """``target + lambda * clip(1 - u / mean(u), -1, 1)`` for experts, ``target`` for the rest."""
+def allocate(run: AllocationRun, **_) -> Scores:
+    return Scores(run.per_unit(unit_usage))
+
+
+def ratios(metric: torch.Tensor, target: float, *, spread: float, **_) -> torch.Tensor:
+    """``target + spread * clip(1 - u / mean(u), -1, 1)`` for experts, ``target`` for the rest."""
     out = torch.full_like(metric, target)
     experts = ~torch.isnan(metric)
     if experts.any() and metric[experts].mean() > 0:
         relative = metric[experts] / metric[experts].mean()
-        out[experts] = target + lam * (1 - relative).clamp(-1, 1)
+        out[experts] = target + spread * (1 - relative).clamp(-1, 1)
     return out

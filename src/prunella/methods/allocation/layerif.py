@@ -5,7 +5,7 @@ Influence Functions", NeurIPS 2025 (arXiv 2505.23811; pruning code
 HadiAskari/LayerIF_Pruning_New, influence computation after DataInf, Kwon et al.,
 ICLR 2024).
 
-Metric. The calibration windows are cut into pieces of ``seqlen = 128`` tokens
+Metric. The calibration windows are cut into pieces of ``length = 128`` tokens
 (the paper's ``max_length``); the last ``validation = 0.25`` of them are the
 validation set ``V`` (the paper: 300 training and 96 validation examples), the
 rest the training set ``T``, disjoint. For a unit (a block) with weight matrices
@@ -22,7 +22,7 @@ the positive influences, ``S = sum_t max(I(t), 0)``: "layers with lower cumulati
 positive influence [are] more stable and better trained". ``aggregate=helpful``
 sums the helpful ones instead, ``S = -sum_t min(I(t), 0)`` (the authors' influence
 code has both; see below), mapped the same way: more influence, more sparsity.
-At most ``samples = 396`` pieces (the paper's 300 + 96).
+At most ``examples = 396`` pieces (the paper's 300 + 96).
 
 Mapping (the authors' ``ww_sparsity``, AlphaPruning's): along the blocks the scores
 are smoothed by a Savitzky-Golay filter (window 7, cubic, scipy's ``interp`` edges,
@@ -36,7 +36,7 @@ calibration text, not task examples. Per-example gradients come from a block-by-
 block backward (:func:`~prunella.allocation.loss.block_gradients`), and only their
 inner products are kept: the memory of one block's gradients for all pieces
 (``pieces x block parameters x 4`` bytes) plus the hidden states entering every
-block (``blocks x pieces x seqlen x hidden x 4``); lower ``samples`` for a large
+block (``blocks x pieces x length x hidden x 4``); lower ``examples`` for a large
 model. The smoothing applies along blocks; with ``--granularity layer`` or
 ``expert`` the scores are used unsmoothed, and so are models with fewer blocks than
 the window. On calibration text cut into pieces, nearly every training piece
@@ -47,8 +47,6 @@ but a few of them), so the paper's positive sum is zero in most blocks;
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
@@ -56,7 +54,9 @@ from ...engine.gradients import block_gradients
 from ...engine.stats import LOSS
 from ...errors import PrunellaError
 from ...registry import Option
-from .alphapruning import alphapruning_sparsities
+from ..plan import check_finite
+from .alphapruning import alphapruning_ratios
+from .run import AllocationRun, Scores
 
 PAPER = (
     "Askari et al., LayerIF: Estimating Layer Quality for Large Language Models using "
@@ -65,7 +65,12 @@ PAPER = (
 NEEDS = frozenset({LOSS})
 OPTIONS = (
     Option(
-        "seqlen", int, 128, "tokens per example (calibration windows are cut into pieces)", low=2
+        "length",
+        int,
+        128,
+        "tokens per example (calibration windows are cut into pieces)",
+        low=2,
+        old=("seqlen",),
     ),
     Option(
         "validation",
@@ -84,13 +89,20 @@ OPTIONS = (
         "epsilon",
         float,
         0.1,
-        "sparsities span target x [1 - eps, 1 + eps]",
+        "unit ratios span target x [1 - epsilon, 1 + epsilon]",
         low=0.0,
         high=1.0,
         high_open=True,
     ),
     Option("smooth", int, 7, "Savitzky-Golay window along the blocks (0: none; odd, >= 5)", low=0),
-    Option("samples", int, 396, "at most this many pieces (the paper: 300 + 96)", low=3),
+    Option(
+        "examples",
+        int,
+        396,
+        "at most this many examples (the paper: 300 + 96)",
+        low=3,
+        old=("samples",),
+    ),
     Option(
         "aggregate",
         str,
@@ -102,20 +114,18 @@ OPTIONS = (
 METRIC = "influence"
 
 
-def pieces(windows: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """Every window cut into ``seqlen``-token pieces (a shorter tail is dropped)."""
-    count = windows.shape[1] // seqlen
+def pieces(windows: torch.Tensor, length: int) -> torch.Tensor:
+    """Every window cut into ``length``-token pieces (a shorter tail is dropped)."""
+    count = windows.shape[1] // length
     if count == 0:
         raise PrunellaError(
-            f"layerif option seqlen={seqlen} is longer than the calibration windows "
+            f"layerif option length={length} is longer than the calibration windows "
             f"({windows.shape[1]} tokens)"
         )
-    return windows[:, : count * seqlen].reshape(-1, seqlen)
+    return windows[:, : count * length].reshape(-1, length)
 
 
-def datainf_influence(
-    train: torch.Tensor, val: torch.Tensor, damping: float = 10.0
-) -> torch.Tensor:
+def datainf_influence(train: torch.Tensor, val: torch.Tensor, damping: float) -> torch.Tensor:
     """``I[t, v]`` for one weight matrix from per-example gradients ``train [n, ...]`` and
     ``val [m, ...]`` (see the module docstring), by inner products only."""
     gt, gv = train.flatten(1), val.flatten(1)
@@ -131,7 +141,7 @@ def datainf_influence(
     return -inner.T
 
 
-def positive_influence(influence: torch.Tensor, aggregate: str = "positive") -> float:
+def positive_influence(influence: torch.Tensor, aggregate: str) -> float:
     """``S = sum_t max(sum_v I[t, v], 0)``; ``aggregate="helpful"``: ``-sum_t min(., 0)``."""
     per_example = influence.sum(1)
     if aggregate == "helpful":
@@ -139,7 +149,7 @@ def positive_influence(influence: torch.Tensor, aggregate: str = "positive") -> 
     return per_example.clamp_min(0).sum().item()
 
 
-def savgol(values: torch.Tensor, window: int = 7, order: int = 3) -> torch.Tensor:
+def savgol(values: torch.Tensor, window: int, order: int = 3) -> torch.Tensor:
     """Savitzky-Golay smoothing with scipy's ``mode="interp"``: each point of the middle
     is the value at its centre of the least-squares polynomial of degree ``order`` over
     the ``window`` points around it; the first and last ``window // 2`` points take
@@ -160,22 +170,23 @@ def savgol(values: torch.Tensor, window: int = 7, order: int = 3) -> torch.Tenso
 
 
 def influence_scores(
-    run, seqlen=128, validation=0.25, damping=10.0, aggregate="positive", samples=396
-) -> dict[str, float]:
+    run: AllocationRun, *, length: int, validation: float, damping: float, aggregate: str,
+    examples: int,
+) -> dict[str, float]:  # fmt: skip
     """Each allocation unit's ``S`` (positive influence of the training pieces)."""
-    examples = pieces(run.windows, seqlen)[:samples]
-    m = round(validation * len(examples))
-    if m < 1 or len(examples) - m < 2:
+    cut = pieces(run.windows, length)[:examples]
+    m = round(validation * len(cut))
+    if m < 1 or len(cut) - m < 2:
         raise PrunellaError(
-            f"layerif needs at least 2 training and 1 validation example of {seqlen} tokens; "
-            f"the calibration text gives {len(examples)}"
+            f"layerif needs at least 2 training and 1 validation example of {length} tokens; "
+            f"the calibration text gives {len(cut)}"
         )
-    n = len(examples) - m
+    n = len(cut) - m
     unit_of = {name: unit for unit, names in run.units.items() for name in names}
     influence: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(run.store.blocks()), desc="layerif (gradients)", unit="block",
                disable=not run.progress)  # fmt: skip
-    for _, grads in block_gradients(run.store, examples, device=run.device):
+    for _, grads in block_gradients(run.store, cut, device=run.device):
         for name, g in grads.items():
             part = datainf_influence(g[:n], g[n:], damping)
             unit = unit_of[name]
@@ -184,31 +195,27 @@ def influence_scores(
         bar.update()
     bar.close()
     scores = {unit: positive_influence(influence[unit], aggregate) for unit in run.units}
-    if not all(math.isfinite(v) for v in scores.values()):
-        raise PrunellaError("layerif: the influence is not finite on the calibration pieces")
+    check_finite(scores.values(), "layerif: the influence")
     return scores
 
 
-def model_metric(
-    run,
-    seqlen=128,
-    validation=0.25,
-    damping=10.0,
-    smooth=7,
-    aggregate="positive",
-    samples=396,
-    **_,
-) -> dict[str, float]:
+def allocate(
+    run: AllocationRun, *, length: int, validation: float, damping: float, smooth: int,
+    aggregate: str, examples: int, **_,
+) -> Scores:  # fmt: skip
     if smooth and (smooth % 2 == 0 or smooth < 5):
         raise PrunellaError(f"layerif option smooth must be 0 or odd and at least 5, got {smooth}")
-    scores = influence_scores(run, seqlen, validation, damping, aggregate, samples)
+    scores = influence_scores(
+        run, length=length, validation=validation, damping=damping, aggregate=aggregate,
+        examples=examples,
+    )  # fmt: skip
     if smooth and run.granularity == "block":
         units = list(scores)
         smoothed = savgol(torch.tensor([scores[u] for u in units]), smooth)
         scores = dict(zip(units, smoothed.tolist(), strict=True))
-    return scores
+    return Scores(scores)
 
 
-def sparsities(metric: torch.Tensor, target: float, sizes: torch.Tensor, epsilon: float = 0.1, **_):
+def ratios(metric: torch.Tensor, target: float, sizes: torch.Tensor, *, epsilon: float, **_):
     """AlphaPruning's mapping: a higher score (less mature) prunes more."""
-    return alphapruning_sparsities(metric, target, sizes, epsilon)
+    return alphapruning_ratios(metric, target, sizes, epsilon=epsilon)

@@ -19,7 +19,7 @@ Objective. The model runs with ``W ⊙ m``; with the density ``R = sum round(m) 
 (straight-through: the forward counts the hard mask, the gradient is the soft
 one's) and the target density ``p = 1 - target``,
 
-    L = CE(W ⊙ m) + lam |log(R / p)|,     lam = 16,
+    L = CE(W ⊙ m) + lam |log(R / p)|,     lam = 16 (option ``penalty``),
 
 minimised over the thresholds only (the model is frozen) by AdamW (``lr = 5e-3``,
 weight decay 0.05, no schedule: the authors' LLaMA-7B script) for ``steps = 500``
@@ -37,7 +37,7 @@ from a block-by-block backward (:func:`~prunella.allocation.loss.block_gradients
 so the memory is one block's activations, the int16 ranks (half a float32 model)
 and the thresholds. Where we differ: the paper learns on WikiText-103 for 500 steps
 on two GPUs; here the user's calibration windows are cycled through
-(``seqlen`` crops them, 0: whole windows), in float32. ``--granularity`` does not
+(``crop`` crops them, 0: whole windows), in float32. ``--granularity`` does not
 apply: the allocation is per row.
 """
 
@@ -53,9 +53,10 @@ from ...engine.gradients import block_gradients
 from ...engine.stats import COL_NORMS, LOSS, WEIGHTS
 from ...errors import PrunellaError
 from ...registry import Option
+from ..plan import fit_budget
 from ..sparsity.patterns import NM
 from ..sparsity.wanda import wanda_scores
-from .plan import Plan, fit_budget, fit_nm_levels
+from .run import AllocationRun, Assignment
 
 PAPER = "Lua-LLM: Learning Unstructured-Sparsity Allocation for Large Language Models, NeurIPS 2025"
 NEEDS = frozenset({LOSS, COL_NORMS, WEIGHTS})
@@ -63,8 +64,22 @@ OPTIONS = (
     Option("steps", int, 500, "optimisation steps, one calibration window each", low=1),
     Option("lr", float, 5e-3, "AdamW learning rate of the thresholds", low=0.0, low_open=True),
     Option("weight_decay", float, 0.05, "AdamW weight decay", low=0.0),
-    Option("lam", float, 16.0, "weight of the budget penalty lam |log(R / p)|", low=0.0),
-    Option("seqlen", int, 0, "learn on the first tokens of each window only (0: all)", low=0),
+    Option(
+        "penalty",
+        float,
+        16.0,
+        "weight lam of the budget penalty lam |log(R / p)|",
+        low=0.0,
+        old=("lam",),
+    ),
+    Option(
+        "crop",
+        int,
+        0,
+        "learn on the first tokens of each window only (0: all)",
+        low=0,
+        old=("seqlen",),
+    ),
 )
 METRIC = "learned_sparsity"
 
@@ -119,12 +134,16 @@ def ce_threshold_grads(
     return grads
 
 
-def search(run, steps=500, lr=5e-3, weight_decay=0.05, lam=16.0, seqlen=0, **_) -> Plan:
+def allocate(
+    run: AllocationRun, *, steps: int, lr: float, weight_decay: float, penalty: float,
+    crop: int, **_,
+) -> Assignment:  # fmt: skip
     """The per-row allocation Lua-LLM learns on ``run``'s calibration windows."""
-    store, target = run.store, run.pattern.sparsity
-    windows = run.windows[:, :seqlen] if seqlen else run.windows
+    store, budget = run.store, run.budget()
+    target = budget.target
+    windows = run.windows[:, :crop] if crop else run.windows
     if windows.shape[1] < 2:
-        raise PrunellaError("lua option seqlen must be 0 or at least 2")
+        raise PrunellaError("lua option crop must be 0 or at least 2")
     ranks: dict[str, torch.Tensor] = {}
 
     def visit(prefix: str, layers: dict) -> None:
@@ -144,54 +163,45 @@ def search(run, steps=500, lr=5e-3, weight_decay=0.05, lam=16.0, seqlen=0, **_) 
     bar = tqdm(range(steps), desc="lua (learning)", unit="step", disable=not run.progress)
     for step in bar:
         ids = windows[step % len(windows)][None]
-        density, penalty, d_penalty = budget_penalty(t, cols, total, 1 - target, lam)
+        density, cost, d_cost = budget_penalty(t, cols, total, 1 - target, penalty)
         grads = ce_threshold_grads(store, ids, ranks, t, device=run.device)
         for name in grads:  # + dP/dR dR/dt, dR/dt_j = sum_i dm_ij/dt_j / N
             m = soft_mask(ranks[name], t[name])
-            grads[name] += d_penalty * (-cols[name] * m * (1 - m)).sum(1) / total
+            grads[name] += d_cost * (-cols[name] * m * (1 - m)).sum(1) / total
         for name, value in t.items():
             value.grad = grads[name]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        curve.append([step, density, penalty])
+        curve.append([step, density, cost])
         bar.set_postfix(density=f"{density:.4f}")
-    return lua_plan(run, t, cols, curve, steps=steps, lr=lr, weight_decay=weight_decay,
-                    lam=lam, seqlen=seqlen)  # fmt: skip
+    return lua_assignment(run, t, cols, curve)
 
 
-def lua_plan(run, t: dict[str, torch.Tensor], cols: dict[str, int], curve: list, **options) -> Plan:
-    """The plan from learned thresholds: exact per-row counts (unstructured), or N:M
-    levels from each layer's mean."""
-    target, lo, hi = run.pattern.sparsity, run.min_sparsity, run.max_sparsity
+def lua_assignment(
+    run: AllocationRun, t: dict[str, torch.Tensor], cols: dict[str, int], curve: list
+) -> Assignment:
+    """Learned thresholds as exact per-row counts (unstructured), or N:M levels from each
+    layer's mean."""
+    budget = run.budget()
+    target, lo, hi = budget.target, budget.lo, budget.hi
     names = list(t)
     raw = torch.cat([t[n].detach().clamp(0, 1) for n in names])
     sizes = torch.cat([torch.full_like(t[n], cols[n]) for n in names])
     learned = {n: t[n].detach().clamp(0, 1).mean().item() for n in names}
-    plan = Plan(
-        target=target,
-        sparsity={},
-        method="lua",
-        granularity="layer",
-        params=options | {"min_sparsity": lo, "max_sparsity": hi, "curve": curve[-1:]},
-        metric_name=METRIC,
-        metric=learned,
-    )
-    if isinstance(run.pattern, NM):
-        shapes = run.store.layers()
-        layer_sizes = torch.tensor(
-            [shapes[n][0] * shapes[n][1] for n in names], dtype=torch.float64
-        )
-        levels = fit_nm_levels(torch.tensor([learned[n] for n in names]), layer_sizes, target,
-                               run.pattern.m, lo, hi)  # fmt: skip
-        plan.nm = {n: [int(k), run.pattern.m] for n, k in zip(names, levels, strict=True)}
-        plan.sparsity = {n: 1 - int(k) / run.pattern.m for n, k in zip(names, levels, strict=True)}
-        return plan
+    result = Assignment(
+        budget.axis, {}, granularity="layer", metric_name=METRIC, metric=learned,
+        facts={"curve": curve[-1:]},
+    )  # fmt: skip
+    if isinstance(budget.spec, NM):  # N:M levels from the layers' learned means
+        result.values, result.detail = run.axes.get(budget.axis).fit(learned, run.sizes, budget)
+        return result
     fitted = fit_budget(raw, sizes, target, lo, hi)
     counts = (fitted * sizes).round().long()
-    plan.rows, start = {}, 0
+    rows, start = {}, 0
     for n in names:
-        rows = counts[start : start + len(t[n])]
+        row_counts = counts[start : start + len(t[n])]
         start += len(t[n])
-        plan.rows[n] = rows.tolist()
-        plan.sparsity[n] = rows.sum().item() / (len(rows) * cols[n])
-    return plan
+        rows[n] = row_counts.tolist()
+        result.values[n] = row_counts.sum().item() / (len(row_counts) * cols[n])
+    result.detail["rows"] = rows
+    return result

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from ...engine.stats import FITNESS
 from ...registry import Option
-from ..search import SEARCH_OPTIONS, SearchRun, levels_for_sparsities, start
-from .plan import Plan
+from ..search import SEARCH_OPTIONS, levels_for_ratios, start
+from .run import AllocationRun, Assignment
 
 PAPER = (
     "Zhang et al., Enhancing Large Multimodal Models with Adaptive Sparsity and KV Cache "
     "Compression (TPE search of per-layer sparsities), 2025"
 )
-NEEDS: frozenset[str] = frozenset()
+NEEDS = frozenset({FITNESS})
 OPTIONS = (
     *SEARCH_OPTIONS,
     Option(
@@ -64,11 +65,11 @@ def propose(trial, ladder, units: dict, setup: dict) -> tuple[list[int], list]:
         unit: trial.suggest_float(unit, max(0.0, target - spread), min(0.99, target + spread))
         for unit in units
     }
-    levels = levels_for_sparsities(ladder, units, sparsity)
+    levels = levels_for_ratios(ladder, units, sparsity)
     return [levels[n] for n in ladder.names], setup["windows"]
 
 
-def search(run: SearchRun, **options) -> Plan:
+def allocate(run: AllocationRun, **options) -> Assignment:
     """The allocation TPE finds within the budget."""
     from optuna.trial import TrialState
 
@@ -76,7 +77,7 @@ def search(run: SearchRun, **options) -> Plan:
 
     count = run.windows_for(options["tokens"])
     setup = {"windows": list(range(count))}
-    session = start(run, options, setup, sampler(setup | {"options": options}))
+    session = start(run, options, setup, sampler(setup | {"options": options}), propose)
     study = session.study
     if not study.trials:  # the uniform allocation first
         study.enqueue_trial(dict.fromkeys(run.units, session.ladder.target))
@@ -98,4 +99,4 @@ def search(run: SearchRun, **options) -> Plan:
         session.close()
     best_trial = study.best_trial
     levels = dict(zip(session.ladder.names, best_trial.user_attrs["levels"], strict=True))
-    return session.plan(levels, best_trial.value)
+    return Assignment(run.budget().axis, **session.finish(levels, best_trial.value))

@@ -1,12 +1,14 @@
-"""Uniform allocation: every layer at the target sparsity (the papers' baseline).
+"""Uniform allocation: every layer at the target (the papers' baseline).
 
-The budget is fitted like every other method's (:func:`prunella.allocation.plan.fit_budget`),
-so the model as a whole loses exactly ``round(target * prunable weights)``.
+Every unit gets the target ratio; the axis's budget fitter then makes it exact, as for
+every other method (sparsity: the model loses exactly ``round(target * prunable weights)``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .run import AllocationRun, Scores
 
 PAPER = "the uniform baseline of every layer-wise pruning paper"
 NEEDS: frozenset[str] = frozenset()
@@ -14,9 +16,9 @@ OPTIONS = ()
 METRIC = None
 
 
-def unit_metric(layers, **_) -> float:
-    return 0.0
+def allocate(run: AllocationRun) -> Scores:
+    return Scores(dict.fromkeys(run.units, 0.0))
 
 
-def sparsities(metric: torch.Tensor, target: float, **_) -> torch.Tensor:
+def ratios(metric: torch.Tensor, target: float, **_) -> torch.Tensor:
     return torch.full_like(metric, target)

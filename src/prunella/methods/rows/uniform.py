@@ -16,6 +16,7 @@ from ..sparsity.patterns import Pattern
 PAPER = "the solver's own mask selection (no per-row budgets)"
 NEEDS: frozenset[str] = frozenset()
 OPTIONS = ()
+FALLBACK = True  # the row method used where calibration data is too thin
 
 
 def prune(

@@ -1,12 +1,14 @@
 """Allocation search: what the search methods (``evopress``, ``tpe``, ``dsa``) share.
 
-A search method is an allocation module with a ``search(run, **options)`` function
-instead of ``unit_metric``/``sparsities``. It proposes candidate allocations, and
-:class:`SearchRun` scores them: every layer's levels come from the :mod:`level
-database <prunella.search.levels>` (built once), the fitness is the KL divergence to
-the dense model on calibration tokens (:mod:`prunella.search.fitness`), and the
+A search method is an allocation module whose ``allocate(run, **options)`` proposes
+candidate allocations and scores them here: every layer's levels come from the
+:mod:`level database <prunella.methods.search.levels>` (built once, by the searched
+axis's level solver on its ladder), the fitness is the KL divergence to the dense
+model on calibration tokens (:mod:`prunella.methods.search.fitness`), and the
 candidates are evaluated by any number of worker processes, on this machine or
-others, through an optuna study (:mod:`prunella.search.study`).
+others, through an optuna study (:mod:`prunella.methods.search.study`). The run
+object is the allocation's (:class:`prunella.methods.allocation.run.AllocationRun`);
+nothing here imports the allocation package, so the two depend one way.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...errors import PrunellaError
-from ...registry import Method, Option
-from ..allocation.plan import allocation_units
-from ..sparsity.patterns import Pattern
-from .levels import NUM_LEVELS, Ladder, LevelDatabase, build_database, database_key, make_ladder
+from ...registry import Option
+from .levels import NUM_LEVELS, Ladder, LevelDatabase, build_database, database_key
 
 SEARCH_OPTIONS = (
     Option("minutes", float, 20.0, "wall-clock budget of the search", low=0.0, low_open=True),
@@ -57,95 +57,61 @@ def search_folder(given: str = "") -> Path:
     return Path(given) if given else cache_home() / "search"
 
 
-@dataclass
-class SearchRun:
-    """Everything a search needs besides its own options: the model (a store), the
-    calibration windows, the target pattern, the solver that fills the database, and
-    where the units of the allocation are (blocks or layers)."""
+def search_ladder(run, levels: int) -> Ladder:
+    """The ladder of the one axis ``run`` allocates (its ``ladder`` hook)."""
+    budget = run.budget()
+    axis = run.axes.get(budget.axis)
+    if not hasattr(axis, "ladder"):
+        raise PrunellaError(f"the searches cannot allocate axis {budget.axis!r}: it has no ladder")
+    sizes = run.sizes
+    hidden = getattr(run.store.model.config, "hidden_size", None) or int(
+        math.sqrt(sorted(sizes.values())[len(sizes) // 2])
+    )
+    return axis.ladder(sizes, budget, hidden, levels)
 
-    store: object
-    windows: torch.Tensor
-    pattern: Pattern
-    solver: Method
-    solver_options: dict
-    granularity: str
-    min_sparsity: float
-    max_sparsity: float
-    device: torch.device
-    dtype: torch.dtype
-    batch_size: int
-    progress: bool = True
-    method: Method | None = None  # the search method (set by the allocation step)
-    units: dict[str, list[str]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.windows is None:
-            name = self.method.name if self.method is not None else "search"
-            raise PrunellaError(f"allocation {name!r} needs calibration data")
-        self.units = allocation_units(
-            list(self.store.layers()), self.store.adapter.blocks_path, self.granularity
-        )
+def model_identity(store) -> str:
+    """The model, for database keys: its path and files' sizes and times, or (a model
+    object) a digest of its weights."""
+    path = getattr(store, "path", None)
+    if path is not None:
+        files = [*sorted(Path(path).glob("*.safetensors")), Path(path) / "config.json"]
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        return database_key(path=str(Path(path).resolve()), files=stats)
+    with torch.no_grad():
+        digest = [
+            (name, float(p.double().sum()), float(p.double().abs().sum()))
+            for name, p in store.model.named_parameters()
+        ]
+    return database_key(weights=digest)
 
-    def windows_for(self, tokens: int, available: int | None = None) -> int:
-        """How many calibration windows hold ``tokens`` (whole windows, at least one,
-        at most ``available``, default all)."""
-        available = len(self.windows) if available is None else available
-        return max(1, min(available, round(tokens / self.windows.shape[1])))
 
-    def ladder(self, levels: int) -> Ladder:
-        sizes = {n: rows * cols for n, (rows, cols) in self.store.layers().items()}
-        hidden = getattr(self.store.model.config, "hidden_size", None) or int(
-            math.sqrt(sorted(sizes.values())[len(sizes) // 2])
-        )
-        return make_ladder(
-            sizes, self.pattern, hidden, levels, lo=self.min_sparsity, hi=self.max_sparsity
-        )
+def open_database(run, ladder: Ladder, folder: Path) -> tuple[LevelDatabase, str]:
+    """The level database for ``ladder`` (built, or finished, when needed) and its key."""
+    solve = run.axes.get(ladder_axis(run)).level_solver(run.recipe)
+    key = database_key(
+        model=model_identity(run.store),
+        windows=database_key(data=run.windows.flatten().tolist()),
+        **solve.key,
+        ladder=ladder.to_json(),
+        dtype=str(run.dtype),
+    )
+    db_folder = folder / "levels" / key
+    db_folder.mkdir(parents=True, exist_ok=True)
+    windows_file = db_folder / "windows.safetensors"
+    if not windows_file.exists():
+        partial = windows_file.with_suffix(f".{os.getpid()}.partial")
+        save_file({"windows": run.windows.contiguous()}, partial)
+        os.replace(partial, windows_file)
+    database = build_database(
+        db_folder, run.store, run.windows, solve, ladder, device=run.device, dtype=run.dtype,
+        batch_size=run.batch_size, progress=run.progress,
+    )  # fmt: skip
+    return database, key
 
-    def model_identity(self) -> str:
-        """The model, for database keys: its path and files' sizes and times, or (a
-        model object) a digest of its weights."""
-        path = getattr(self.store, "path", None)
-        if path is not None:
-            files = [*sorted(Path(path).glob("*.safetensors")), Path(path) / "config.json"]
-            stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-            return database_key(path=str(Path(path).resolve()), files=stats)
-        with torch.no_grad():
-            digest = [
-                (name, float(p.double().sum()), float(p.double().abs().sum()))
-                for name, p in self.store.model.named_parameters()
-            ]
-        return database_key(weights=digest)
 
-    def database(self, ladder: Ladder, folder: Path) -> tuple[LevelDatabase, str]:
-        """The level database for ``ladder`` (built, or finished, when needed) and its key."""
-        key = database_key(
-            model=self.model_identity(),
-            windows=database_key(data=self.windows.flatten().tolist()),
-            solver=self.solver.name,
-            options=self.solver_options,
-            ladder=ladder.to_json(),
-            dtype=str(self.dtype),
-        )
-        db_folder = folder / "levels" / key
-        db_folder.mkdir(parents=True, exist_ok=True)
-        windows_file = db_folder / "windows.safetensors"
-        if not windows_file.exists():
-            partial = windows_file.with_suffix(f".{os.getpid()}.partial")
-            save_file({"windows": self.windows.contiguous()}, partial)
-            os.replace(partial, windows_file)
-        database = build_database(
-            db_folder,
-            self.store,
-            self.windows,
-            self.solver,
-            self.solver_options,
-            ladder,
-            device=self.device,
-            dtype=self.dtype,
-            batch_size=self.batch_size,
-            progress=self.progress,
-        )
-        return database, key
+def ladder_axis(run) -> str:
+    return run.budget().axis
 
 
 def unit_levels(ladder: Ladder, units: dict[str, list[str]]) -> dict[str, tuple[int, int, int]]:
@@ -166,10 +132,10 @@ def expand(units: dict[str, list[str]], levels: dict[str, int]) -> dict[str, int
     return {n: levels[u] for u, layers in units.items() for n in layers}
 
 
-def levels_for_sparsities(
-    ladder: Ladder, units: dict[str, list[str]], sparsity: dict[str, float]
+def levels_for_ratios(
+    ladder: Ladder, units: dict[str, list[str]], ratio: dict[str, float]
 ) -> dict[str, int]:
-    """The layer levels nearest to per-unit ``sparsity`` with the budget kept: each layer
+    """The layer levels nearest to per-unit ``ratio`` with the budget kept: each layer
     gets the real level ``x_l = (s_u n_l - base_l) / step_l + c`` (clipped to its range,
     ``c`` one shift making ``sum_l step_l x_l = 0``), rounded down, and the remaining
     steps go to the layers with the largest remainders."""
@@ -179,7 +145,7 @@ def levels_for_sparsities(
     high = torch.tensor([ladder.high[n] for n in names], dtype=torch.float64)
     raw = torch.tensor(
         [
-            (sparsity[u] * ladder.size[n] - ladder.base[n]) / ladder.step[n]
+            (ratio[u] * ladder.size[n] - ladder.base[n]) / ladder.step[n]
             for u, layers in units.items()
             for n in layers
         ],
@@ -208,7 +174,7 @@ def levels_for_sparsities(
 class Session:
     """A search under way: its study, evaluator, fitness and budget."""
 
-    run: SearchRun
+    run: object  # the allocation's run
     ladder: Ladder
     database: LevelDatabase
     fitness: object
@@ -238,25 +204,14 @@ class Session:
         self.study.set_user_attr("finished", True)
         stop_workers(self.workers, self.threads)
 
-    def plan(self, levels: dict[str, int], best: float | None, extra: dict | None = None):
-        """The :class:`~prunella.allocation.plan.Plan` of the candidate ``levels``."""
-        from ..allocation.plan import Plan
+    def finish(self, levels: dict[str, int], best: float | None, extra: dict | None = None):
+        """The candidate ``levels`` as an assignment's fields (values, detail, facts)."""
         from .study import public_url
 
-        ladder, run = self.ladder, self.run
-        plan = Plan(
-            target=ladder.target,
-            sparsity={n: ladder.sparsity(n, levels[n]) for n in ladder.names},
-            method=run.method.name,
-            granularity=run.granularity,
-            params=self.options
-            | {"storage": public_url(self.options["storage"]) if self.options["storage"] else ""}
-            | {"min_sparsity": run.min_sparsity, "max_sparsity": run.max_sparsity}
-            | {"search": self.summary() | {"best_kl": best, "levels": levels} | (extra or {})},
-        )
-        if ladder.m is not None:
-            plan.nm = {n: [ladder.pattern(n, levels[n]).n, ladder.m] for n in ladder.names}
-        return plan
+        values, detail = self.ladder.assignment(levels)
+        storage = public_url(self.options["storage"]) if self.options["storage"] else ""
+        search = self.summary() | {"best_kl": best, "levels": levels} | (extra or {})
+        return {"values": values, "detail": detail, "facts": {"storage": storage, "search": search}}
 
     def summary(self) -> dict:
         """What the plan records about the search."""
@@ -274,16 +229,17 @@ class Session:
         }
 
 
-def start(run: SearchRun, options: dict, setup: dict, sampler=None) -> Session:
-    """Open (or resume) the study of ``method`` on ``run``: build the level database when
-    needed, start ``options["workers"] - 1`` more worker processes."""
+def start(run, options: dict, setup: dict, sampler=None, propose=None) -> Session:
+    """Open (or resume) the study of ``run.method`` on ``run``: build the level database
+    when needed, start ``options["workers"] - 1`` more worker processes. A method driven
+    by an optuna ``sampler`` gives its ``propose(trial, ladder, units, setup)``."""
     from .fitness import KLFitness
     from .study import Evaluator, make_objective, open_study, spawn_workers, storage_url
 
     method = run.method
     folder = search_folder(options["folder"])
-    ladder = run.ladder(options["levels"])
-    database, key = run.database(ladder, folder)
+    ladder = search_ladder(run, options["levels"])
+    database, key = open_database(run, ladder, folder)
     fitness = KLFitness(
         run.store,
         run.windows,
@@ -314,7 +270,6 @@ def start(run: SearchRun, options: dict, setup: dict, sampler=None) -> Session:
     url = storage_url(options["storage"], folder)
     study = open_study(url, name, sampler, setup)
     study.set_user_attr("finished", False)  # a re-run (resume, longer budget): workers welcome
-    propose = getattr(method.module, "propose", None)
     objective = make_objective(
         fitness,
         ladder.names,
@@ -335,16 +290,17 @@ def start(run: SearchRun, options: dict, setup: dict, sampler=None) -> Session:
 def run_worker(
     url: str,
     name: str,
+    methods,
     *,
     model: str | None = None,
     folder: str | None = None,
     device: str = "auto",
     parent: int | None = None,
 ) -> int:
-    """``prunella search-worker``: evaluate candidates of study ``name`` until it finishes."""
+    """``prunella search-worker``: evaluate candidates of study ``name`` until it finishes
+    (``methods``: the allocation registry, where the search's method is looked up)."""
     from ...engine.device import pick_device, resolve_compute_dtype
     from ...engine.store import open_store
-    from ..allocation import get_method
     from .fitness import KLFitness
     from .study import make_objective, open_study, optuna_load, public_url, worker_loop
 
@@ -355,7 +311,7 @@ def run_worker(
     setup = probe.user_attrs.get("setup")
     if setup is None:
         raise PrunellaError(f"study {name!r} was not made by prunella")
-    method = get_method(setup["method"])
+    method = methods.get(setup["method"])
     sampler_of = getattr(method.module, "sampler", None)
     # each worker its own seed: copies of one seeded sampler would propose the same points
     study = open_study(url, name, sampler_of(setup, os.getpid()) if sampler_of else None)

@@ -41,7 +41,6 @@ from safetensors.torch import save_file
 from ...engine.forward import visit_blocks
 from ...engine.stats import exact
 from ...errors import PrunellaError
-from ...registry import Method
 from ..sparsity.patterns import NM, Pattern, Unstructured
 
 NUM_LEVELS = 8  # EvoPress's default (prune.py --num_levels)
@@ -84,6 +83,13 @@ class Ladder:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def assignment(self, levels: dict[str, int]) -> tuple[dict[str, float], dict]:
+        """A candidate's per-layer sparsities, and for an ``N:M`` ladder its levels."""
+        values = {n: self.sparsity(n, levels[n]) for n in self.names}
+        if self.m is None:
+            return values, {}
+        return values, {"nm": {n: [self.pattern(n, levels[n]).n, self.m] for n in self.names}}
 
 
 def make_ladder(
@@ -170,8 +176,7 @@ def build_database(
     folder: str | Path,
     store,
     windows: torch.Tensor | None,
-    solver: Method,
-    solver_options: dict,
+    solve,
     ladder: Ladder,
     *,
     device: torch.device,
@@ -179,16 +184,17 @@ def build_database(
     batch_size: int,
     progress: bool = True,
 ) -> LevelDatabase:
-    """Prune every layer at every level of ``ladder`` into ``folder`` (or finish a build
-    a crash interrupted), and open it."""
+    """Compress every layer at every level of ``ladder`` with ``solve(weight, level,
+    stats)`` (the searched axis's level solver: its ``name``, ``needs``) into ``folder``
+    (or finish a build a crash interrupted), and open it."""
     folder = Path(folder)
     if (folder / "complete").exists():
         return LevelDatabase(folder)
     layers = folder / "layers"
     layers.mkdir(parents=True, exist_ok=True)
     (folder / "ladder.json").write_text(json.dumps(ladder.to_json()))
-    if solver.needs and windows is None:
-        raise PrunellaError(f"solver {solver.name!r} needs calibration data")
+    if solve.needs and windows is None:
+        raise PrunellaError(f"{solve.name!r} needs calibration data")
 
     def visit(prefix: str, block_layers: dict) -> None:
         for name, (weight, stats) in block_layers.items():
@@ -199,9 +205,7 @@ def build_database(
             tensors = {}
             with exact(dense):
                 for level in ladder.levels(name):
-                    new, _ = solver.prune(
-                        dense.clone(), ladder.pattern(name, level), stats, **solver_options
-                    )
+                    new = solve(dense.clone(), ladder.pattern(name, level), stats)
                     tensors[str(level)] = new.to(weight.dtype).cpu().contiguous()
             partial = path.with_suffix(".partial")
             save_file(tensors, partial)
@@ -210,13 +214,13 @@ def build_database(
     visit_blocks(
         store,
         visit,
-        needs=solver.needs,
-        windows=windows if solver.needs else None,
+        needs=solve.needs,
+        windows=windows if solve.needs else None,
         device=device,
         dtype=dtype,
         batch_size=batch_size,
         progress=progress,
-        desc=f"level database ({solver.name})",
+        desc=f"level database ({solve.name})",
     )
     (folder / "complete").write_text("")
     return LevelDatabase(folder)

@@ -23,6 +23,7 @@ it), the solver, compute dtype and batch size. Give the worker the same paths
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -132,6 +133,7 @@ class Evaluator:
     def __init__(self, study: optuna.Study, objective) -> None:
         self.study, self.objective = study, objective
         self.evaluations = 0  # results obtained, read back or computed
+        self._beaten: set[int] = set()  # running trials given a heartbeat (see _beat_orphans)
 
     def _trials(self) -> dict[str, list]:
         by_key: dict[str, list] = {}
@@ -169,8 +171,23 @@ class Evaluator:
             if waiting:
                 run_one(self.study, self.objective)
             else:  # the rest are running elsewhere
+                self._beat_orphans(t for key in wanted for t in by_key.get(key, []))
                 optuna.storages.fail_stale_trials(self.study)
                 time.sleep(POLL)
+
+    def _beat_orphans(self, trials) -> None:
+        """A worker killed between taking a trial and its first heartbeat leaves a running
+        trial that optuna never finds stale (it skips trials with no heartbeat): give each
+        trial running for longer than the grace period one heartbeat, once; a live worker
+        keeps beating, an orphan goes stale ``GRACE`` seconds later and is failed."""
+        now = datetime.datetime.now()
+        for trial in trials:
+            started = trial.datetime_start
+            if trial.state != TrialState.RUNNING or trial._trial_id in self._beaten:
+                continue
+            if started is not None and (now - started).total_seconds() > GRACE:
+                self.study._storage.record_heartbeat(trial._trial_id)
+                self._beaten.add(trial._trial_id)
 
 
 def spawn_workers(count: int, url: str, name: str, device: str) -> list[subprocess.Popen]:

@@ -19,6 +19,7 @@ PAPER = (
 )
 NEEDS: frozenset[str] = frozenset()
 OPTIONS = ()
+FALLBACK = True  # what the solvers fall back to where calibration data is too thin
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
