@@ -16,7 +16,7 @@ saved runs, and the allocation pictures are copied to ``--figures DIR`` when giv
 
     python benchmarks/allocation_smollm2.py --sparsities 0.7,0.6 --json alloc.json \
         --methods uniform,owl,alphapruning,erk,ecoflap,layerif,layerif+helpful,lua \
-        --opt ecoflap:perturb=block --opt ecoflap:seqlen=128 --opt ecoflap:batch=4 \
+        --opt ecoflap:perturb=block --opt ecoflap:crop=128 --opt ecoflap:batch=4 \
         --opt lua:steps=50
 """
 
@@ -52,7 +52,7 @@ def evaluation(model: str, a) -> dict:
 
 def method_flags(method: str, a) -> list[str]:
     """The method's flags plus ``--opt NAME:KEY=VALUE`` given on the command line (``NAME``
-    the allocation's name: ``--opt layerif:seqlen=64`` applies to both layerif rows)."""
+    the allocation's name: ``--opt layerif:length=64`` applies to both layerif rows)."""
     if method in METHODS:
         flags = list(METHODS[method])
     else:

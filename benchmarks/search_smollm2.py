@@ -124,7 +124,7 @@ def main() -> None:
                 result = measured(["prune", a.model, "--out", out, *target_flags(target),
                                    *common, *flags])  # fmt: skip
                 report = json.loads((Path(out) / "prune_report.json").read_text())
-                search = report["allocation"]["params"].get("search", {})
+                search = report["plan"]["axes"]["sparsity"]["params"].get("search", {})
                 scored = evaluation(out, a)
                 rows.append({
                     "target": target, "method": method, "ppl": scored["perplexity"],
@@ -132,7 +132,7 @@ def main() -> None:
                     "evaluations": search.get("evaluations"),
                     "search_kl": search.get("best_kl"), "wall_s": result["wall_seconds"],
                     "peak_rss_mb": result["peak_rss_mb"],
-                    "formula": report["allocation"]["params"].get("formula"),
+                    "formula": report["plan"]["axes"]["sparsity"]["params"].get("formula"),
                 })  # fmt: skip
                 print(f"done: {target} {method}: ppl {rows[-1]['ppl']:.2f}", file=sys.stderr)
         floor = None if a.skip_speed else json.loads(speed(a, cache)["stdout"])

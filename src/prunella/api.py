@@ -57,10 +57,8 @@ def prune(
     if calibration is not None and windows is None:
         options["calib"] = str(calibration)
     plan = allocation if isinstance(allocation, Plan) else None
-    if isinstance(allocation, Path) or str(allocation).endswith(".json"):
-        options["allocation_file"] = str(allocation)
-    elif allocation is not None and plan is None:
-        options["allocation"] = allocation
+    if plan is None:
+        _allocation(allocation, options)
     loaded = model if isinstance(model, torch.nn.Module) else None
     if loaded is None:
         options["model"] = str(model)
@@ -105,19 +103,30 @@ def prune_to_dir(
     **options,
 ) -> dict:
     """Prune ``recipe.model`` into ``recipe.out`` (a :class:`Recipe`, a recipe file, or the
-    options as keyword arguments, which override the recipe's); returns the report.
+    options as keyword arguments, which override the recipe's; ``allocation`` may be the
+    path of a plan file, as for :func:`prune`); returns the report.
 
     Progress is kept in ``OUT.partial`` after every block; re-running the same recipe
     continues from the last finished block (``resume=True`` insists on it,
     ``restart=True`` discards it). By default (``offload="auto"``) the checkpoint is
     streamed, one block in memory at a time.
     """
+    _allocation(options.pop("allocation", None), options)
     if isinstance(recipe, Recipe):
         recipe = build(**{**recipe.model_dump(), **options})
     else:
         recipe = build(recipe, **options)
     _, report = run(recipe, overwrite=overwrite, resume=resume, restart=restart, progress=progress)
     return report
+
+
+def _allocation(allocation, options: dict) -> None:
+    """``allocation`` as the recipe takes it: a plan file's path, or a method (name or
+    ``{name, options}``)."""
+    if isinstance(allocation, Path) or str(allocation).endswith(".json"):
+        options["allocation_file"] = str(allocation)
+    elif allocation is not None:
+        options["allocation"] = allocation
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False):

@@ -79,7 +79,8 @@ def layer_figure(report: dict, path: str | Path) -> Path:
         x, [layer["rel_error"] for layer in layers], color="#4f81bd", lw=1, label="relative error"
     )
     twin.set_ylabel("||(W - W_hat) X|| / ||W X||", color="#4f81bd")
-    ax.set_title(f"per-layer sparsity and reconstruction error ({report['solver']})", fontsize=10)
+    axes = ", ".join(report.get("axes") or {})
+    ax.set_title(f"per-layer sparsity and reconstruction error ({axes})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
