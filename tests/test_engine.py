@@ -43,7 +43,7 @@ HALF = Unstructured(0.5)
 def pruner(solver="wanda"):
     """The sparsity axis's compressor: ``solver`` (a name or a method) with uniform rows."""
     solver = get_solver(solver) if isinstance(solver, str) else solver
-    return Pruner(solver, {}, get_rows("uniform"), {})
+    return Pruner(solver, solver.defaults(), get_rows("uniform"), {})
 
 
 def sparsity_levels(patterns: dict) -> dict:

@@ -18,6 +18,8 @@ from prunella.methods.rows import get_rows, trim
 from prunella.methods.sparsity import SOLVERS, alps, get_solver
 from prunella.methods.sparsity.patterns import NM, RowBudget, Unstructured, row_counts_mask
 
+TRIM = get_rows("trim")
+
 
 def solve_with(name, stats):
     solver = get_solver(name)
@@ -32,8 +34,8 @@ def recon(w, w_hat, stats):
 def test_alps_beats_sparsegpt_on_a_random_layer(pattern):
     w, x = layer_problem(rows=96, cols=128)
     stats = stats_for(x, (HESSIAN,))
-    ours, info = alps.prune(w.clone(), pattern, stats, fallback=False)
-    theirs, _ = get_solver("sparsegpt").prune(w.clone(), pattern, stats)
+    ours, info = get_solver("alps").call("prune", w.clone(), pattern, stats, fallback=False)
+    theirs, _ = get_solver("sparsegpt").call("prune", w.clone(), pattern, stats)
     assert recon(w, ours, stats) < 0.9 * recon(w, theirs, stats), info
     assert info["converged"] and info["iterations"] < 300
     assert (ours == 0).sum().item() == (theirs == 0).sum().item()
@@ -44,8 +46,10 @@ def test_alps_reports_no_convergence_and_falls_back_to_sparsegpt():
     stats = stats_for(x, (HESSIAN,))
     # a huge penalty, one iteration, no back-solve: close to magnitude pruning, which
     # SparseGPT beats
-    new, info = alps.prune(w.clone(), Unstructured(0.7), stats, rho=1e5, max_iter=2, pcg_iter=0)
-    sparsegpt, _ = get_solver("sparsegpt").prune(w.clone(), Unstructured(0.7), stats)
+    new, info = get_solver("alps").call(
+        "prune", w.clone(), Unstructured(0.7), stats, rho=1e5, max_iter=2, pcg_iter=0
+    )
+    sparsegpt, _ = get_solver("sparsegpt").call("prune", w.clone(), Unstructured(0.7), stats)
     assert info["converged"] is False and info["iterations"] == 2
     assert info["fallback"] is True
     assert torch.equal(new, sparsegpt)
@@ -80,7 +84,7 @@ def test_row_counts_mask_is_exact():
 def test_every_solver_honours_row_budgets(name):
     w, x = layer_problem(rows=40, cols=136)
     counts = torch.randint(0, 137, (40,), generator=torch.Generator().manual_seed(3))
-    new, _ = get_solver(name).prune(w.clone(), RowBudget(counts, 136), stats_for(x))
+    new, _ = get_solver(name).call("prune", w.clone(), RowBudget(counts, 136), stats_for(x))
     assert (new == 0).sum(1).tolist() == counts.tolist()
 
 
@@ -120,7 +124,7 @@ def test_trim_keeps_the_layer_budget_and_never_loses_to_uniform_rows(name):
     stats = stats_for(x)
     solve = solve_with(name, stats)
     uniform, _ = solve(w.clone(), Unstructured(0.7))
-    new, info = trim.prune(w.clone(), Unstructured(0.7), stats, solve)
+    new, info = TRIM.call("prune", w.clone(), Unstructured(0.7), stats, solve)
     assert (new == 0).sum().item() == round(0.7 * w.numel())
     H = stats.hessian
     assert trim.row_cosines(w @ H, w, new, H)[1] >= trim.row_cosines(w @ H, w, uniform, H)[1]
@@ -133,7 +137,7 @@ def test_trim_spreads_rows_for_wanda_and_lowers_the_error():
     stats = stats_for(x)
     solve = solve_with("wanda", stats)
     uniform, _ = solve(w.clone(), Unstructured(0.7))
-    new, info = trim.prune(w.clone(), Unstructured(0.7), stats, solve)
+    new, info = TRIM.call("prune", w.clone(), Unstructured(0.7), stats, solve)
     assert info["rows_rate"] != 0 and info["rows_max"] > info["rows_min"]
     assert recon(w, new, stats) < recon(w, uniform, stats)
 
@@ -142,7 +146,7 @@ def test_trim_leaves_nm_alone():
     w, x = layer_problem(rows=16, cols=64)
     stats = stats_for(x)
     solve = solve_with("sparsegpt", stats)
-    new, info = trim.prune(w.clone(), NM(2, 4), stats, solve)
+    new, info = TRIM.call("prune", w.clone(), NM(2, 4), stats, solve)
     assert torch.equal(new, solve(w.clone(), NM(2, 4))[0])
     assert info["rows"] == "fixed by the pattern"
 
@@ -151,8 +155,8 @@ def test_trim_with_a_proxy_solver():
     w, x = layer_problem(rows=32, cols=128)
     w = w * torch.linspace(0.2, 3.0, 32).unsqueeze(1)
     stats = stats_for(x)
-    new, _ = trim.prune(
-        w.clone(), Unstructured(0.7), stats, solve_with("alps", stats), proxy="sparsegpt"
+    new, _ = TRIM.call(
+        "prune", w.clone(), Unstructured(0.7), stats, solve_with("alps", stats), proxy="sparsegpt"
     )
     assert (new == 0).sum().item() == round(0.7 * w.numel())
 
@@ -212,7 +216,7 @@ def test_alps_prunes_dead_inputs_first():
     w, x = layer_problem(rows=32, cols=64)
     x[:, :8] = 0.0  # eight inputs that are always zero
     stats = stats_for(x, (HESSIAN,))
-    new, _ = alps.prune(w.clone(), Unstructured(0.7), stats, fallback=False)
+    new, _ = get_solver("alps").call("prune", w.clone(), Unstructured(0.7), stats, fallback=False)
     assert (new[:, :8] == 0).all()
     assert (new == 0).sum().item() == round(0.7 * w.numel())
 
@@ -231,7 +235,7 @@ def test_row_budget_must_fit_the_layer():
         RowBudget(torch.tensor([1.0, 2.0]), cols=8)
     w, x = layer_problem(rows=8, cols=32)
     with pytest.raises(PrunellaError, match="row budgets for 2 x 32"):
-        get_solver("wanda").prune(w, RowBudget(torch.tensor([1, 2]), 32), stats_for(x))
+        get_solver("wanda").call("prune", w, RowBudget(torch.tensor([1, 2]), 32), stats_for(x))
 
 
 def test_unconverged_alps_layers_are_said(tiny_llama, tmp_path, capsys):

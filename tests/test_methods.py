@@ -9,12 +9,12 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import install_package
 from safetensors.torch import load_file
 
 import prunella
@@ -190,27 +190,7 @@ PLUGIN = {
 
 
 def test_third_party_methods_register_through_entry_points(tiny_llama, tmp_path):
-    package, site = tmp_path / "pkg", tmp_path / "site"
-    for name, text in PLUGIN.items():
-        (package / name).parent.mkdir(parents=True, exist_ok=True)
-        (package / name).write_text(textwrap.dedent(text))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(package),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    env = install_package(PLUGIN, tmp_path)
     listed = subprocess.run(
         [sys.executable, "-m", "prunella", "methods", "--json"],
         capture_output=True,

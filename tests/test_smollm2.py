@@ -87,8 +87,8 @@ def test_alps_beats_sparsegpt_on_real_layers(smollm2, pattern):
     pat = parse_pattern("unstructured", 0.7) if pattern == "0.7" else parse_pattern(pattern)
     for name, layer in layers.items():
         w = layer.weight.detach().float()
-        ours, info = alps.prune(w.clone(), pat, stats[name], fallback=False)
-        theirs, _ = get_solver("sparsegpt").prune(w.clone(), pat, stats[name])
+        ours, info = get_solver("alps").call("prune", w.clone(), pat, stats[name], fallback=False)
+        theirs, _ = get_solver("sparsegpt").call("prune", w.clone(), pat, stats[name])
         h = stats[name].hessian
         ours_error = alps.reconstruction_error(w, ours, h)
         theirs_error = alps.reconstruction_error(w, theirs, h)

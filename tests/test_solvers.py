@@ -34,7 +34,7 @@ def rel_error(w, w_hat, x):
 
 def run(name, w, x, pattern, **options):
     solver = get_solver(name)
-    new, _ = solver.prune(w.clone(), pattern, stats_for(x), **options)
+    new, _ = solver.call("prune", w.clone(), pattern, stats_for(x), **options)
     return new
 
 
@@ -89,7 +89,7 @@ def test_wanda_scores_use_activation_norms():
     # Two columns with equal weights: the one with the larger input norm survives.
     w = torch.ones(4, 2)
     x = torch.tensor([[1.0, 10.0]] * 8)
-    new, _ = get_solver("wanda").prune(w, Unstructured(0.5), stats_for(x, [COL_NORMS]))
+    new, _ = get_solver("wanda").call("prune", w, Unstructured(0.5), stats_for(x, [COL_NORMS]))
     assert (new[:, 0] == 0).all() and (new[:, 1] == 1).all()
 
 
@@ -103,8 +103,8 @@ def test_sparsegpt_update_is_optimal_for_first_column():
     x = torch.randn(512, 8) + 0.5 * torch.randn(512, 1)  # correlated features
     w = torch.randn(1, 8)
     w[0, 0] = 0.01  # the least salient weight: the one pruned
-    new, _ = get_solver("sparsegpt").prune(
-        w.clone(), Unstructured(1 / 8), stats_for(x), percdamp=0.0
+    new, _ = get_solver("sparsegpt").call(
+        "prune", w.clone(), Unstructured(1 / 8), stats_for(x), percdamp=0.0
     )
     pruned = (new == 0).squeeze()
     assert pruned.tolist() == [True] + [False] * 7
@@ -121,7 +121,7 @@ def test_sparsegpt_survives_singular_hessian():
     x = torch.randn(8, 64)
     x[:, 10] = x[:, 11]
     x[:, 20:24] = 0.0  # dead inputs
-    new, info = get_solver("sparsegpt").prune(w.clone(), Unstructured(0.5), stats_for(x))
+    new, info = get_solver("sparsegpt").call("prune", w.clone(), Unstructured(0.5), stats_for(x))
     assert (new == 0).sum().item() == w.numel() // 2
     assert (new[:, 20:24] == 0).all(), "weights of dead inputs are pruned first"
     assert info["damp"] >= 0.01

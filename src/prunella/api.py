@@ -19,12 +19,13 @@ import torch
 
 from .errors import PrunellaError
 from .io.models import load
+from .methods.heapr import check_ratio, heapr
 from .methods.plan import Plan
 from .pipeline import allocate_only, run
 from .recipe import Recipe, build
 from .report.evaluation import evaluate
 
-__all__ = ["allocate", "evaluate", "load_model", "prune", "prune_to_dir"]
+__all__ = ["allocate", "evaluate", "heapr_to_dir", "load_model", "prune", "prune_to_dir"]
 
 
 def prune(
@@ -117,6 +118,47 @@ def prune_to_dir(
     else:
         recipe = build(recipe, **options)
     _, report = run(recipe, overwrite=overwrite, resume=resume, restart=restart, progress=progress)
+    return report
+
+
+def heapr_to_dir(
+    model: str | Path,
+    out: str | Path,
+    *,
+    ratio: float = 0.25,
+    uniform: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Prune the checkpoint ``model`` with HEAPr (:func:`prunella.heapr`) into ``out``
+    (written atomically, in the checkpoint's dtype, with ``heapr_report.json``),
+    calibrated as the recipe ``options`` say (``calib``, ``nsamples``, ``seqlen``,
+    ``seed``, ``text_field``, ``device``); returns the report. The scores are computed in
+    float32 on the device (``auto``: a GPU when there is one)."""
+    from .data import calibration
+    from .engine.device import pick_device
+    from .io.checkpoint import check_checkpoint
+    from .io.folders import atomic_folder, check_out_dir, write_json
+
+    check_ratio(ratio)  # bad input stops before the model is read
+    recipe = build(model=str(model), out=str(out), **options)
+    device = pick_device(recipe.device)
+    out = check_out_dir(recipe.out, check_checkpoint(recipe.model)[0], overwrite)
+    hf_model, tokenizer, path, _ = load(recipe.model)
+    dtype = next(hf_model.parameters()).dtype  # the checkpoint's: scored in float32, saved so
+    hf_model.to(device=device, dtype=torch.float32)
+    windows, calib_info = calibration(
+        tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed,
+        getattr(hf_model.config, "max_position_embeddings", None), recipe.text_field,
+    )  # fmt: skip
+    report = heapr(hf_model, windows, ratio, uniform, 1, progress)
+    report |= {"model": str(path), "calibration": calib_info}
+    hf_model.to(device="cpu", dtype=dtype)
+    with atomic_folder(out) as tmp:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "heapr_report.json", report)
     return report
 
 

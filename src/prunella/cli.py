@@ -348,12 +348,11 @@ def unpack_command(packed, out, overwrite, quiet) -> None:
 
 def heapr_command(model, out, ratio, uniform, overwrite, quiet, **values) -> None:
     """Remove atomic experts (one neuron of one expert) by HEAPr's output-space score."""
-    from .methods.heapr import heapr_to_dir
+    from .api import heapr_to_dir
 
     _quiet_transformers()
-    recipe = _build_recipe(None, model=model, out=str(out), **values)
     report = heapr_to_dir(
-        recipe, ratio=ratio, uniform=uniform, overwrite=overwrite, progress=not quiet
+        model, out, ratio=ratio, uniform=uniform, overwrite=overwrite, progress=not quiet, **values
     )
     click.echo(
         f"HEAPr removed {report['atomic_experts_removed']:,} of {report['atomic_experts']:,} "

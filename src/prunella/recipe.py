@@ -36,8 +36,6 @@ from .methods import AXES
 from .methods.allocation import ALLOCATIONS
 from .registry import MethodChoice, Registry, method_field
 
-RECIPE = "recipe.yaml"
-
 
 class _Recipe(BaseModel):
     """What every recipe shares: forbidden extras, the checks, the resolution."""

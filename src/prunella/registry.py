@@ -152,6 +152,11 @@ class Method:
             for name, option in declared.items()
         }
 
+    def call(self, hook: str, *args, **options):
+        """The module's ``hook`` (``prune``, ``allocate``, ...) with ``options`` checked and
+        every option not given at its declared default."""
+        return getattr(self.module, hook)(*args, **self.resolve(options))
+
     def __getattr__(self, attr: str):
         """The module's functions (``prune``, ``unit_metric``, ``sparsities``, ``METRIC``)."""
         if attr.startswith("__"):

@@ -43,7 +43,13 @@ from ..io.checkpoint import (
 )
 from ..io.folders import write_json
 from ..io.models import load, load_tokenizer
-from ..io.safetensors_io import CheckpointReader, ShardWriter, save_tensors, write_index
+from ..io.safetensors_io import (
+    CheckpointReader,
+    ShardWriter,
+    model_nbytes,
+    save_tensors,
+    write_index,
+)
 from .adapters import Adapter, adapter_for
 
 
@@ -62,16 +68,6 @@ def module_tensors(module: nn.Module, prefix: str, key_map: dict) -> dict:
         else:
             out[key] = tensor
     return out
-
-
-def model_nbytes(model: nn.Module) -> int:
-    """Bytes of the model's tensors as saved (tied tensors once)."""
-    seen, total = set(), 0
-    for tensor in model.state_dict(keep_vars=True).values():
-        if id(tensor) not in seen and not tensor.is_meta:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
 
 
 class _Blocks:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..engine.adapters import Adapter, adapter_for
 from ..errors import PrunellaError, first_line
+from .folders import read_json
 from .safetensors_io import DTYPES, CheckpointReader
 
 SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
@@ -107,10 +108,7 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise PrunellaError(f"{path} has no config.json: not a Hugging Face checkpoint")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrunellaError(f"{config_file} is not valid JSON: {exc}") from None
+    config = read_json(config_file, str(config_file))
     if not isinstance(config, dict) or "model_type" not in config:
         raise PrunellaError(f"{config_file} has no model_type")
     return config

@@ -11,14 +11,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..engine.store import Store, WorkDir, model_nbytes
-from ..recipe import RECIPE
 from ..report.build import render
 from ..report.plots import allocation_figure
 from .folders import atomic_folder, check_disk_space, check_out_dir
 from .pack import pack
+from .safetensors_io import model_nbytes
 
 REPORT = "prune_report.json"
+RECIPE = "recipe.yaml"
 ALLOCATION_FIGURE = "allocation.png"
 REPORT_HTML = "report.html"
 
@@ -65,16 +65,17 @@ def save(
 
 
 def save_store(
-    store: Store,
-    work: WorkDir | None,
+    store,
+    work,
     out: Path,
     report: dict,
     recipe,
     tokenizer,
     overwrite: bool = False,
 ) -> Path:
-    """Write the pruned model held by ``store`` to ``out``: dense, or packed when the
-    recipe's ``save_format`` says so (a dense copy is written first, then packed)."""
+    """Write the pruned model held by ``store`` (:mod:`prunella.engine.store`; ``work``
+    its resume folder, or ``None``) to ``out``: dense, or packed when the recipe's
+    ``save_format`` says so (a dense copy is written first, then packed)."""
     if recipe.save_format == "packed":
         parent = out.resolve().parent
         parent.mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,13 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str):
+    """The JSON in file ``path`` (``what`` names it in the one-line errors)."""
+    if not path.is_file():
+        raise PrunellaError(f"{what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrunellaError(f"{what} is not valid JSON: {exc}") from None

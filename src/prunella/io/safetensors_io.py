@@ -145,3 +145,13 @@ def write_index(folder: Path, weight_map: dict[str, str], total: int) -> None:
             + "\n",
             encoding="utf-8",
         )
+
+
+def model_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors as saved (tied tensors once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        if id(tensor) not in seen and not tensor.is_meta:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -297,37 +297,3 @@ def heapr(
         },
         "seconds": time.perf_counter() - tick,
     }
-
-
-def heapr_to_dir(
-    recipe, *, ratio: float = 0.25, uniform: bool = False, overwrite: bool = False,
-    progress: bool = True,
-) -> dict:  # fmt: skip
-    """Prune ``recipe.model`` with HEAPr into ``recipe.out`` (written atomically, in the
-    checkpoint's dtype, with ``heapr_report.json`` and the recipe), calibrated as the
-    recipe says (``calib``, ``nsamples``, ``seqlen``, ``seed``, ``text_field``); returns
-    the report. The scores are computed in float32 on ``recipe.device``."""
-    from ..data import calibration
-    from ..engine.device import pick_device
-    from ..io.checkpoint import check_checkpoint
-    from ..io.folders import atomic_folder, check_out_dir, write_json
-    from ..io.models import load
-
-    check_ratio(ratio)  # bad input stops before the model is read
-    device = pick_device(recipe.device)
-    out = check_out_dir(recipe.out, check_checkpoint(recipe.model)[0], overwrite)
-    hf_model, tokenizer, path, _ = load(recipe.model)
-    dtype = next(hf_model.parameters()).dtype  # the checkpoint's: scored in float32, saved so
-    hf_model.to(device=device, dtype=torch.float32)
-    windows, calib_info = calibration(
-        tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed,
-        getattr(hf_model.config, "max_position_embeddings", None), recipe.text_field,
-    )  # fmt: skip
-    report = heapr(hf_model, windows, ratio, uniform, 1, progress)
-    report |= {"model": str(path), "calibration": calib_info}
-    hf_model.to(device="cpu", dtype=dtype)
-    with atomic_folder(out) as tmp:
-        hf_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "heapr_report.json", report)
-    return report

@@ -33,6 +33,7 @@ import torch
 
 from ..engine.experts import expert_of
 from ..errors import PrunellaError
+from ..io.folders import read_json
 
 GRANULARITIES = ("block", "layer", "expert")
 FORMAT = "prunella-plan/2"
@@ -231,12 +232,7 @@ def load_plan(
     budgets = budgets or {}
     path = Path(path)
     where = f"allocation file {path}"
-    if not path.is_file():
-        raise PrunellaError(f"{where} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrunellaError(f"{where} is not valid JSON: {exc}") from None
+    data = read_json(path, where)
     if not isinstance(data, dict):
         raise PrunellaError(f"{where} must hold a JSON object")
     if data.get("format") == FORMAT:

@@ -11,11 +11,9 @@ from ..engine.adapters import block_index
 def allocation_figure(axis: str, plan: dict, layer_sizes: dict[str, int], path: str | Path) -> Path:
     """Bars: the parameter-weighted value per block on ``axis`` (``plan``: that axis's
     plan). Line: the method's metric per block."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = _pyplot()
 
     pruned: dict[int, float] = {}
     total: dict[int, int] = {}
@@ -54,18 +52,12 @@ def allocation_figure(axis: str, plan: dict, layer_sizes: dict[str, int], path: 
         title += f" ({plan['metric_name']}, {plan['granularity']} granularity)"
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def layer_figure(report: dict, path: str | Path) -> Path:
     """Per layer: achieved sparsity (bars) and relative reconstruction error (line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     layers = report["layers"]
     x = list(range(len(layers)))
@@ -81,18 +73,12 @@ def layer_figure(report: dict, path: str | Path) -> Path:
     twin.set_ylabel("||(W - W_hat) X|| / ||W X||", color="#4f81bd")
     axes = ", ".join(report.get("axes") or {})
     ax.set_title(f"per-layer sparsity and reconstruction error ({axes})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def search_figure(search: dict, path: str | Path) -> Path:
     """The search curve: the best KL to the dense model against evaluations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     evaluations, best = zip(*search["curve"], strict=True)
     fig, ax = plt.subplots(figsize=(6.0, 3.0), dpi=120)
@@ -100,6 +86,20 @@ def search_figure(search: dict, path: str | Path) -> Path:
     ax.set_xlabel("candidate evaluations")
     ax.set_ylabel("KL to dense (nats/token)")
     ax.set_title("search: best candidate so far", fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _pyplot():
+    """matplotlib's pyplot, drawing without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -84,7 +84,7 @@ def farms_esd(
     return eigs.sort().values
 
 
-def alpha_hill(eigs: torch.Tensor, xmin: str = "peak", bins: int = 100) -> float:
+def alpha_hill(eigs: torch.Tensor, xmin: str, bins: int = 100) -> float:
     """Power-law exponent of the ESD tail by the Hill estimator (``PL_Alpha_Hill``)."""
     lam = eigs.double().sort().values
     n_total = lam.numel()

@@ -79,8 +79,8 @@ OPTIONS = (
         "proxy",
         str,
         "solver",
-        "solver run inside the iterations",
-        choices=("solver", "magnitude", "wanda", "sparsegpt"),
+        "solver run inside the iterations: the chosen one, or any registered solver",
+        parse=lambda name: name == "solver" or _solvers().get(name),
     ),
 )
 
@@ -129,11 +129,12 @@ def prune(
     pattern: Pattern,
     stats: LayerStats,
     solve: Callable,
-    iterations: int = 10,
-    rates: str = RATES,
-    negative_rates: str = NEGATIVE_RATES,
-    max_row_sparsity: float = 0.95,
-    proxy: str = "solver",
+    *,
+    iterations: int,
+    rates: str,
+    negative_rates: str,
+    max_row_sparsity: float,
+    proxy: str,
 ) -> tuple[torch.Tensor, dict]:
     own, info = solve(weight.clone(), pattern)
     if isinstance(pattern, NM | RowBudget):
@@ -194,9 +195,13 @@ def prune(
     return new, {**new_info, **facts}
 
 
+def _solvers():
+    from ..sparsity.solvers import SOLVERS  # the registry of the axis this row method serves
+
+    return SOLVERS
+
+
 def proxy_solver(name: str, stats: LayerStats) -> Callable:
     """``solve(weight, pattern)`` with the solver ``name`` at its default options."""
-    from ..sparsity import get_solver
-
-    method = get_solver(name)
+    method = _solvers().get(name)
     return lambda w, p: method.prune(w, p, stats, **method.defaults())

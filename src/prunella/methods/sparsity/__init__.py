@@ -28,30 +28,11 @@ import torch
 from pydantic import AfterValidator, Field
 
 from ...errors import PrunellaError
-from ...registry import Method, Registry, method_field
+from ...registry import Method, method_field
 from ..plan import AxisPlan, Budget, fit_budget
 from ..rows import ROWS
-from . import alps, magnitude, random, sparsegpt, wanda
 from .patterns import NM, Pattern, RowBudget, Unstructured, check_sparsity, parse_pattern
-
-SOLVERS = Registry(
-    "solver",
-    "prunella.solvers",
-    {
-        "magnitude": magnitude,
-        "wanda": wanda,
-        "sparsegpt": sparsegpt,
-        "random": random,
-        "alps": alps,
-    },
-    hooks=("prune",),
-)
-Solver = Method
-
-
-def get_solver(name: str) -> Solver:
-    return SOLVERS.get(name)
-
+from .solvers import SOLVERS, Solver, get_solver  # noqa: F401  (the axis's registry, re-exported)
 
 NAME = "sparsity"
 ORDER = 20  # after structure, before bits

@@ -128,10 +128,11 @@ def alps_admm(
     Q: torch.Tensor,
     live: torch.Tensor,
     pattern: Pattern,
-    rho: float = 0.1,
-    max_iter: int = 300,
-    update_iter: int = 3,
-    switch_iter: int = 30,
+    *,
+    rho: float,
+    max_iter: int,
+    update_iter: int,
+    switch_iter: int,
 ) -> tuple[torch.Tensor, dict]:
     """The ADMM loop on scaled weights ``B0`` (``[out, in]``), ``G = B0 Hn`` and
     ``Hn = Q diag(L) Q^T``; returns the last ``B`` and the facts of the run."""
@@ -184,13 +185,14 @@ def prune(
     weight: torch.Tensor,
     pattern: Pattern,
     stats: LayerStats,
-    rho: float = 0.1,
-    max_iter: int = 300,
-    update_iter: int = 3,
-    switch_iter: int = 30,
-    pcg_iter: int = 10,
-    percdamp: float = 0.01,
-    fallback: bool = True,
+    *,
+    rho: float,
+    max_iter: int,
+    update_iter: int,
+    switch_iter: int,
+    pcg_iter: int,
+    percdamp: float,
+    fallback: bool,
 ) -> tuple[torch.Tensor, dict]:
     W = weight.float()
     if pattern_count(pattern, W.shape) == 0:
@@ -198,7 +200,18 @@ def prune(
     s, L, Q, Hn, live = _eigen(stats, percdamp)
     B0 = W * s
     G = B0 @ Hn
-    B, info = alps_admm(B0, G, L, Q, live, pattern, rho, max_iter, update_iter, switch_iter)
+    B, info = alps_admm(
+        B0,
+        G,
+        L,
+        Q,
+        live,
+        pattern,
+        rho=rho,
+        max_iter=max_iter,
+        update_iter=update_iter,
+        switch_iter=switch_iter,
+    )
     pruned = pattern_mask(B.abs() * live, pattern)  # the support of P(B), fixed from now on
     B = pcg(Hn, G, B.masked_fill(pruned, 0.0), ~pruned, pcg_iter)
     new = B / s
@@ -206,7 +219,10 @@ def prune(
     info["rel_recon_error"] = reconstruction_error(W, new, H)
     notes = [] if info["converged"] else [f"ADMM stopped at max_iter={max_iter} unconverged"]
     if fallback:
-        other, _ = sparsegpt.prune(weight.clone(), pattern, stats, percdamp=percdamp)
+        defaults = {o.name: o.default for o in sparsegpt.OPTIONS}  # its blocksize
+        other, _ = sparsegpt.prune(
+            weight.clone(), pattern, stats, **defaults | {"percdamp": percdamp}
+        )
         other_error = reconstruction_error(W, other, H)
         info["fallback"] = other_error < info["rel_recon_error"]
         if info["fallback"]:

@@ -31,7 +31,7 @@ OPTIONS = (
 )
 
 
-def random_scores(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def random_scores(weight: torch.Tensor, seed: int) -> torch.Tensor:
     """``S_ij ~ U(0, 1)`` from a generator seeded by ``seed`` and the weight's bytes."""
     data = weight.detach().float().contiguous().cpu().numpy().tobytes()
     generator = torch.Generator().manual_seed(zlib.crc32(data, zlib.crc32(str(seed).encode())))
@@ -39,7 +39,7 @@ def random_scores(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def prune(
-    weight: torch.Tensor, pattern: Pattern, stats: LayerStats | None = None, seed: int = 0
+    weight: torch.Tensor, pattern: Pattern, stats: LayerStats | None, *, seed: int
 ) -> tuple[torch.Tensor, dict]:
     scores = random_scores(weight, seed)
     mask = pattern_mask(scores, pattern)

@@ -53,7 +53,7 @@ OPTIONS = (
 
 
 def inverse_hessian_cholesky(
-    hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 8
+    hessian: torch.Tensor, percdamp: float, max_tries: int = 8
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` and the dampening used."""
     base = percdamp * hessian.diagonal().mean().item()
@@ -88,8 +88,9 @@ def prune(
     weight: torch.Tensor,
     pattern: Pattern,
     stats: LayerStats,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    *,
+    blocksize: int,
+    percdamp: float,
 ) -> tuple[torch.Tensor, dict]:
     # Work on W^T so that column j of W is the contiguous row Wt[j]: the column sweep then
     # touches contiguous memory, and each step is one multiply and one outer-product update.
