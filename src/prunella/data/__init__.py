@@ -1,7 +1,7 @@
 """Calibration and evaluation tokens.
 
 A *source* is a local corpus (a text file, a JSON Lines or Parquet file, or a
-folder written by ``datasets.save_to_disk``: see :mod:`prunella.corpus`), a named
+folder written by ``datasets.save_to_disk``: see :mod:`prunella.data.corpus`), a named
 dataset, or one of the texts shipped with Prunella:
 
 * ``sample`` (the default for calibration) -- chapters I-VIII of Lewis Carroll's

@@ -7,7 +7,7 @@ exactly the arguments the model itself passes them (captured at run time), so
 rotary embeddings, attention masks and sliding windows need no per-family code.
 Inside a block, every ``nn.Linear`` (and GPT-2's transposed ``Conv1D``) is
 prunable, and so is every matrix of every expert stored in fused 3-D parameters
-(:mod:`prunella.experts`), except the routers. Embeddings and the LM head are
+(:mod:`prunella.engine.experts`), except the routers. Embeddings and the LM head are
 outside the blocks and not pruned.
 """
 
@@ -144,7 +144,7 @@ def _not_a_decoder(config) -> str:
 
 def _fused_experts(blocks: nn.ModuleList) -> str:
     """The first experts' weight that is neither an ``nn.Linear`` of its own nor in fused
-    experts of a known layout (:func:`prunella.experts.is_fused_experts`: Mixtral,
+    experts of a known layout (:func:`prunella.engine.experts.is_fused_experts`: Mixtral,
     Qwen3-MoE, OLMoE, gpt-oss, ...), or ``""``: Llama 4's experts (every token through
     every expert, the router's scores applied to the input) and DBRX's 2-D slabs."""
     own = (nn.Linear, Conv1D, nn.Embedding, nn.modules.conv._ConvNd)

@@ -39,7 +39,7 @@ def resolve_compute_dtype(
     multiplies it natively (about 3x float32's GEMM speed on AVX512-BF16), else
     float32, since emulated half precision is slow. On a CPU a narrower dtype applies
     to the matrix products alone, the activations stay float32
-    (:func:`prunella.engine.forward_precision`).
+    (:func:`prunella.engine.forward.forward_precision`).
     """
     if requested not in COMPUTE_DTYPES:
         raise PrunellaError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {requested!r}")

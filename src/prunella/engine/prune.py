@@ -18,7 +18,7 @@
 Solvers that need no statistics (magnitude) skip step (a). Calibration windows
 are processed in batches of ``batch_size`` windows; the activations of all
 windows for the current block are the only large buffer. Blocks come from a
-:mod:`store <prunella.store>` (in memory or streamed from disk), which the
+:mod:`store <prunella.engine.store>` (in memory or streamed from disk), which the
 engine asks to load each block before it and release it after.
 """
 
@@ -194,7 +194,7 @@ class BlockPruner:
         if running.data_ptr() != master.data_ptr():
             set_weight(layer, master)
         # With one pass every batch waits here holding its activations: give back the
-        # pages of the holes their temporaries left in the heap (see prunella.heap).
+        # pages of the holes their temporaries left in the heap (see prunella.engine.heap).
         trim_heap()
         self.timings["solve"] += time.perf_counter() - tick
         return dense, info
@@ -299,7 +299,7 @@ def prune_blocks(
     ``name`` to ``levels[name][axis]`` on each axis, by ``compressors`` (one per axis,
     in axis order; :mod:`prunella.methods`).
 
-    ``store`` holds the model (:mod:`prunella.store`): each block is loaded before
+    ``store`` holds the model (:mod:`prunella.engine.store`): each block is loaded before
     it is pruned and released after ``after_block(i, activations, results)`` has run
     (to save progress). ``start`` and ``hidden`` resume at a block with its saved
     inputs. Returns one :class:`LayerResult` per pruned layer and the seconds spent
@@ -311,7 +311,7 @@ def prune_blocks(
     its inputs have arrived; every layer is then calibrated on the outputs of the
     pruned layers before it, and the block's outputs need no second pass.
 
-    Fused experts run through their views (:func:`prunella.experts.routed`): each
+    Fused experts run through their views (:func:`prunella.engine.experts.routed`): each
     expert's matrices are layers, calibrated on the tokens routed to that expert; an
     expert with fewer than ``expert_min_tokens`` of them is compressed by what needs no
     calibration data (each axis's fallback: magnitude for sparsity).
@@ -352,7 +352,7 @@ def prune_blocks(
         masters = {local: get_weight(layer) for local, layer in linears.items()}
         with on_device(block, device, dtype), matmuls_in(matmul_dtype, device), routed(block):
             block_results = pruner(i, block, prefix, acts, linears, masters)
-        trim_heap()  # give back what this block's temporaries held (see prunella.heap)
+        trim_heap()  # give back what this block's temporaries held (see prunella.engine.heap)
         results.extend(block_results)
         if after_block is not None:
             after_block(i, acts, block_results)

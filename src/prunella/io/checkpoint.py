@@ -8,8 +8,8 @@ dequantised once (``transformers`` + ``gguf``) into a float32 checkpoint under
 
 Everything a user can get wrong is checked before the weights are read, and
 reported as one :class:`PrunellaError` line. Weights are read from safetensors
-only. Loading a whole model is :mod:`prunella.models`; one block at a time,
-:mod:`prunella.store`.
+only. Loading a whole model is :mod:`prunella.io.models`; one block at a time,
+:mod:`prunella.engine.store`.
 """
 
 from __future__ import annotations

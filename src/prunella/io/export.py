@@ -2,7 +2,7 @@
 the resolved recipe, into an output folder that appears only when complete.
 
 ``save`` writes a model the caller holds (``prunella.save``); ``save_store`` writes
-what a pipeline run pruned, from its :mod:`store <prunella.store>`, dense or packed.
+what a pipeline run pruned, from its :mod:`store <prunella.engine.store>`, dense or packed.
 """
 
 from __future__ import annotations

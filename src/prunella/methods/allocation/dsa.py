@@ -23,7 +23,7 @@ then makes the budget exact.
 Search: an evolution over functions (population, tournament selection, crossover of
 the three parts, mutation of one part), each function scored by the KL divergence
 to the dense model of the allocation it gives (levels of the :mod:`level database
-<prunella.search.levels>`), on ``tokens`` calibration tokens. The best function is
+<prunella.methods.search.levels>`), on ``tokens`` calibration tokens. The best function is
 then validated on held-out calibration windows (the last fifth), against uniform,
 and written as a formula: ``--allocation-opt formula='W:(ABSLOG)-(VAR)-(ATAN,ASIN)'``
 applies it to any model or sparsity without searching. The first population holds

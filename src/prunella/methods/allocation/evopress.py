@@ -4,7 +4,7 @@ Sieberling et al., "EvoPress: Accurate Dynamic Model Compression via Evolutionar
 Search", ICML 2025 (IST-DASLab/EvoPress, ``evo_prune_search.py``).
 
 A candidate gives every unit (a layer, or a block with ``--granularity block``) a
-level of the :mod:`ladder <prunella.search.levels>`; the search starts from the
+level of the :mod:`ladder <prunella.methods.search.levels>`; the search starts from the
 uniform allocation (every level 0) and, each generation:
 
 1. *Mutation* (budget-preserving level switch): each of ``offspring`` children

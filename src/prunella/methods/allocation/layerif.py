@@ -33,7 +33,7 @@ to the budget; ``epsilon = 0.1``, their setting for Wanda and SparseGPT.
 Where we differ: the influence is over every prunable matrix of the unit (their
 script keeps the attention projections only); the examples are pieces of the
 calibration text, not task examples. Per-example gradients come from a block-by-
-block backward (:func:`~prunella.allocation.loss.block_gradients`), and only their
+block backward (:func:`~prunella.engine.gradients.block_gradients`), and only their
 inner products are kept: the memory of one block's gradients for all pieces
 (``pieces x block parameters x 4`` bytes) plus the hidden states entering every
 block (``blocks x pieces x length x hidden x 4``); lower ``examples`` for a large

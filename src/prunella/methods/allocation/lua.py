@@ -27,13 +27,13 @@ steps of one calibration window each (the paper: batch 1 of 2048 tokens), the
 thresholds starting at the target (the paper's Algorithm 1).
 
 Allocation. The learned ``t_j`` are the raw per-row sparsities; one shift and the
-rounding of :func:`~prunella.allocation.plan.fit_budget` make them whole counts
+rounding of :func:`~prunella.methods.plan.fit_budget` make them whole counts
 whose total is exactly the target, and each layer's share is its rows' sum. With
 an unstructured target the plan carries the per-row budgets (any solver honours
 them, as it does TRIM's); with N:M it mixes levels from the layers' learned means.
 
 How it runs. ``dCE/dt_j = -C_in sum_i G_ij W_ij m_ij (1 - m_ij)`` with ``G = dCE/d(W ⊙ m)``
-from a block-by-block backward (:func:`~prunella.allocation.loss.block_gradients`),
+from a block-by-block backward (:func:`~prunella.engine.gradients.block_gradients`),
 so the memory is one block's activations, the int16 ranks (half a float32 model)
 and the thresholds. Where we differ: the paper learns on WikiText-103 for 500 steps
 on two GPUs; here the user's calibration windows are cycled through

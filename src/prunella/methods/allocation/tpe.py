@@ -5,7 +5,7 @@ Sparsity and KV Cache Compression" (2025): a TPE sampler (Bergstra et al., NeurI
 2011; optuna's :class:`~optuna.samplers.TPESampler`) proposes one sparsity per unit
 (a block, or a layer with ``--granularity layer``) within ``target +- spread``; the
 candidate is made exact to the budget (one common shift, then whole ladder steps,
-:func:`prunella.search.levels_for_sparsities`) and scored by its KL divergence to the
+:func:`prunella.methods.search.levels_for_ratios`) and scored by its KL divergence to the
 dense model on ``tokens`` calibration tokens (the same windows for every candidate,
 so scores compare). The first candidate is the uniform allocation, so the search
 never returns anything worse than uniform on those tokens.

@@ -5,7 +5,7 @@ weight, its pattern (the layer's share of the allocation) and statistics, and
 ``solve(weight, pattern) -> (weight, facts)``, which runs the chosen solver; it
 returns the pruned weight and its own facts. ``uniform`` leaves the choice to the
 solver; ``trim`` searches a count per row (a
-:class:`~prunella.patterns.RowBudget`) that the solver then honours. Each is one
+:class:`~prunella.methods.sparsity.patterns.RowBudget`) that the solver then honours. Each is one
 module with ``PAPER``, ``NEEDS``, ``OPTIONS`` and ``prune`` (see
 :mod:`prunella.registry`); third parties register through ``prunella.rows``.
 """

@@ -5,10 +5,10 @@ EvoPress's fitness (``src/metrics.py``): on calibration tokens only,
     KL = (1/T) sum_t sum_v p_dense(v | x_<t) (log p_dense(v | x_<t) - log p_cand(v | x_<t))
 
 in nats per predicted token, temperature 1, the full vocabulary. The candidate is
-stitched from the :mod:`level database <prunella.search.levels>`: block by block,
+stitched from the :mod:`level database <prunella.methods.search.levels>`: block by block,
 each linear layer runs with its level's pruned weight read from disk, so the model
 is never re-pruned and never copied. The forward goes one block at a time through
-the :mod:`store <prunella.store>`, so a model larger than memory is scored too
+the :mod:`store <prunella.engine.store>`, so a model larger than memory is scored too
 (slower: every candidate reads its blocks again).
 
 The dense reference is cached once per window as the hidden states leaving the

@@ -14,7 +14,7 @@ The axis (see :mod:`prunella.methods`): the budget is the fraction of the prunab
 weights pruned (``--sparsity``, or implied by an ``N:M`` ``--pattern``); a layer's
 level is its pattern: an unstructured fraction, ``N:M``, or a count per row. The
 budget fitter makes an unstructured budget exact to the weight
-(:func:`~prunella.methods.allocation.plan.fit_budget`) and mixes ``N:M`` levels of
+(:func:`~prunella.methods.plan.fit_budget`) and mixes ``N:M`` levels of
 the same ``M`` for an ``N:M`` one (:func:`fit_nm_levels`: as close as the levels allow).
 """
 

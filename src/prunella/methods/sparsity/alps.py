@@ -32,7 +32,7 @@ Defaults are the reference code's (``rho = 0.1``, 300 iterations, update every 3
 
 * the projection honours every pattern: unstructured keeps the ``k`` largest over
   the whole matrix (as the paper), ``N:M`` the ``N`` largest per group, and per-row
-  budgets (:class:`~prunella.patterns.RowBudget`) the largest of each row;
+  budgets (:class:`~prunella.methods.sparsity.patterns.RowBudget`) the largest of each row;
 * the eigendecomposition (float64, as in the reference) is computed once per input and
   shared by the layers that read it (q/k/v, gate/up);
 * weights of dead inputs (``H_jj = 0``) score 0 in the projection, so they are pruned

@@ -7,7 +7,7 @@
   group of ``M`` consecutive weights along the input dimension of a row, at most
   ``N`` are non-zero, so at least ``M - N`` are zero. ``2:4`` is 50% sparse.
 * :class:`RowBudget` -- row ``r`` of the layer loses exactly ``counts[r]`` weights
-  (per-row budgets, as chosen by TRIM; see :mod:`prunella.rows`).
+  (per-row budgets, as chosen by TRIM; see :mod:`prunella.methods.rows`).
 
 Masks are boolean tensors shaped like the weight, ``True`` where a weight is
 pruned. The helpers here pick the lowest-scoring weights exactly: a target of

@@ -24,7 +24,7 @@ reference code:
 * weights of dead inputs (``H_jj = 0``, the feature is always zero) are scored 0,
   so they are pruned first and count towards the budget, instead of being zeroed
   on top of it;
-* per-row budgets (:class:`~prunella.patterns.RowBudget`, from TRIM; the paper has
+* per-row budgets (:class:`~prunella.methods.sparsity.patterns.RowBudget`, from TRIM; the paper has
   none): row ``r``'s count ``c_r`` is split over the column blocks as its ``c_r`` lowest
   saliencies fall at the start, and each block then prunes that many of the row's
   weights by the saliency of the moment (the adaptive selection, one row at a time);
