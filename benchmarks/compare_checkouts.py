@@ -393,14 +393,18 @@ def main() -> None:
     if a.keep:
         a.keep.mkdir(parents=True, exist_ok=True)
     if not Path(a.model).exists():
-        # a bundled name: build its cached checkpoint now, so that no row's time includes
-        # it (where this fails, the prunes themselves report why)
-        subprocess.run(
-            [sys.executable, "-c", f"from prunella.io.models import resolve; resolve({a.model!r})"],
-            cwd=checkouts["base"],
-            env=checkout_env(checkouts["base"]),
-            capture_output=True,
-        )
+        # a bundled name: build its cached checkpoint now and give both checkouts its
+        # folder, so that no row's time includes the conversion (each prune has a
+        # $PRUNELLA_HOME of its own, which would convert it again)
+        done = subprocess.run(
+            [sys.executable, "-c",
+             f"from prunella.io.checkpoint import resolve; print(resolve({a.model!r}))"],
+            cwd=checkouts["head"], env=checkout_env(checkouts["head"]),
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode:
+            unusable(f"cannot resolve {a.model!r}: {done.stderr.strip().splitlines()[-1:]}")
+        a.model = done.stdout.strip().splitlines()[-1]
 
     rows = []
     for i, flags in enumerate(rows_flags):

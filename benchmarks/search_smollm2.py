@@ -55,20 +55,24 @@ def speed(a, cache: str) -> dict:
     code = f"""
 import json, time, torch
 from prunella.data import calibration
-from prunella.methods.search import SearchRun
+from prunella.methods import AXES
+from prunella.methods.allocation import ALLOCATIONS
+from prunella.methods.allocation.run import AllocationRun
+from prunella.methods.search import open_database, search_ladder
 from prunella.methods.search.fitness import KLFitness
-from prunella.methods.sparsity.patterns import parse_pattern
-from prunella.methods.sparsity import get_solver
+from prunella.recipe import build
 from prunella.engine.store import open_store
 from prunella.engine.device import resolve_compute_dtype
 store, tok = open_store({a.model!r}, "none")
 cpu = torch.device("cpu")
 dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, cpu, "auto")
 windows, _ = calibration(tok, {a.calib!r}, {a.nsamples}, {a.seqlen}, 0)
-solver = get_solver("sparsegpt")
-run = SearchRun(store, windows, parse_pattern("unstructured", 0.7), solver, solver.resolve({{}}),
-                "layer", 0.0, 0.99, cpu, dtype, max(1, 4096 // {a.seqlen}), False)
-db, _ = run.database(run.ladder(8), __import__("pathlib").Path({cache!r}) / "search")
+recipe = build(sparsity=0.7, solver="sparsegpt", allocation="evopress", granularity="layer")
+method = ALLOCATIONS.get("evopress")
+run = AllocationRun(store, windows, recipe, AXES, AXES.budgets(recipe), method,
+                    method.defaults(), cpu, dtype, max(1, 4096 // {a.seqlen}), False)
+ladder = search_ladder(run, 8)
+db, _ = open_database(run, ladder, __import__("pathlib").Path({cache!r}) / "search")
 fit = KLFitness(store, windows, db, device=cpu, dtype=dtype,
                 batch_size=max(1, 4096 // {a.seqlen}))
 ids = list(range(min(32, len(windows))))

@@ -369,3 +369,18 @@ def test_a_former_option_name_is_taken_with_a_notice(model_and_windows, capsys):
                    options={"spread": 0.1})  # fmt: skip
     assert old.values == new.values and old.params["spread"] == 0.1
     assert "option 'lam' is now 'spread'" in capsys.readouterr().err
+
+
+def test_a_plan_given_to_the_api_is_checked_and_costed(model_and_windows):
+    _, model, _, windows = model_and_windows
+    plan = prunella.allocate(model, calibration=windows, sparsity=0.6, allocation="owl",
+                             progress=False)  # fmt: skip
+    import copy
+
+    _, report = prunella.prune(copy.deepcopy(model), calibration=windows, allocation=plan,
+                               save_format="packed", progress=False)  # fmt: skip
+    cost = report["plan"]["cost"]
+    assert cost["format"] == "packed" and cost["layer_bytes"] < 0.75 * cost["dense_layer_bytes"]
+    with pytest.raises(PrunellaError, match=r"is for sparsity 0\.6, but the recipe asks for 0\.5"):
+        prunella.prune(copy.deepcopy(model), calibration=windows, allocation=plan, sparsity=0.5,
+                       progress=False)  # fmt: skip

@@ -222,3 +222,19 @@ def test_a_bad_budget_on_the_axis_is_one_line(rank_env, tiny_llama, tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and done.stderr == "error: rank must be in [0, 1), got 1.5\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_a_broken_axis_package_is_one_line(tmp_path, tiny_llama):
+    """An axis that misses hooks is refused by name, in one line, whatever the command."""
+    env = install_package(
+        {
+            "pyproject.toml": RANK_AXIS["pyproject.toml"].replace("prunella_rank", "broken_axis"),
+            "broken_axis/__init__.py": "NAME = 'rank'\nORDER = 10\n",
+        },
+        tmp_path,
+    )
+    for argv in (["methods"], ["prune", str(tiny_llama), "--out", str(tmp_path / "o")]):
+        done = prunella_cli(env, *argv)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("error: axis 'rank' (broken_axis) does not declare DEFAULT")
+    assert not (tmp_path / "o").exists()

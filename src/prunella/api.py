@@ -152,7 +152,7 @@ def heapr_to_dir(
         tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed,
         getattr(hf_model.config, "max_position_embeddings", None), recipe.text_field,
     )  # fmt: skip
-    report = heapr(hf_model, windows, ratio, uniform, 1, progress)
+    report = heapr(hf_model, windows, ratio, uniform, recipe.batch_size or 1, progress)
     report |= {"model": str(path), "calibration": calib_info}
     hf_model.to(device="cpu", dtype=dtype)
     with atomic_folder(out) as tmp:

@@ -23,12 +23,10 @@ import click
 
 from .engine.heap import limit_heap_growth
 from .errors import PrunellaError
-from .recipe import METHOD_FIELDS, Recipe
 
 # recipe fields that concern compressing and saving, not `prunella allocate`
 PRUNE_ONLY = (
-    "out", "allocation_file", "expert_min_tokens", "passes", "save_format", "eval_data",
-    "eval_max_windows",
+    "out", "allocation_file", "expert_min_tokens", "passes", "eval_data", "eval_max_windows",
 )  # fmt: skip
 
 
@@ -42,10 +40,13 @@ def _click_type(annotation):
     return {float: float, int: int, str: str}.get(annotation, str)
 
 
-def recipe_flags(fields, own_defaults: bool = False) -> list[click.Option]:
+def recipe_flags(fields, own_defaults: bool = False, helps: dict | None = None) -> list:
     """One flag per recipe field, and ``--FIELD-opt`` next to a field that names a method.
     The default is ``None`` (from the recipe, or its default), or with ``own_defaults``
-    the field's default (a command that reads no recipe)."""
+    the field's default (a command that reads no recipe); ``helps`` words a flag for
+    another use (``--seqlen`` of an evaluation)."""
+    from .recipe import METHOD_FIELDS, Recipe
+
     flags = []
     for name in fields:
         field = Recipe.model_fields[name]
@@ -69,15 +70,16 @@ def recipe_flags(fields, own_defaults: bool = False) -> list[click.Option]:
                     names,
                     type=_click_type(field.annotation),
                     default=default if own_defaults else None,
-                    help=field.description + ("" if own_defaults else shown),
+                    help=(helps or {}).get(name, field.description)
+                    + ("" if own_defaults else shown),
                     show_default=own_defaults,
                 )
             )
     return flags
 
 
-def _build_recipe(recipe_file, **values) -> Recipe:
-    from .recipe import build
+def _build_recipe(recipe_file, **values):
+    from .recipe import METHOD_FIELDS, build
     from .registry import parse_pairs
 
     options = {
@@ -88,7 +90,7 @@ def _build_recipe(recipe_file, **values) -> Recipe:
     return build(recipe_file, method_options=options, **values)
 
 
-def _check_early(recipe: Recipe, overwrite: bool) -> None:
+def _check_early(recipe, overwrite: bool) -> None:
     """Everything a user can get wrong, checked before any weight is read."""
     from . import data
     from .engine.device import pick_device
@@ -188,6 +190,8 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
 def methods_command(as_json: bool) -> None:
     """Every method, by the recipe field that names it (solver, allocation, rows, ...):
     its paper, what it needs, its options."""
+    from .recipe import METHOD_FIELDS
+
     listing = {field: [_describe(m) for m in map(reg.get, reg.names())]
                for field, reg in METHOD_FIELDS.items()}  # fmt: skip
     if as_json:
@@ -435,6 +439,7 @@ EVAL_DATA = click.Option(
 )
 MAX_WINDOWS = click.Option(["--max-windows"], type=int, help="Evaluate at most this many windows.")
 EVALUATED = ("text_field", "seqlen", "device")  # recipe fields eval and compare take
+EVAL_HELPS = {"seqlen": "Tokens per evaluation window."}
 CALIBRATED = ("calib", "text_field", "nsamples", "seqlen", "seed", "device")
 
 
@@ -442,79 +447,91 @@ def _command(name: str, callback, params: list) -> click.Command:
     return click.Command(name, callback=callback, params=params, help=callback.__doc__)
 
 
-COMMANDS = [
-    _command("prune", prune_command, [
-        MODEL, RECIPE_FILE,
-        *recipe_flags(f for f in Recipe.model_fields if f != "model"),
-        click.Option(["--resume"], is_flag=True, help="Insist on resuming OUT.partial."),
-        click.Option(["--restart"], is_flag=True, help="Discard OUT.partial and start over."),
-        OVERWRITE, QUIET,
-    ]),
-    _command("allocate", allocate_command, [
-        MODEL, RECIPE_FILE,
-        *recipe_flags(f for f in Recipe.model_fields if f != "model" and f not in PRUNE_ONLY),
-        click.Option(["--json", "json_out"], type=click.Path(path_type=Path),
-                     help="Write the plan here (for prune --allocation-file)."),
-        QUIET,
-    ]),
-    _command("methods", methods_command, [AS_JSON]),
-    _command("eval", eval_command, [
-        click.Argument(["model"]), EVAL_DATA, *recipe_flags(EVALUATED, own_defaults=True),
-        MAX_WINDOWS,
-        click.Option(["--reference"], help="Dense model to measure the KL divergence to."),
-        click.Option(["--tasks"], help="Zero-shot lm-eval tasks, comma-separated (needs lm-eval)."),
-        click.Option(["--task-path"], type=click.Path(path_type=Path),
-                     help="Folder of extra lm-eval task YAML files (local tasks)."),
-        click.Option(["--limit"], type=int, help="lm-eval: at most this many examples per task."),
-        click.Option(["--batch-size"], type=int, default=1, show_default=True,
-                     help="Windows per forward pass."),
-        AS_JSON, QUIET,
-    ]),
-    _command("compare", compare_command, [
-        click.Argument(["models"], nargs=-1, metavar="MODELS..."), EVAL_DATA,
-        *recipe_flags(EVALUATED, own_defaults=True), MAX_WINDOWS, AS_JSON, QUIET,
-    ]),
-    _command("inspect", inspect_command, [click.Argument(["model"]), AS_JSON]),
-    _command("pack", pack_command, [
-        click.Argument(["model"]), OUT, OVERWRITE, QUIET,
-    ]),
-    _command("unpack", unpack_command, [
-        click.Argument(["packed"], type=click.Path(path_type=Path)), OUT, OVERWRITE, QUIET,
-    ]),
-    _command("heapr", heapr_command, [
-        click.Argument(["model"]), OUT,
-        click.Option(["--ratio"], type=float, default=0.25, show_default=True,
-                     help="Fraction of the routed experts' atomic experts to remove."),
-        click.Option(["--uniform"], is_flag=True,
-                     help="Remove the same number from every expert: the saved experts are "
-                     "smaller (else the paper's global ranking, written as zeros)."),
-        *recipe_flags(CALIBRATED, own_defaults=True), OVERWRITE, QUIET,
-    ]),
-    _command("search-worker", search_worker_command, [
-        click.Option(["--storage"], required=True, envvar="PRUNELLA_SEARCH_STORAGE",
-                     help="The search's optuna storage URL (e.g. postgresql://...)."),
-        click.Option(["--study"], required=True, help="The study's name (printed by the search)."),
-        click.Option(["--model"], help="The model's folder, where it differs from the search's."),
-        click.Option(["--folder"],
-                     help="The level database's folder, where it differs from the search's."),
-        *recipe_flags(["device"], own_defaults=True),
-        click.Option(["--parent"], type=int, hidden=True, help="Stop when this process is gone."),
-        click.Option(["--quiet"], is_flag=True, help="No messages."),
-    ]),
-]  # fmt: skip
-app = click.Group(
-    "prunella",
-    commands=COMMANDS,
-    no_args_is_help=True,
-    help="One-shot compression of Hugging Face causal language models.",
-)
+def build_app() -> click.Group:
+    """The command line, its flags made from the recipe (the axes' fields included: the
+    axes' entry points are loaded here, inside :func:`main`'s one-line errors)."""
+    from .recipe import Recipe
+
+    commands = [
+        _command("prune", prune_command, [
+            MODEL, RECIPE_FILE,
+            *recipe_flags(f for f in Recipe.model_fields if f != "model"),
+            click.Option(["--resume"], is_flag=True, help="Insist on resuming OUT.partial."),
+            click.Option(["--restart"], is_flag=True, help="Discard OUT.partial and start over."),
+            OVERWRITE, QUIET,
+        ]),
+        _command("allocate", allocate_command, [
+            MODEL, RECIPE_FILE,
+            *recipe_flags(f for f in Recipe.model_fields if f != "model" and f not in PRUNE_ONLY),
+            click.Option(["--json", "json_out"], type=click.Path(path_type=Path),
+                         help="Write the plan here (for prune --allocation-file)."),
+            QUIET,
+        ]),
+        _command("methods", methods_command, [AS_JSON]),
+        _command("eval", eval_command, [
+            click.Argument(["model"]), EVAL_DATA,
+            *recipe_flags(EVALUATED, own_defaults=True, helps=EVAL_HELPS),
+            MAX_WINDOWS,
+            click.Option(["--reference"], help="Dense model to measure the KL divergence to."),
+            click.Option(["--tasks"],
+                         help="Zero-shot lm-eval tasks, comma-separated (needs lm-eval)."),
+            click.Option(["--task-path"], type=click.Path(path_type=Path),
+                         help="Folder of extra lm-eval task YAML files (local tasks)."),
+            click.Option(["--limit"], type=int,
+                         help="lm-eval: at most this many examples per task."),
+            click.Option(["--batch-size"], type=int, default=1, show_default=True,
+                         help="Windows per forward pass."),
+            AS_JSON, QUIET,
+        ]),
+        _command("compare", compare_command, [
+            click.Argument(["models"], nargs=-1, metavar="MODELS..."), EVAL_DATA,
+            *recipe_flags(EVALUATED, own_defaults=True, helps=EVAL_HELPS), MAX_WINDOWS, AS_JSON,
+            QUIET,
+        ]),
+        _command("inspect", inspect_command, [click.Argument(["model"]), AS_JSON]),
+        _command("pack", pack_command, [
+            click.Argument(["model"]), OUT, OVERWRITE, QUIET,
+        ]),
+        _command("unpack", unpack_command, [
+            click.Argument(["packed"], type=click.Path(path_type=Path)), OUT, OVERWRITE, QUIET,
+        ]),
+        _command("heapr", heapr_command, [
+            click.Argument(["model"]), OUT,
+            click.Option(["--ratio"], type=float, default=0.25, show_default=True,
+                         help="Fraction of the routed experts' atomic experts to remove."),
+            click.Option(["--uniform"], is_flag=True,
+                         help="Remove the same number from every expert: the saved experts are "
+                         "smaller (else the paper's global ranking, written as zeros)."),
+            *recipe_flags(CALIBRATED, own_defaults=True), OVERWRITE, QUIET,
+        ]),
+        _command("search-worker", search_worker_command, [
+            click.Option(["--storage"], required=True, envvar="PRUNELLA_SEARCH_STORAGE",
+                         help="The search's optuna storage URL (e.g. postgresql://...)."),
+            click.Option(["--study"], required=True,
+                         help="The study's name (printed by the search)."),
+            click.Option(["--model"],
+                         help="The model's folder, where it differs from the search's."),
+            click.Option(["--folder"],
+                         help="The level database's folder, where it differs from the search's."),
+            *recipe_flags(["device"], own_defaults=True),
+            click.Option(["--parent"], type=int, hidden=True,
+                         help="Stop when this process is gone."),
+            click.Option(["--quiet"], is_flag=True, help="No messages."),
+        ]),
+    ]  # fmt: skip
+    return click.Group(
+        "prunella",
+        commands=commands,
+        no_args_is_help=True,
+        help="One-shot compression of Hugging Face causal language models.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user mistakes into one line and exit status 2."""
     limit_heap_growth()
     try:
-        result = app.main(args=argv, prog_name="prunella", standalone_mode=False)
+        result = build_app().main(args=argv, prog_name="prunella", standalone_mode=False)
     except PrunellaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

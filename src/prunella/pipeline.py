@@ -28,16 +28,16 @@ from .engine.adapters import block_index
 from .engine.device import pick_device, resolve_compute_dtype
 from .engine.heap import limit_heap_growth
 from .engine.prune import choose_passes, default_batch_size, prune_blocks
-from .engine.stats import WEIGHTS
 from .engine.store import Store, WorkDir, open_store
 from .errors import PrunellaError
 from .io.checkpoint import assert_finite, resolve, scan
 from .io.export import save_store
 from .io.folders import check_disk_space, check_out_dir
+from .io.safetensors_io import model_nbytes
 from .methods import AXES
 from .methods.allocation import ALLOCATIONS
 from .methods.allocation.run import AllocationRun, allocate
-from .methods.plan import Plan, load_plan, plan_cost
+from .methods.plan import Plan, check_plan, load_plan, plan_cost
 from .recipe import Recipe
 from .report.build import build_report
 from .report.evaluation import evaluate
@@ -177,8 +177,7 @@ def run(
         windows, calib_info = calibrate(recipe, store, tokenizer, windows)
         timings["calibration_data"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        if plan is None:
-            plan = make_plan(recipe, setting, windows, progress)
+        plan = make_plan(recipe, setting, windows, progress, given=plan)
         timings["allocation"] = time.perf_counter() - tick
         start, hidden, results = 0, None, []
         if recipe.eval_data is not None:  # before anything is written: bad eval data stops here
@@ -283,12 +282,18 @@ def calibrate(
     )
 
 
-def make_plan(recipe: Recipe, setting: Setting, windows, progress: bool = True) -> Plan:
-    """The plan: read from ``recipe.allocation_file``, or made by the recipe's allocation
-    method (the one protocol, :mod:`prunella.methods.allocation.run`); with its cost."""
+def make_plan(
+    recipe: Recipe, setting: Setting, windows, progress: bool = True, given: Plan | None = None
+) -> Plan:
+    """The plan: ``given`` (a :class:`Plan` from the API), read from
+    ``recipe.allocation_file``, or made by the recipe's allocation method (the one
+    protocol, :mod:`prunella.methods.allocation.run`); checked, and with its cost."""
     store = setting.store
     shapes = store.layers()
-    if recipe.allocation_file is not None:
+    if given is not None:
+        plan = given
+        check_plan(plan, shapes, AXES.asked(recipe), AXES, "the plan given")
+    elif recipe.allocation_file is not None:
         plan = load_plan(recipe.allocation_file, shapes, AXES.asked(recipe), AXES)
     else:
         method = ALLOCATIONS.get(recipe.allocation.name)
@@ -299,15 +304,9 @@ def make_plan(recipe: Recipe, setting: Setting, windows, progress: bool = True) 
         plan = allocate(run)
     element = next(store.model.parameters()).element_size()
     dense_layers = sum(r * c for r, c in shapes.values()) * element
-    other = _tensor_bytes(store.model) - dense_layers
+    other = model_nbytes(store.model, loaded_only=False) - dense_layers
     plan.cost = plan_cost(plan, AXES, shapes, element, other, recipe.save_format)
     return plan
-
-
-def _tensor_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor the model saves (tied ones once), loaded or not (meta)."""
-    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def allocate_only(
@@ -330,7 +329,7 @@ def allocate_only(
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
     setting = Setting(recipe, store, tokenizer, nsamples, seqlen)
     method = ALLOCATIONS.get(recipe.allocation.name)
-    if recipe.allocation_file is None and method.needs - {WEIGHTS} and windows is None:
+    if recipe.allocation_file is None and method.needs_data and windows is None:
         windows = calibrate(recipe, store, tokenizer)[0]
     return make_plan(recipe, setting, windows, progress), store
 

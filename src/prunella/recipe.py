@@ -151,13 +151,12 @@ GENERAL = {
 }
 # the recipe fields that name a method, with the registry each is looked up in
 METHOD_FIELDS: dict[str, Registry] = {"allocation": ALLOCATIONS, **AXES.method_registries()}
-Recipe = create_model("Recipe", __base__=_Recipe, **FRONT, **AXES.fields(), **GENERAL)
+_AXIS_FIELDS = AXES.fields()
+_CLASH = sorted(set(_AXIS_FIELDS) & (set(FRONT) | set(GENERAL)))
+if _CLASH:
+    raise PrunellaError(f"an axis declares the recipe field {_CLASH[0]!r}, a general option")
+Recipe = create_model("Recipe", __base__=_Recipe, **FRONT, **_AXIS_FIELDS, **GENERAL)
 Recipe.__doc__ = "The options of one run, with their defaults (general and every axis's)."
-
-
-def registry(field: str) -> Registry:
-    """The :class:`~prunella.registry.Registry` of the methods a recipe field names."""
-    return METHOD_FIELDS[field]
 
 
 def _one_line(error: ValidationError, recipe: Path | None) -> PrunellaError:

@@ -109,7 +109,7 @@ class Option:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its ``kind`` (solver or allocation), name and module."""
+    """A registered method: its ``kind`` (solver, allocation, rows, ...), name and module."""
 
     kind: str
     name: str
@@ -118,6 +118,11 @@ class Method:
     @property
     def needs(self) -> frozenset[str]:
         return frozenset(self.module.NEEDS)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether it reads calibration data (anything but the weights' values)."""
+        return bool(self.needs - {"weights"})
 
     @property
     def options(self) -> tuple[Option, ...]:
@@ -158,7 +163,7 @@ class Method:
         return getattr(self.module, hook)(*args, **self.resolve(options))
 
     def __getattr__(self, attr: str):
-        """The module's functions (``prune``, ``unit_metric``, ``sparsities``, ``METRIC``)."""
+        """The module's hooks and constants (``prune``, ``allocate``, ``ratios``, ``METRIC``)."""
         if attr.startswith("__"):
             raise AttributeError(attr)
         return getattr(self.module, attr)
@@ -169,6 +174,7 @@ class Registry:
 
     def __init__(self, kind: str, group: str, builtin: dict[str, ModuleType], hooks: tuple):
         self.kind, self.group, self.hooks = kind, group, hooks
+        self.builtin = set(builtin)
         self._methods = {name: self._method(name, module) for name, module in builtin.items()}
         self._loaded = False
 
@@ -217,6 +223,8 @@ class Registry:
         """The method that declares ``FALLBACK = True``: what this kind falls back to
         where the calibration data is too thin."""
         found = [m for m in map(self.get, self.names()) if getattr(m.module, "FALLBACK", False)]
+        builtin = [m for m in found if m.name in self.builtin]
+        found = builtin or found  # a built-in fallback wins over a third party's
         if len(found) != 1:
             raise PrunellaError(f"{len(found)} {self.kind} methods declare FALLBACK, not one")
         return found[0]

@@ -27,7 +27,7 @@ from torch import nn
 
 HESSIAN = "hessian"
 COL_NORMS = "col_norms"
-STATISTICS = KNOWN = frozenset({HESSIAN, COL_NORMS})  # what a forward pass gathers per layer
+STATISTICS = frozenset({HESSIAN, COL_NORMS})  # what a forward pass gathers per layer
 # Not statistics: what else a method may need. WEIGHTS: the weights' values, not only
 # their shapes (a streamed model's blocks are read for it); LOSS: the whole model's loss
 # (ecoflap, layerif, lua); FITNESS: the KL to the dense model (the searches). All but
@@ -116,9 +116,9 @@ class StatsCollector:
 
     def __init__(self, linears: dict[str, nn.Module], needs: Iterable[str]) -> None:
         self.needs = frozenset(needs) - {WEIGHTS}
-        unknown = self.needs - KNOWN
+        unknown = self.needs - STATISTICS
         if unknown:
-            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN)}")
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
         self.linears = linears
         self.stats: dict[str, LayerStats] = {}
         self._seen: dict[int, tuple[weakref.ref, LayerStats]] = {}

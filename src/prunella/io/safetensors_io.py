@@ -147,11 +147,12 @@ def write_index(folder: Path, weight_map: dict[str, str], total: int) -> None:
         )
 
 
-def model_nbytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's tensors as saved (tied tensors once)."""
+def model_nbytes(model: torch.nn.Module, loaded_only: bool = True) -> int:
+    """Bytes of the model's tensors as saved (tied tensors once): those in memory, or
+    without ``loaded_only`` every one (on the meta device too: a streamed model's)."""
     seen, total = set(), 0
     for tensor in model.state_dict(keep_vars=True).values():
-        if id(tensor) not in seen and not tensor.is_meta:
+        if id(tensor) not in seen and not (loaded_only and tensor.is_meta):
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
     return total

@@ -112,8 +112,14 @@ class Axes:
         return {name: reg for axis in self for name, reg in axis.METHODS.items()}
 
     def fields(self) -> dict[str, tuple]:
-        """Every axis's recipe fields, in axis order."""
-        return {name: spec for axis in self for name, spec in axis.FIELDS.items()}
+        """Every axis's recipe fields, in axis order (one axis per field name)."""
+        fields: dict[str, tuple] = {}
+        for axis in self:
+            for name, spec in axis.FIELDS.items():
+                if name in fields:
+                    raise PrunellaError(f"two axes declare the recipe field {name!r}")
+                fields[name] = spec
+        return fields
 
     def asked(self, recipe) -> dict[str, Budget]:
         """The budget of every axis the recipe asks for, in axis order."""

@@ -38,6 +38,7 @@ from ..io.folders import read_json
 GRANULARITIES = ("block", "layer", "expert")
 FORMAT = "prunella-plan/2"
 LEGACY = "prunella-allocation/1"
+LEGACY_AXIS = "sparsity"  # the one axis a prunella-allocation/1 file holds
 COMMON = ("target", "method", "granularity", "params", "metric_name", "metric")
 
 
@@ -72,6 +73,7 @@ class Budget:
     lo: float = 0.0
     hi: float = 0.99
     spec: object = None
+    record: dict = field(default_factory=dict)  # what a plan's params record of it (the clamp)
 
 
 @dataclass
@@ -141,25 +143,25 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict) -> Plan:
-        """A plan from its JSON (either format)."""
-        if data.get("format") == FORMAT:
-            axes = {name: AxisPlan.from_json(name, body) for name, body in data["axes"].items()}
-            return cls(axes, dict(data.get("cost") or {}))
-        body = {k: v for k, v in data.items() if k != "format"}
-        return cls({"sparsity": AxisPlan.from_json("sparsity", body)})
+        """A plan from its JSON (either format; unchecked: :func:`load_plan` checks)."""
+        bodies = _axis_bodies(data)
+        axes = {name: AxisPlan.from_json(name, body) for name, body in bodies.items()}
+        cost = data.get("cost")
+        return cls(axes, dict(cost) if isinstance(cost, dict) else {})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
 
     def summary(self) -> dict:
-        """The plan for the report: its axes without bulky per-row detail (counted), cost."""
+        """The plan for the report: its axes, a detail that holds long lists per layer
+        (sparsity's row counts) only counted (``rows_layers``), and the cost."""
         axes = {}
         for name, axis in self.axes.items():
             body = axis.to_json()
             for key, value in axis.detail.items():
-                if key == "rows":
+                if any(isinstance(v, list) and len(v) > 2 for v in value.values()):
                     body.pop(key)
-                    body["row_budgets_layers"] = len(value)
+                    body[f"{key}_layers"] = len(value)
             axes[name] = body
         return {"axes": axes, "cost": self.cost}
 
@@ -225,33 +227,55 @@ def load_plan(
     path: str | Path, layers: dict[str, tuple[int, int]], budgets: dict | None = None, axes=None
 ) -> Plan:
     """Read and validate a plan written by ``prunella allocate --json`` (or edited by
-    hand): every layer on every axis, each axis's own checks, and each target equal to
-    the recipe's where the recipe gives one (``budgets``: axis -> its budget)."""
-    if axes is None:
-        from . import AXES as axes
-    budgets = budgets or {}
+    hand): every layer on every axis, each axis's own checks, every axis the recipe asks
+    for present with the recipe's target (``budgets``: axis -> its budget)."""
     path = Path(path)
     where = f"allocation file {path}"
     data = read_json(path, where)
     if not isinstance(data, dict):
         raise PrunellaError(f"{where} must hold a JSON object")
+    bodies = _axis_bodies(data, where)
+    plan = Plan({name: _axis_plan(name, body, layers, where) for name, body in bodies.items()})
+    check_plan(plan, layers, budgets or {}, axes, where)
+    return plan
+
+
+def _axis_bodies(data: dict, where: str = "plan") -> dict:
+    """Axis name -> its JSON, from a plan of either format."""
     if data.get("format") == FORMAT:
         bodies = data.get("axes")
         if not isinstance(bodies, dict) or not bodies:
             raise PrunellaError(f"{where} has no 'axes' mapping of axis -> plan")
-    elif data.get("format", LEGACY) == LEGACY:
-        bodies = {"sparsity": {k: v for k, v in data.items() if k != "format"}}
-    else:
-        raise PrunellaError(f"{where} has an unknown format {data.get('format')!r}")
-    plans = {}
-    for name in sorted(bodies, key=lambda n: axes.get(n).ORDER):
-        plans[name] = _axis_plan(name, bodies[name], layers, axes, budgets.get(name), where)
-    return Plan(plans, dict(data.get("cost") or {}))
+        return bodies
+    if data.get("format", LEGACY) == LEGACY:
+        return {LEGACY_AXIS: {k: v for k, v in data.items() if k != "format"}}
+    raise PrunellaError(f"{where} has an unknown format {data.get('format')!r}")
 
 
-def _axis_plan(name: str, body, layers: dict, axes, budget, where: str) -> AxisPlan:
-    """One axis of a plan file, checked: its values for every layer, its target."""
-    axis = axes.get(name)
+def check_plan(plan: Plan, layers: dict, budgets: dict, axes=None, where: str = "plan") -> None:
+    """Each axis of ``plan`` by its own checks, every axis in ``budgets`` (what the
+    recipe asks for) present with that target; the axes put in their order."""
+    if axes is None:
+        from . import AXES as axes
+    missing = sorted(set(budgets) - set(plan.axes))
+    if missing:
+        raise PrunellaError(f"{where} has no {missing[0]!r} axis, which the recipe asks for")
+    for name, axis_plan in plan.axes.items():
+        axis = axes.get(name)
+        budget = budgets.get(name)
+        if axis_plan.target is None:  # a plan file that states no target
+            axis_plan.target = budget.target if budget is not None else _mean(axis_plan, layers)
+        elif budget is not None and abs(axis_plan.target - budget.target) > 1e-9:
+            raise PrunellaError(
+                f"{where} is for {name} {axis_plan.target}, but the recipe asks for {budget.target}"
+            )
+        axis.check(axis_plan, layers, budget, where)
+    plan.axes = dict(sorted(plan.axes.items(), key=lambda item: axes.get(item[0]).ORDER))
+
+
+def _axis_plan(name: str, body, layers: dict, where: str) -> AxisPlan:
+    """One axis of a plan file: numbers for every layer; its target (where the file gives
+    none, the values' mean)."""
     if not isinstance(body, dict) or not isinstance(body.get(name), dict):
         raise PrunellaError(f"{where} has no {name!r} mapping of layer -> value")
     values = body[name]
@@ -274,20 +298,14 @@ def _axis_plan(name: str, body, layers: dict, axes, budget, where: str) -> AxisP
     target = body.get("target")
     if target is not None and (not isinstance(target, int | float) or isinstance(target, bool)):
         raise PrunellaError(f"{where}: target must be a number, got {target!r}")
-    if target is None:
-        target = budget.target if budget is not None else _mean(values, layers)
-    elif budget is not None and abs(target - budget.target) > 1e-9:
-        raise PrunellaError(
-            f"{where} is for {name} {target}, but the recipe asks for {budget.target}"
-        )
-    plan = AxisPlan.from_json(name, {**body, "target": float(target)})
-    axis.check(plan, layers, budget, where)
+    plan = AxisPlan.from_json(name, body)
+    plan.target = None if target is None else float(target)  # None: the recipe's, or the mean
     return plan
 
 
-def _mean(values: dict, layers: dict) -> float:
+def _mean(plan: AxisPlan, layers: dict) -> float:
     sizes = {n: r * c for n, (r, c) in layers.items()}
-    return sum(round(values[n] * sizes[n]) for n in layers) / sum(sizes.values())
+    return sum(round(plan.values[n] * sizes[n]) for n in layers) / sum(sizes.values())
 
 
 def check_finite(values, what: str) -> None:

@@ -11,7 +11,7 @@ methods register through the ``prunella.allocations`` entry point group.
 
 from __future__ import annotations
 
-from ...registry import Method, Registry
+from ...registry import Registry
 from . import (
     alphapruning,
     dsa,
@@ -44,7 +44,3 @@ ALLOCATIONS = Registry(
     },
     hooks=(("METRIC", "allocate", "ratios"), ("allocate",)),
 )
-
-
-def get_method(name: str) -> Method:
-    return ALLOCATIONS.get(name)

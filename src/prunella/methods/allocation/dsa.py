@@ -17,7 +17,7 @@ its linear layers, flattened) to one number, in three steps written as
 
 Mapping (the reference's, a *higher* value prunes *more*): ``a = 1 - minmax(v)``,
 rescaled to ``[0, 2 lambda]``, ``s_b = 1 - (a_b - mean(a) + 1 - target)``, so the
-sparsities span ``2 lambda`` around the target; ``lambda = 0.08``. The plan layer
+ratios span ``2 lambda`` around the target; ``lambda = 0.08`` (option ``spread``). The plan layer
 then makes the budget exact.
 
 Search: an evolution over functions (population, tournament selection, crossover of

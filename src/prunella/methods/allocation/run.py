@@ -25,6 +25,8 @@ from ...errors import PrunellaError
 from ...registry import Method
 from ..plan import AxisPlan, Plan, allocation_units
 
+UNIFORM = "uniform"  # the label of an axis a method does not allocate: the target everywhere
+
 
 @dataclass
 class Scores:
@@ -70,7 +72,7 @@ class AllocationRun:
     units: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method.needs - {"weights"} and self.windows is None:
+        if self.method.needs_data and self.windows is None:
             raise PrunellaError(f"allocation {self.method.name!r} needs calibration data")
         self.units = allocation_units(
             list(self.store.layers()), self.store.adapter.blocks_path, self.granularity
@@ -133,11 +135,10 @@ def allocate(run: AllocationRun) -> Plan:
 def build_plan(run: AllocationRun, result: Scores | Assignment) -> Plan:
     """Every axis the recipe asks for, fitted from ``result`` (see the module docstring)."""
     sizes = run.sizes
-    clamp = {"min_sparsity": 0.0, "max_sparsity": 0.99}
     plans = {}
     for name, budget in run.budgets.items():
         axis = run.axes.get(name)
-        clamp = {"min_sparsity": budget.lo, "max_sparsity": budget.hi}
+        clamp = budget.record  # the axis's own names for its clamp (sparsity: min/max_sparsity)
         if isinstance(result, Assignment) and result.axis == name:
             plan = AxisPlan(
                 name, budget.target, result.values, run.method.name,
@@ -147,9 +148,9 @@ def build_plan(run: AllocationRun, result: Scores | Assignment) -> Plan:
             axis.check(plan, run.store.layers(), budget, f"allocation {run.method.name!r}")
         elif isinstance(result, Scores):
             plan = _fit_scores(run, axis, budget, result, sizes, clamp)
-        else:  # another axis's assignment: this one uniform
+        else:  # another axis's assignment: this one at the target everywhere, fitted
             values, detail = axis.fit(dict.fromkeys(sizes, budget.fraction), sizes, budget)
-            plan = AxisPlan(name, budget.target, values, "uniform", "layer", clamp, detail=detail)
+            plan = AxisPlan(name, budget.target, values, UNIFORM, "layer", clamp, detail=detail)
         plans[name] = plan
     return Plan(plans)
 

@@ -88,7 +88,10 @@ def model_identity(store) -> str:
 
 def open_database(run, ladder: Ladder, folder: Path) -> tuple[LevelDatabase, str]:
     """The level database for ``ladder`` (built, or finished, when needed) and its key."""
-    solve = run.axes.get(ladder_axis(run)).level_solver(run.recipe)
+    axis = run.axes.get(run.budget().axis)
+    if not hasattr(axis, "level_solver"):
+        raise PrunellaError(f"the searches cannot allocate axis {axis.NAME!r}: no level solver")
+    solve = axis.level_solver(run.recipe)
     key = database_key(
         model=model_identity(run.store),
         windows=database_key(data=run.windows.flatten().tolist()),
@@ -108,10 +111,6 @@ def open_database(run, ladder: Ladder, folder: Path) -> tuple[LevelDatabase, str
         batch_size=run.batch_size, progress=run.progress,
     )  # fmt: skip
     return database, key
-
-
-def ladder_axis(run) -> str:
-    return run.budget().axis
 
 
 def unit_levels(ladder: Ladder, units: dict[str, list[str]]) -> dict[str, tuple[int, int, int]]:

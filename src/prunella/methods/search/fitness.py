@@ -48,6 +48,9 @@ class KLFitness:
         self.dense_dir = database.folder / "dense"
         self.dense_dir.mkdir(exist_ok=True)
         store.load_head()
+        # a candidate's weights as the checkpoint would hold them (its dtype), as pruning
+        # rounds them, whatever dtype the forward then runs in
+        self.model_dtype = next(store.model.parameters()).dtype
         self._as_tuple: bool | None = None
         self.tokens = 0  # predicted tokens scored so far (for throughput figures)
 
@@ -88,7 +91,9 @@ class KLFitness:
 
     def __call__(self, levels: dict[str, int], ids: list[int]) -> float:
         dense = self.dense(ids)
-        candidate = self._hidden(ids, lambda name, _: self.database.weight(name, levels[name]))
+        candidate = self._hidden(
+            ids, lambda name, _: self.database.weight(name, levels[name]).to(self.model_dtype)
+        )
         total, count = 0.0, 0
         head = head_only(
             self.store.model, self.store.blocks(), self.device, self.dtype, self.as_tuple

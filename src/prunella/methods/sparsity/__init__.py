@@ -68,7 +68,8 @@ def budget(recipe, default: bool = False):
     lo, hi = recipe.min_sparsity, recipe.max_sparsity
     if not 0.0 <= lo <= hi < 1.0:
         raise PrunellaError(f"need 0 <= min sparsity <= max sparsity < 1, got {lo}, {hi}")
-    return Budget(NAME, pattern.sparsity, pattern.sparsity, lo, hi, pattern)
+    clamp = {"min_sparsity": lo, "max_sparsity": hi}
+    return Budget(NAME, pattern.sparsity, pattern.sparsity, lo, hi, pattern, clamp)
 
 
 def nm_level_range(m: int, lo: float = 0.0, hi: float = 0.99) -> tuple[int, int]:
