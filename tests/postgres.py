@@ -90,9 +90,12 @@ def _run(cmd: list[str], what: str, log: Path | None = None, **kw) -> None:
 
 
 @contextlib.contextmanager
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server(
+    tmp_path_factory: pytest.TempPathFactory, password: str | None = None
+) -> Iterator[str]:
     """Start a fresh PostgreSQL server on 127.0.0.1 at a free port, yield its SQLAlchemy
-    URL (database ``prunella``, user ``postgres``, trust auth), stop it on exit."""
+    URL (database ``prunella``, user ``postgres``; trust auth, or with ``password``
+    scram-sha-256 password auth and the URL without the password), stop it on exit."""
     bindir = find_bindir()
     if bindir is None:
         pytest.fail(
@@ -116,8 +119,18 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return [*(prefix if server_user else []), str(bindir / exe), *map(str, args)]
 
     try:
-        init_opts = ("-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync")
+        auth: tuple[str, ...] = ("--auth=trust",)
+        if password is not None:
+            pwfile = base / "pwfile"
+            pwfile.write_text(password + "\n")
+            pwfile.chmod(0o600)
+            if prefix:
+                os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+            auth = ("--auth=scram-sha-256", f"--pwfile={pwfile}")
+        init_opts = ("-U", SUPERUSER, *auth, "--encoding=UTF8", "--locale=C", "--no-sync")
         _run(pg("initdb", "-D", data, *init_opts), "initdb", cwd=base)
+        if password is not None:
+            pwfile.unlink()
         for attempt in range(3):  # another process may take the free port before we bind it
             port = free_port()
             # A per-attempt include file, written by us (root or not), read by the server.
@@ -148,7 +161,8 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     pytrace=False,
                 )
         createdb = ("createdb", "-h", "127.0.0.1", "-p", port, "-U", SUPERUSER, DATABASE)
-        _run(pg(*createdb, server_user=False), "createdb", log=log)
+        env = dict(os.environ, PGPASSWORD=password) if password is not None else None
+        _run(pg(*createdb, server_user=False), "createdb", log=log, env=env)
         yield f"postgresql+psycopg2://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
     finally:
         if started:

@@ -42,7 +42,9 @@ class Option:
     """One option of a method: ``name`` of ``type``, ``default``, optional bounds or choices.
 
     ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``parse``, when
-    given, must accept the value (raising ``ValueError`` on a bad one), e.g. a list in text.
+    given, must accept the value (raising ``ValueError`` on a bad one), e.g. a list in text;
+    ``clean``, when given, maps the checked value to what the recipe records (a storage
+    URL without its password).
     """
 
     name: str
@@ -56,6 +58,7 @@ class Option:
     choices: tuple | None = None
     parse: Callable[[Any], Any] | None = None
     old: tuple[str, ...] = ()  # former names, still accepted (with a notice)
+    clean: Callable[[Any], Any] | None = None
 
     def bounds(self) -> str:
         """The allowed values, in words (``"in (0, 1)"``, ``"one of a, b"``, or ``""``)."""
@@ -104,7 +107,7 @@ class Option:
         )
         if low_bad or high_bad:
             raise PrunellaError(f"{where} must be {self.bounds()}, got {value!r}")
-        return value
+        return self.clean(value) if self.clean is not None else value
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ def tournament(population: list, fitness: dict, rng: random.Random, size: int = 
 
 def _scores(run: AllocationRun, formula: tuple, scores: dict, options: dict, extra: dict):
     """The function's value per block, for the plan (the blocks are the units)."""
-    from ..search.study import public_url
+    from ..search.urls import public_url
 
     metric = {b: dsa_value(formula, s, full) for b, (s, full) in scores.items()}
     blocks = {b: [n for n in run.store.layers() if n.startswith(b + ".")] for b in metric}

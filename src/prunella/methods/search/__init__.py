@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ...errors import PrunellaError
 from ...registry import Option
 from .levels import NUM_LEVELS, Ladder, LevelDatabase, build_database, database_key
+from .urls import hide_password, public_url, storage_url
 
 SEARCH_OPTIONS = (
     Option("minutes", float, 20.0, "wall-clock budget of the search", low=0.0, low_open=True),
@@ -41,7 +42,9 @@ SEARCH_OPTIONS = (
         str,
         "",
         "optuna storage URL; default an SQLite file in the search folder; "
-        "postgresql://... for workers on several machines",
+        "postgresql://user@host/db for workers on several machines (the password is "
+        "never written: give it by PGPASSWORD or ~/.pgpass)",
+        clean=hide_password,
     ),
     Option("folder", str, "", "level database and studies (default ~/.cache/prunella/search)"),
     Option("levels", int, NUM_LEVELS, "ladder steps each way from the target (EvoPress)", low=1),
@@ -205,7 +208,6 @@ class Session:
 
     def finish(self, levels: dict[str, int], best: float | None, extra: dict | None = None):
         """The candidate ``levels`` as an assignment's fields (values, detail, facts)."""
-        from .study import public_url
 
         values, detail = self.ladder.assignment(levels)
         storage = public_url(self.options["storage"]) if self.options["storage"] else ""
@@ -214,7 +216,6 @@ class Session:
 
     def summary(self) -> dict:
         """What the plan records about the search."""
-        from .study import public_url
 
         return {
             "evaluations": self.evaluator.evaluations,
@@ -233,10 +234,13 @@ def start(run, options: dict, setup: dict, sampler=None, propose=None) -> Sessio
     when needed, start ``options["workers"] - 1`` more worker processes. A method driven
     by an optuna ``sampler`` gives its ``propose(trial, ladder, units, setup)``."""
     from .fitness import KLFitness
-    from .study import Evaluator, make_objective, open_study, spawn_workers, storage_url
+    from .study import Evaluator, make_objective, open_storage, open_study, spawn_workers
 
     method = run.method
     folder = search_folder(options["folder"])
+    url = storage_url(options["storage"], folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    open_storage(url)  # a storage that cannot be reached fails now, not after the database
     ladder = search_ladder(run, options["levels"])
     database, key = open_database(run, ladder, folder)
     fitness = KLFitness(
@@ -266,7 +270,6 @@ def start(run, options: dict, setup: dict, sampler=None, propose=None) -> Sessio
         "options": options,
         **setup,
     }
-    url = storage_url(options["storage"], folder)
     study = open_study(url, name, sampler, setup)
     study.set_user_attr("finished", False)  # a re-run (resume, longer budget): workers welcome
     objective = make_objective(
@@ -301,7 +304,7 @@ def run_worker(
     from ...engine.device import pick_device, resolve_compute_dtype
     from ...engine.store import open_store
     from .fitness import KLFitness
-    from .study import make_objective, open_study, optuna_load, public_url, worker_loop
+    from .study import make_objective, open_study, optuna_load, worker_loop
 
     try:
         probe = optuna_load(url, name)

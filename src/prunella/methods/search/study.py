@@ -32,30 +32,19 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from ...errors import PrunellaError
+from .urls import ENV, public_url, with_password
 
 HEARTBEAT = 2  # seconds between heartbeats of a running trial
 # seconds without one after which a trial is failed (its worker is gone)
 GRACE = int(os.environ.get("PRUNELLA_SEARCH_GRACE", "20"))
 POLL = 0.2  # seconds between looks at the storage while waiting
 MAX_FAILURES = 3  # a candidate whose evaluation failed this often stops the search
-
-
-def storage_url(given: str, folder: Path) -> str:
-    return given or f"sqlite:///{(folder / 'studies.db').resolve()}"
-
-
-def public_url(url: str) -> str:
-    """``url`` without its password (for reports)."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -65,7 +54,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():  # heartbeats are "experimental" in optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT, grace_period=GRACE, engine_kwargs=kwargs
+                with_password(url),
+                heartbeat_interval=HEARTBEAT,
+                grace_period=GRACE,
+                engine_kwargs=kwargs,
             )
     except Exception as exc:  # bad URL, server down, driver missing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -199,7 +191,8 @@ def spawn_workers(count: int, url: str, name: str, device: str) -> list[subproce
         return []
     threads = max(1, torch.get_num_threads() // (count + 1))
     torch.set_num_threads(threads)
-    env = dict(os.environ, PRUNELLA_THREADS=str(threads), PRUNELLA_SEARCH_STORAGE=url)
+    env = dict(os.environ, PRUNELLA_THREADS=str(threads))
+    env[ENV] = with_password(url)
     command = [sys.executable, "-m", "prunella", "search-worker", "--study", name,
                "--device", device, "--parent", str(os.getpid()), "--quiet"]  # fmt: skip
     return [subprocess.Popen(command, env=env) for _ in range(count)]
