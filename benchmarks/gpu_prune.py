@@ -6,11 +6,14 @@ and 3 key-value heads, vocabulary 49152) with seeded random weights, so the scri
 needs no checkpoint on the GPU machine; the solvers' time does not depend on what the
 weights are. Calibration is random token windows (``--nsamples`` x ``--seqlen``, 128 x
 2048 by default: the papers' setting). Each solver prunes a fresh copy to 50%
-(``--sparsity``) with ``--device cuda``; ``--cpu-check`` also prunes the first blocks'
-worth on the CPU and reports the share of weights whose mask agrees.
+(``--sparsity``) with ``--device cuda``; each quantizer (``--quantizers``) quantizes a
+fresh copy to ``--bits`` instead. ``--cpu-check`` also compresses the first blocks'
+worth on the CPU and reports the share of weights whose mask agrees (for a quantizer:
+whose value is the same).
 
     python benchmarks/gpu_prune.py --json gpu.json
     python benchmarks/gpu_prune.py --solvers sparsegpt --nsamples 32 --seqlen 512
+    python benchmarks/gpu_prune.py --solvers "" --quantizers rtn,gptq --bits 4 --cpu-check
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def smollm2_shaped(layers: int, seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solvers", default="magnitude,wanda,sparsegpt,alps")
+    parser.add_argument("--quantizers", default="", help="e.g. rtn,gptq")
+    parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
@@ -61,17 +66,21 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 49152, (a.nsamples, a.seqlen), generator=gen)
     rows = []
-    for solver in a.solvers.split(","):
+    runs = [("solver", name, {"solver": name, "sparsity": a.sparsity})
+            for name in a.solvers.split(",") if name]  # fmt: skip
+    runs += [("quantizer", name, {"quantizer": name, "bits": a.bits})
+             for name in a.quantizers.split(",") if name]  # fmt: skip
+    for kind, solver, options in runs:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         tick = time.perf_counter()
         pruned, report = prunella.prune(
-            copy.deepcopy(model), calibration=windows, solver=solver, sparsity=a.sparsity,
-            device="cuda", progress=False,
-        )  # fmt: skip
+            copy.deepcopy(model), calibration=windows, device="cuda", progress=False, **options
+        )
         torch.cuda.synchronize()
         row = {
             "solver": solver,
+            "kind": kind,
             "seconds": time.perf_counter() - tick,
             "phases": report["seconds"],
             "sparsity": report["sparsity"],
@@ -82,13 +91,12 @@ def main() -> None:
         if a.cpu_check:
             small = smollm2_shaped(2).to(getattr(torch, a.dtype))
             cpu, _ = prunella.prune(copy.deepcopy(small), calibration=windows[:8, :512],
-                                    solver=solver, sparsity=a.sparsity, device="cpu",
-                                    progress=False)  # fmt: skip
+                                    device="cpu", progress=False, **options)  # fmt: skip
             gpu, _ = prunella.prune(copy.deepcopy(small), calibration=windows[:8, :512],
-                                    solver=solver, sparsity=a.sparsity, device="cuda",
-                                    progress=False)  # fmt: skip
+                                    device="cuda", progress=False, **options)  # fmt: skip
+            same = (lambda p, q: (p == 0) == (q == 0)) if kind == "solver" else torch.eq
             agree = [
-                ((p == 0) == (q == 0)).float().mean().item()
+                same(p, q).float().mean().item()
                 for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True)
                 if p.dim() == 2
             ]
@@ -100,11 +108,12 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     print(
         f"\nSmolLM2-135M-shaped model ({a.layers} blocks, random weights, {a.dtype}), "
-        f"{a.nsamples} x {a.seqlen} calibration tokens, {a.sparsity:.0%} unstructured; "
+        f"{a.nsamples} x {a.seqlen} calibration tokens, {a.sparsity:.0%} unstructured "
+        f"(solvers) or {a.bits} bits (quantizers); "
         f"{device}, torch {torch.__version__}, Python {platform.python_version()}\n"
     )
-    print("| solver | time (s) | solve (s) | statistics (s) | propagate (s) | peak CUDA (MiB) |"
-          + (" mask agreement vs CPU |" if a.cpu_check else ""))  # fmt: skip
+    print("| method | time (s) | solve (s) | statistics (s) | propagate (s) | peak CUDA (MiB) |"
+          + (" agreement vs CPU |" if a.cpu_check else ""))  # fmt: skip
     print("|---|---|---|---|---|---|" + ("---|" if a.cpu_check else ""))
     for r in rows:
         p = r["phases"]

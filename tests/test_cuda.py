@@ -76,3 +76,28 @@ def test_gpu_alps_and_trim_meet_the_budget(tiny_llama, solver, rows):
     assert report["device"].startswith("cuda")
     assert abs(report["sparsity"] - 0.7) < 1e-3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_gpu_quantizes_like_the_cpu_and_writes_a_loadable_checkpoint(
+    tiny_llama, tmp_path, quantizer
+):
+    from prunella.api import prune_to_dir
+
+    options = dict(bits=4, quantizer=quantizer, nsamples=4, seqlen=64, progress=False)
+    cpu, cpu_report = prunella.prune(tiny_llama, device="cpu", **options)
+    gpu, report = prunella.prune(tiny_llama, device="cuda", **options)
+    assert report["device"].startswith("cuda")
+    if quantizer == "rtn":  # no data: the same codes
+        assert all(p.equal(q) for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True))
+    else:  # GPTQ's error feedback turns float rounding into other codes: the same error
+        errors = [sum(r["rel_error"] for r in rep["layers"]) for rep in (cpu_report, report)]
+        assert 0.9 < errors[1] / errors[0] < 1.1
+    out = tmp_path / "out"
+    prune_to_dir(model=str(tiny_llama), out=str(out), device="cuda", **options)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, gpu(ids).logits, rtol=1e-4, atol=1e-4)

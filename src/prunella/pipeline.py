@@ -33,6 +33,7 @@ from .errors import PrunellaError
 from .io.checkpoint import assert_finite, resolve, scan
 from .io.export import save_store
 from .io.folders import check_disk_space, check_out_dir
+from .io.quantized import check_quantizable
 from .io.safetensors_io import model_nbytes
 from .methods import AXES
 from .methods.allocation import ALLOCATIONS
@@ -141,6 +142,8 @@ def run(
     timings["load"] = time.perf_counter() - tick
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
     setting = Setting(recipe, store, tokenizer, nsamples, seqlen)
+    if recipe.save_format == "compressed-tensors" and out is not None:
+        check_quantizable(store.model, store.layers())
     dev, dtype = setting.device, setting.dtype
     # resolved, so that a resume (perhaps on another machine) must match them
     recipe = recipe.model_copy(
@@ -148,6 +151,7 @@ def run(
     )
 
     resuming = False
+    beside: dict[str, torch.Tensor] = {}  # what layers keep beside their weights (scales)
     if work is not None:
         stamp = fingerprint(recipe, store.path, weights_digest)
         if work.exists() and restart:
@@ -170,6 +174,7 @@ def run(
         results = [r for r in work.load_json("results.json") if block_index(r["name"]) < start]
         for i in range(start):
             store.restore(i, load_file(work.block_file(i)))
+            beside.update(work.extra(i))
         if progress:
             print(f"resuming {work.path} at block {start}", file=sys.stderr)
     else:
@@ -194,8 +199,10 @@ def run(
 
     def finish_block(i: int, acts, block_results) -> None:
         results.extend(r.as_dict() for r in block_results)
+        kept = {f"{r.name}.{k}": t for r in block_results for k, t in r.tensors.items()}
+        beside.update(kept)
         if work is not None:
-            work.save_block(i, store.block_tensors(i), acts.hidden, results)
+            work.save_block(i, store.block_tensors(i), acts.hidden, results, kept)
 
     shapes = store.layers()
     per_axis = {name: AXES.get(name).levels(axis, shapes) for name, axis in plan.axes.items()}
@@ -256,7 +263,8 @@ def run(
     )
     if out is not None:
         try:
-            save_store(store, work, out, report, recipe, tokenizer, overwrite)
+            grids = AXES.get("bits").levels(plan["bits"], shapes) if "bits" in plan else {}
+            save_store(store, work, out, report, recipe, tokenizer, overwrite, grids, beside)
         except PrunellaError as exc:
             raise PrunellaError(
                 f"{exc}; the pruned blocks are kept in {work.path}: re-run the same command "

@@ -54,6 +54,11 @@ class _Recipe(BaseModel):
             chosen = getattr(self, field)
             method = methods.get(chosen.name)
             update[field] = MethodChoice(name=method.name, options=method.resolve(chosen.options))
+        quantized = "bits" in AXES.asked(self)
+        if self.save_format == "auto":
+            update["save_format"] = "compressed-tensors" if quantized else "dense"
+        elif self.save_format == "compressed-tensors" and not quantized:
+            raise PrunellaError("--save-format compressed-tensors needs --bits")
         return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
@@ -137,8 +142,13 @@ GENERAL = {
         ),
     ),
     "save_format": (
-        Literal["dense", "packed"],
-        Field("dense", description="dense (a plain checkpoint) or packed (sparse-bitmask)."),
+        Literal["auto", "dense", "packed", "compressed-tensors"],
+        Field(
+            "auto",
+            description="dense (a plain checkpoint), packed (sparse-bitmask) or "
+            "compressed-tensors (packed integer weights); auto: compressed-tensors with "
+            "--bits, else dense.",
+        ),
     ),
     "eval_data": (
         str | None,

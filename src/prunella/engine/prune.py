@@ -130,6 +130,8 @@ class LayerResult:
     sparsity: float
     rel_error: float
     info: dict = field(default_factory=dict)
+    # tensors stored beside the weight (the bits axis's scales), not in the report
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
         """The report row: name, shape, the levels, achieved sparsity, error, facts."""
@@ -181,6 +183,7 @@ class BlockPruner:
         with exact(dense):
             for compressor in self.compressors:
                 new, facts = compressor(new, self.levels[name][compressor.axis], stats, few)
+                info["tensors"] = info.get("tensors", {}) | facts.pop("tensors", {})
                 info |= facts
         if few:
             info["note"] = (
@@ -271,6 +274,7 @@ class BlockPruner:
                 },
                 sparsity=(weight == 0).sum().item() / weight.numel(),
                 rel_error=probe.relative_error(local),
+                tensors={k: t.cpu() for k, t in info[local].pop("tensors").items()},
                 info=info[local] | routed_tokens(local),
             )
             for local, weight in masters.items()

@@ -374,6 +374,11 @@ class WorkDir:
     def block_file(self, index: int) -> Path:
         return self.blocks / f"block-{index:05d}.safetensors"
 
+    def extra(self, index: int) -> dict[str, torch.Tensor]:
+        """What block ``index``'s layers keep beside their weights (none: empty)."""
+        path = self.blocks / f"extra-{index:05d}.safetensors"
+        return load_file(path) if path.is_file() else {}
+
     def hidden(self, index: int) -> list[torch.Tensor]:
         loaded = load_file(self.path / f"hidden-{index:05d}.safetensors")
         return [loaded[f"batch.{b}"] for b in range(len(loaded))]
@@ -384,9 +389,13 @@ class WorkDir:
         tensors: dict[str, torch.Tensor],
         hidden: list[torch.Tensor],
         results: list[dict],
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Record block ``index`` as finished: its weights, the next inputs, the report rows."""
+        """Record block ``index`` as finished: its weights, the tensors its layers keep beside
+        them (``extra``: the bits axis's scales), the next inputs, the report rows."""
         save_tensors(tensors, self.block_file(index))
+        if extra:
+            save_tensors(extra, self.blocks / f"extra-{index:05d}.safetensors")
         save_tensors(
             {f"batch.{b}": h for b, h in enumerate(hidden)},
             self.path / f"hidden-{index + 1:05d}.safetensors",

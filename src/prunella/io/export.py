@@ -15,6 +15,7 @@ from ..report.build import render
 from ..report.plots import allocation_figure
 from .folders import atomic_folder, check_disk_space, check_out_dir
 from .pack import pack
+from .quantized import write_compressed_tensors
 from .safetensors_io import model_nbytes
 
 REPORT = "prune_report.json"
@@ -72,26 +73,31 @@ def save_store(
     recipe,
     tokenizer,
     overwrite: bool = False,
+    grids: dict | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write the pruned model held by ``store`` (:mod:`prunella.engine.store`; ``work``
-    its resume folder, or ``None``) to ``out``: dense, or packed when the recipe's
-    ``save_format`` says so (a dense copy is written first, then packed)."""
-    if recipe.save_format == "packed":
+    its resume folder, or ``None``) to ``out``: dense, or as the recipe's ``save_format``
+    says, packed (sparse-bitmask) or compressed-tensors (``grids``: each quantized layer's
+    grid, ``extra``: their scales), from a dense copy written first."""
+    if recipe.save_format in ("packed", "compressed-tensors"):
         parent = out.resolve().parent
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".prunella-dense-", dir=parent) as tmp:
             dense = Path(tmp) / out.name
-            save_store(
-                store,
-                work,
-                dense,
-                report,
-                recipe.model_copy(update={"save_format": "dense"}),
-                tokenizer,
-            )
+            as_dense = recipe.model_copy(update={"save_format": "dense"})
+            save_store(store, work, dense, report, as_dense, tokenizer)
             check_out_dir(out, store.path, overwrite)
-            pack(dense, out, overwrite=overwrite, progress=False)
-            (out / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+            if recipe.save_format == "packed":
+                pack(dense, out, overwrite=overwrite, progress=False)
+                (out / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+            else:
+                with atomic_folder(out) as folder:
+                    write_compressed_tensors(dense, folder, grids or {}, extra or {})
+                    for file in dense.iterdir():  # tokenizer, report, recipe
+                        if not (folder / file.name).exists() and "safetensors" not in file.name:
+                            (folder / file.name).write_bytes(file.read_bytes())
+                    (folder / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
         return out
     return _fill(
         out, store.output_bytes(), lambda tmp: store.write(tmp, work), tokenizer, report, recipe

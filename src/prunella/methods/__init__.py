@@ -1,8 +1,8 @@
 """Compression axes and the methods that serve them.
 
-An *axis* is one way of compressing a linear layer: sparsity today (``sparsity/``,
-with its solvers and ``rows/``), bits and structure next. Each is one package, a
-module that declares:
+An *axis* is one way of compressing a linear layer: sparsity (``sparsity/``, with its
+solvers and ``rows/``) and bits (``bits/``, with its quantizers); structure is next.
+Each is one package, a module that declares:
 
 * ``NAME``, ``ORDER`` (where it applies within a layer: structure, then sparsity,
   then bits) and ``DEFAULT`` (whether it applies when a recipe asks for no axis);
@@ -21,7 +21,12 @@ module that declares:
   report (with a one-line ``summary``),
   and what the resolved recipe records once the plan is known;
 * optionally ``ladder(...)`` and ``level_solver(recipe)`` -- the level database of
-  the searches (:mod:`prunella.methods.search`).
+  the searches (:mod:`prunella.methods.search`); ``ALLOCATED = False`` -- allocation
+  methods leave it uniform (the bits axis, until widths are allocated).
+
+A compressor's facts may hold ``tensors``: what the layer keeps beside its weight (the
+bits axis's ``weight_scale``), kept apart from the report, saved with the block in the
+resume folder and handed to the writer of the checkpoint.
 
 Every score-based allocation (:mod:`prunella.methods.allocation`) maps its scores to
 raw ratios, which any axis's ``fit`` turns into levels: adding an axis touches its
@@ -40,7 +45,7 @@ import torch
 
 from ..errors import PrunellaError
 from ..registry import Registry
-from . import sparsity
+from . import bits, sparsity
 from .plan import Budget
 
 HOOKS = ("NAME", "ORDER", "DEFAULT", "FIELDS", "METHODS", "budget", "fit", "levels", "check",
@@ -134,4 +139,4 @@ class Axes:
         }
 
 
-AXES = Axes({sparsity.NAME: sparsity})
+AXES = Axes({sparsity.NAME: sparsity, bits.NAME: bits})

@@ -1,8 +1,10 @@
-"""What a checkpoint holds: per-layer sparsity and pattern, size on disk, format.
+"""What a checkpoint holds: per-layer sparsity and pattern (and bits), size on disk, format.
 
-Works on any checkpoint (dense, Prunella-packed, or legacy compressed-tensors
-``sparse-bitmask`` / ``sparse-24-bitmask``), pruned by Prunella or not: weights are
-read one tensor at a time from the safetensors shards, never as a whole model.
+Works on any checkpoint (dense, Prunella-packed, legacy compressed-tensors
+``sparse-bitmask`` / ``sparse-24-bitmask``, or compressed-tensors ``pack-quantized``),
+compressed by Prunella or not: weights are read one tensor at a time from the
+safetensors shards, never as a whole model. A quantized layer's sparsity is the share
+of its codes that stand for zero (``q = z``).
 """
 
 from __future__ import annotations
@@ -38,12 +40,54 @@ def detect_pattern(weight: torch.Tensor) -> str:
     return "unstructured"
 
 
+def quantized_layers(path: Path, quant: dict) -> list[dict]:
+    """Per quantized layer of a ``pack-quantized`` checkpoint: shape, bits, group, and the
+    share of codes that stand for zero."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    args = {}  # layer -> its group's weight arguments (targets listed by name)
+    for scheme in (quant.get("config_groups") or {}).values():
+        for target in scheme.get("targets", []):
+            args[target] = scheme["weights"]
+    reader = CheckpointReader(path)
+    layers = []
+    for key in reader.keys():  # noqa: SIM118  (a reader, not a dict)
+        if not key.endswith(".weight_packed"):
+            continue
+        name = key.removesuffix(".weight_packed")
+        weights = args.get(name) or next(iter(args.values()))
+        bits, group = weights["num_bits"], weights["group_size"]
+        rows, cols = reader.tensor(f"{name}.weight_shape").tolist()
+        codes = unpack_from_int32(reader.tensor(key), bits, torch.Size([rows, cols]))
+        zero = torch.zeros(rows, cols // group, dtype=codes.dtype)
+        if not weights.get("symmetric", True):
+            packed = reader.tensor(f"{name}.weight_zero_point")
+            zero = unpack_from_int32(packed, bits, torch.Size([rows, cols // group]), 0)
+        zeros = (codes == zero.repeat_interleave(group, 1)).sum().item()
+        layers.append({"name": name, "shape": [rows, cols], "sparsity": zeros / codes.numel(),
+                       "pattern": f"int{bits} g{group}", "bits": bits, "group": group})  # fmt: skip
+    order = {name: i for i, name in enumerate(layer_order(path))}
+    return sorted(layers, key=lambda r: order.get(r["name"], len(order)))
+
+
+def quantization_config(path: Path) -> dict | None:
+    """The ``quantization_config`` of a compressed-tensors ``pack-quantized`` checkpoint."""
+    import json
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    quant = config.get("quantization_config") or {}
+    return quant if quant.get("format") == "pack-quantized" else None
+
+
 def checkpoint_summary(path: str | Path) -> dict:
     """Format, size on disk and, per prunable linear layer (in model order), shape,
     sparsity and pattern."""
     path, _ = check_checkpoint(path)
-    fmt = sparsity_format(path) or "dense"
-    if fmt == "dense":  # prunable_keys come in model order
+    quant = quantization_config(path)
+    fmt = "compressed-tensors" if quant else sparsity_format(path) or "dense"
+    if quant:
+        tensors = ()
+    elif fmt == "dense":  # prunable_keys come in model order
         reader = CheckpointReader(path)
         tensors = ((key, reader.tensor(key)) for key in prunable_keys(path))
     else:  # packed weights come in shard order
@@ -62,7 +106,9 @@ def checkpoint_summary(path: str | Path) -> dict:
                 "pattern": pattern,
             }
         )
-    if fmt != "dense":
+    if quant:
+        layers = quantized_layers(path, quant)
+    elif fmt != "dense":
         order = {name: i for i, name in enumerate(layer_order(path))}
         layers.sort(key=lambda r: order.get(r["name"], len(order)))
     total = sum(r["shape"][0] * r["shape"][1] for r in layers)

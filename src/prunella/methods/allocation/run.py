@@ -86,14 +86,23 @@ class AllocationRun:
     def sizes(self) -> dict[str, int]:
         return {name: rows * cols for name, (rows, cols) in self.store.layers().items()}
 
+    @property
+    def allocated(self) -> dict:
+        """The budgets of the axes allocations serve (an axis may declare ``ALLOCATED =
+        False``: uniform on it, whatever the method)."""
+        return {
+            n: b for n, b in self.budgets.items() if getattr(self.axes.get(n), "ALLOCATED", True)
+        }
+
     def budget(self):
         """The one axis a method that assigns levels works on."""
-        if len(self.budgets) != 1:
+        allocated = self.allocated
+        if len(allocated) != 1:
             raise PrunellaError(
                 f"allocation {self.method.name!r} allocates one axis at a time; the recipe "
-                f"asks for {', '.join(self.budgets)}"
+                f"asks for {', '.join(allocated) or 'none it can allocate'}"
             )
-        return next(iter(self.budgets.values()))
+        return next(iter(allocated.values()))
 
     def windows_for(self, tokens: int, available: int | None = None) -> int:
         """How many calibration windows hold ``tokens`` (whole windows, at least one,
@@ -129,6 +138,11 @@ class AllocationRun:
 
 def allocate(run: AllocationRun) -> Plan:
     """The plan of ``run.method`` on ``run``: its scores or assignment, made a plan."""
+    if not run.allocated and run.method.name != UNIFORM:
+        raise PrunellaError(
+            f"allocation {run.method.name!r} has nothing to allocate: "
+            f"{', '.join(run.budgets)} is uniform for now (add --sparsity to allocate it)"
+        )
     return build_plan(run, run.method.allocate(run, **run.options))
 
 
@@ -139,16 +153,17 @@ def build_plan(run: AllocationRun, result: Scores | Assignment) -> Plan:
     for name, budget in run.budgets.items():
         axis = run.axes.get(name)
         clamp = budget.record  # the axis's own names for its clamp (sparsity: min/max_sparsity)
-        if isinstance(result, Assignment) and result.axis == name:
+        assigned = isinstance(result, Assignment) and result.axis == name
+        if name in run.allocated and assigned:
             plan = AxisPlan(
                 name, budget.target, result.values, run.method.name,
                 result.granularity or run.granularity, run.options | clamp | result.facts,
                 result.metric_name, result.metric, result.detail,
             )  # fmt: skip
             axis.check(plan, run.store.layers(), budget, f"allocation {run.method.name!r}")
-        elif isinstance(result, Scores):
+        elif name in run.allocated and isinstance(result, Scores):
             plan = _fit_scores(run, axis, budget, result, sizes, clamp)
-        else:  # another axis's assignment: this one at the target everywhere, fitted
+        else:  # another axis's assignment, or an axis allocations do not serve: uniform
             values, detail = axis.fit(dict.fromkeys(sizes, budget.fraction), sizes, budget)
             plan = AxisPlan(name, budget.target, values, UNIFORM, "layer", clamp, detail=detail)
         plans[name] = plan

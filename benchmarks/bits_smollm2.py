@@ -1,0 +1,101 @@
+"""Quantize SmolLM2-135M with round to nearest and GPTQ at 8, 4 and 3 bits (and 4 bits
+on a 50% sparse model), written as compressed-tensors checkpoints.
+
+Each run is its own ``prunella prune`` process (its peak RSS its own), with perplexity
+on the held-out shipped text twice: of the model in memory (``--eval-data``) and of
+the written checkpoint as transformers loads it (``prunella eval``); bytes are those
+of the block layers in the checkpoint (packed codes, scales) against their bfloat16
+bytes. Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
+
+    python benchmarks/bits_smollm2.py --nsamples 32 --seqlen 512 --json bits.json
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from smollm2_runs import evaluate, measured, smollm2_parser
+
+from prunella.version import __version__
+
+ROWS = [  # (quantizer, bits, sparsity)
+    ("rtn", 8, None), ("gptq", 8, None), ("rtn", 4, None), ("gptq", 4, None),
+    ("rtn", 3, None), ("gptq", 3, None), ("gptq", 4, 0.5),
+]  # fmt: skip
+
+
+def block_layer_bytes(out: Path, layers: list[str]) -> int:
+    """Bytes of the block layers' tensors (packed codes, scales, shapes) in ``out``."""
+    total = 0
+    for file in out.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            for key in f:
+                if any(key.startswith(layer + ".") for layer in layers):
+                    tensor = f.get_tensor(key)
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def main() -> None:
+    parser = smollm2_parser(__doc__)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    a = parser.parse_args()
+
+    dense = evaluate(a.model, a)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for quantizer, bits, sparsity in ROWS:
+            out = Path(tmp) / f"{quantizer}-{bits}-{sparsity}"
+            argv = ["prune", a.model, "--out", str(out), "--bits", str(bits),
+                    "--quantizer", quantizer, "--group-size", str(a.group_size),
+                    *(["--sparsity", str(sparsity)] if sparsity else []),
+                    "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
+                    "--eval-data", a.data, "--quiet"]  # fmt: skip
+            run = measured(argv)
+            report = json.loads((out / "prune_report.json").read_text())
+            loaded = evaluate(str(out), a)
+            layers = [layer["name"] for layer in report["layers"]]
+            bf16 = sum(2 * r * c for r, c in (layer["shape"] for layer in report["layers"]))
+            packed = block_layer_bytes(out, layers)
+            rows.append({
+                "quantizer": quantizer, "bits": bits, "sparsity": sparsity,
+                "group_size": a.group_size,
+                "ppl_in_memory": report["evaluation"]["perplexity"],
+                "ppl_checkpoint": loaded["perplexity"],
+                "block_layer_bytes": packed, "block_layer_bf16_bytes": bf16,
+                "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+                "seconds": run["wall_seconds"], "peak_rss_mb": run["peak_rss_mb"],
+                "prune_seconds": report["seconds"],
+            })  # fmt: skip
+
+    print(f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}), "
+          f"perplexity on {a.data}; dense {dense['perplexity']:.3f}\n")  # fmt: skip
+    print("| quantizer | bits | sparsity | ppl (in memory) | ppl (checkpoint) | block layers "
+          "vs bf16 | checkpoint MiB | time (s) | peak RSS (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['quantizer']} | {r['bits']} | {r['sparsity'] or 0:.0%} | "
+              f"{r['ppl_in_memory']:.3f} | {r['ppl_checkpoint']:.3f} | "
+              f"{r['block_layer_bytes'] / r['block_layer_bf16_bytes']:.3f}x | "
+              f"{r['checkpoint_bytes'] / 2**20:.1f} | {r['seconds']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} |")  # fmt: skip
+    if a.json:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        a.json.write_text(json.dumps({
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "commit": commit.stdout.strip(), "prunella": __version__,
+            "machine": platform.platform(), "threads": torch.get_num_threads(),
+            "dense_perplexity": dense["perplexity"], "rows": rows,
+        }, indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

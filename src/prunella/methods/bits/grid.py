@@ -1,0 +1,101 @@
+"""Integer quantization grids, in the conventions of compressed-tensors (what vLLM and
+transformers read), so that a weight quantized here is written and served unchanged.
+
+A layer ``W`` (``[rows, cols]``) is cut into groups of ``g`` consecutive input columns;
+each row of each group has its own scale ``s`` and zero point ``z``. With ``b`` bits the
+codes are ``q`` in ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``, and the group's range is
+widened to hold zero, ``lo = min(min w, 0)``, ``hi = max(max w, 0)``:
+
+* symmetric: ``s = max(|lo|, hi) / ((qmax - qmin) / 2)``, ``z = 0``;
+* asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = clamp(round(qmin - lo / s), qmin, qmax)``;
+* ``q = clamp(round(w / s) + z, qmin, qmax)`` (round half to even), ``w_hat = (q - z) s``.
+
+Scales are rounded to bfloat16, which float16 (within its normal range) and float32 hold
+exactly, so ``w_hat`` rounded once to the checkpoint's dtype is what an engine's
+``(q - z) s`` gives; a zero scale (an all-zero group) becomes bfloat16's smallest
+normal, and exact zeros stay exact zeros (``q = z``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import PrunellaError
+
+WIDTHS = (2, 3, 4, 8)  # the widths that compressed-tensors packs and engines read
+GROUPS = (128, 64, 32)  # a layer whose width the asked group does not divide takes the next
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``bits`` per weight, one scale (and zero point) per ``group`` columns of a row."""
+
+    bits: int
+    group: int
+    symmetric: bool = True
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def __str__(self) -> str:
+        return f"int{self.bits} g{self.group} {'sym' if self.symmetric else 'asym'}"
+
+
+def layer_group(cols: int, asked: int) -> int:
+    """The group size a layer of ``cols`` input columns takes: ``asked`` if it divides
+    ``cols``, else the largest of 64 and 32 below it that does (576-wide layers: 64)."""
+    for group in (asked, *(g for g in GROUPS if g < asked)):
+        if cols % group == 0:
+            return group
+    raise PrunellaError(
+        f"group size {asked}: a layer is {cols} columns wide, which neither it nor "
+        f"{', '.join(str(g) for g in GROUPS if g < asked) or 'a smaller one'} divides"
+    )
+
+
+def qparams(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32, bfloat16 values) and zero point (int8) of every row of every group:
+    ``[rows, cols / group]`` each."""
+    rows, cols = weight.shape
+    groups = weight.float().reshape(rows, cols // grid.group, grid.group)
+    lo = groups.amin(-1).clamp(max=0.0)
+    hi = groups.amax(-1).clamp(min=0.0)
+    # a divisor on the weights' device: CUDA divides by a Python number as a product with
+    # its reciprocal, which moves a few scales by a unit in the last place
+    span = torch.tensor(grid.qmax - grid.qmin, dtype=torch.float32, device=weight.device)
+    scale = torch.maximum(lo.abs(), hi) / (span / 2) if grid.symmetric else (hi - lo) / span
+    scale = scale.to(torch.bfloat16).float()
+    scale = torch.where(scale == 0, torch.finfo(torch.bfloat16).tiny, scale)
+    if grid.symmetric:
+        zero = torch.zeros_like(scale)
+    else:
+        zero = (grid.qmin - lo / scale).round().clamp(grid.qmin, grid.qmax)
+    return scale, zero.to(torch.int8)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Codes ``q = clamp(round(w / s) + z, qmin, qmax)`` (``scale``, ``zero`` broadcast)."""
+    return (w / scale).round().add(zero).clamp(grid.qmin, grid.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``w_hat = (q - z) s``."""
+    return (q - zero) * scale
+
+
+def per_column(t: torch.Tensor, group: int) -> torch.Tensor:
+    """``[rows, groups]`` parameters repeated to ``[rows, cols]``."""
+    return t.repeat_interleave(group, dim=1)
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid):
+    """Every weight rounded to its group's grid (float32)."""
+    s, z = per_column(scale, grid.group), per_column(zero.float(), grid.group)
+    return dequantize(quantize(weight.float(), s, z, grid), s, z)

@@ -1,0 +1,240 @@
+"""The bits axis: grids, round to nearest and GPTQ against a plain reference, composition
+with sparsity, and compressed-tensors checkpoints that transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import prunella
+from prunella.cli import main
+from prunella.engine.stats import HESSIAN, LayerStats
+from prunella.errors import PrunellaError
+from prunella.io.quantized import codes
+from prunella.methods.bits import gptq, rtn
+from prunella.methods.bits.grid import Grid, layer_group, qparams
+from prunella.recipe import build
+
+
+def layer_problem(rows=24, cols=64, tokens=512, seed=0):
+    """A weight and correlated inputs (so that GPTQ's error feedback matters)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    X = torch.randn(tokens, cols, generator=g) @ mix
+    W = torch.randn(rows, cols, generator=g)
+    stats = LayerStats(cols, {HESSIAN}, torch.device("cpu"))
+    stats.add(X)
+    return W, X, stats
+
+
+def output_error(W, W_hat, X) -> float:
+    return ((W - W_hat) @ X.T).square().sum().item()
+
+
+def plain_gptq(W, H, grid, percdamp=0.01):
+    """The paper's algorithm written out column by column: no blocks, no act-order, no
+    transposes; the group scales from the weights before the sweep."""
+    W = W.double().clone()
+    H = H.double().clone()
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    scale, zero = qparams(W, grid)
+    Q = torch.zeros_like(W)
+    for j in range(W.shape[1]):
+        s, z = scale[:, j // grid.group].double(), zero[:, j // grid.group].double()
+        q = ((W[:, j] / s).round() + z).clamp(grid.qmin, grid.qmax)
+        Q[:, j] = (q - z) * s
+        err = (W[:, j] - Q[:, j]) / U[j, j]
+        W[:, j:] -= torch.outer(err, U[j, j:])
+    return Q
+
+
+def test_symmetric_and_asymmetric_grids_are_compressed_tensors():
+    W = torch.tensor([[-1.0, 0.5, 0.25, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    scale, zero = qparams(W, Grid(4, 4, symmetric=True))
+    assert scale[0, 0].item() == pytest.approx(2.0 / 7.5, rel=2**-8)  # absmax / 7.5
+    assert zero.abs().sum() == 0 and scale[1, 0] > 0  # an all-zero group: no zero scale
+    scale, zero = qparams(W, Grid(4, 4, symmetric=False))
+    assert scale[0, 0].item() == pytest.approx(3.0 / 15, rel=2**-8)  # (max - min) / 15
+    assert -8 <= zero[0, 0] <= 7 and (scale.to(torch.bfloat16).float() == scale).all()
+    for grid in (Grid(4, 4, True), Grid(3, 2, False), Grid(8, 4, True), Grid(2, 4, False)):
+        Q, s, z, _ = rtn.quantize(W, grid)
+        assert Q[1].abs().sum() == 0  # zeros stay zero
+        q = codes(Q, s, z, grid)
+        assert q.min() >= grid.qmin and q.max() <= grid.qmax
+
+
+def test_group_size_falls_back_for_narrow_layers_in_one_line():
+    assert layer_group(576, 128) == 64 and layer_group(1536, 128) == 128
+    assert layer_group(96, 128) == 32
+    with pytest.raises(PrunellaError, match="100 columns wide"):
+        layer_group(100, 128)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_equals_the_plain_algorithm_and_beats_round_to_nearest(bits):
+    W, X, stats = layer_problem()
+    grid = Grid(bits, 32, symmetric=bits != 3)
+    Q, scale, zero, _facts = gptq.quantize(
+        W, grid, stats, blocksize=16, percdamp=0.01, actorder=False
+    )
+    reference = plain_gptq(W, stats.hessian, grid)
+    # the same codes (float rounding may move a weight lying on a rounding boundary)
+    assert (Q.double() - reference).abs().gt(1e-4).float().mean() < 0.01
+    codes(Q, scale, zero, grid)  # every weight on its group's grid
+    rtn_error = output_error(W, rtn.quantize(W, grid)[0], X)
+    assert output_error(W, Q, X) < 0.8 * rtn_error
+    ordered = gptq.quantize(W, grid, stats, blocksize=16, percdamp=0.01, actorder=True)[0]
+    codes(ordered, scale, zero, grid)
+    assert output_error(W, ordered, X) < rtn_error
+
+
+def test_gptq_keeps_pruned_weights_zero():
+    W, _X, stats = layer_problem()
+    W[torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5] = 0.0
+    grid = Grid(4, 32)
+    Q, scale, zero, _ = gptq.quantize(W, grid, stats, blocksize=16, percdamp=0.01, actorder=True)
+    assert (Q[W == 0] == 0).all()
+    codes(Q, scale, zero, grid)
+
+
+def test_bits_outside_the_widths_is_one_line():
+    with pytest.raises(PrunellaError, match=r"bits must be one of 2, 3, 4, 8, got 3\.5"):
+        build(None, model="m", bits=3.5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bits", "5"], "bits must be one of 2, 3, 4, 8, got 5"),
+        (["--bits", "4", "--symmetric", "false"], "asymmetric grids written as compressed"),
+        (["--bits", "4", "--save-format", "packed"], "holds no quantized weights"),
+        (["--save-format", "compressed-tensors"], "compressed-tensors needs --bits"),
+        (
+            ["--bits", "4", "--group-size", "4"],
+            "--group-size: Input should be greater than or equal to 8",
+        ),
+    ],
+)
+def test_bad_bits_input_is_one_line_and_writes_nothing(tiny_llama, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_llama), "--out", str(out), *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_asymmetric_grid_written_dense_gives_the_same_logits(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_llama), "--out", str(out), "--bits", "4", "--symmetric", "false",
+            "--save-format", "dense", "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    model, _ = prunella.prune(tiny_llama, bits=4, symmetric=False, save_format="dense",
+                              nsamples=8, seqlen=32, progress=False)  # fmt: skip
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("bits", [4, 3, 8])
+def test_a_compressed_tensors_checkpoint_loads_with_the_same_logits(tiny_llama, tmp_path, bits):
+    out, symmetric = tmp_path / "out", True
+    argv = ["prune", str(tiny_llama), "--out", str(out), "--bits", str(bits),
+            "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["format"] == "pack-quantized" and quant["quant_method"] == "compressed-tensors"
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["axes"]["bits"]["bits"] == bits
+    # 64-wide layers take group 64, the 128-wide down_proj keeps 128: one config group each
+    group_of = {layer["name"]: layer["group"] for layer in report["layers"]}
+    assert group_of == {n: layer_group(layer["shape"][1], 128)
+                        for n, layer in zip(group_of, report["layers"], strict=True)}  # fmt: skip
+    assert set(group_of.values()) == {64, 128}
+    assert report["axes"]["bits"]["layers_in_smaller_groups"] == 18
+    for scheme in quant["config_groups"].values():
+        weights = scheme["weights"]
+        assert weights["num_bits"] == bits and weights["symmetric"] == symmetric
+        assert {group_of[t] for t in scheme["targets"]} == {weights["group_size"]}
+    assert sum(len(s["targets"]) for s in quant["config_groups"].values()) == len(group_of)
+    # the same model in memory (the engine is deterministic)
+    model, _ = prunella.prune(tiny_llama, bits=bits, symmetric=symmetric, nsamples=8,
+                              seqlen=32, progress=False)  # fmt: skip
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+    packed = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    dense = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
+    assert packed < dense
+
+
+def test_joint_sparsity_and_bits_keep_the_zeros(tiny_llama):
+    _model, report = prunella.prune(tiny_llama, sparsity=0.5, bits=4, nsamples=8, seqlen=32,
+                                   progress=False)  # fmt: skip
+    for layer in report["layers"]:
+        assert layer["sparsity"] >= 0.5 and layer["bits"] == 4
+    assert set(report["axes"]) == {"sparsity", "bits"}
+
+
+def test_streamed_and_resumed_runs_write_the_same_quantized_checkpoint(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+    from test_resume import run_killed
+
+    def tensors(out):
+        return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    common = ["--bits", "4", "--nsamples", "8", "--seqlen", "32", "--quiet"]
+    memory, streamed = tmp_path / "memory", tmp_path / "streamed"
+    assert main(["prune", str(tiny_llama), "--out", str(memory), *common]) == 0
+    argv = ["prune", str(tiny_llama), "--out", str(streamed), "--offload", "disk", *common]
+    assert run_killed(argv, block=0).returncode == -9  # the scales of block 0 in the work folder
+    assert main(argv) == 0
+    a, b = tensors(memory), tensors(streamed)
+    assert a.keys() == b.keys() and any(k.endswith("weight_packed") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt2"])
+def test_layers_compressed_tensors_cannot_hold_are_one_line_before_any_work(
+    family, tmp_path, tokenizer_dir, capsys
+):
+    from conftest import build_checkpoint
+
+    model = build_checkpoint(tmp_path / "model", family, tokenizer_dir)
+    out = tmp_path / "out"
+    assert main(["prune", str(model), "--out", str(out), "--bits", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "compressed-tensors quantizes linear layers" in err
+    assert not out.exists() and not out.with_name("out.partial").exists()
+    # written dense, they are quantized in place
+    assert main(["prune", str(model), "--out", str(out), "--bits", "4", "--save-format",
+                 "dense", "--nsamples", "8", "--seqlen", "32", "--quiet"]) == 0  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    assert {layer["bits"] for layer in report["layers"]} == {4}
+
+
+def test_inspect_reads_a_quantized_checkpoint(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_llama), "--out", str(out), "--bits", "3", "--sparsity", "0.5",
+            "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "compressed-tensors"
+    rows = {r["name"]: r for r in summary["layers"]}
+    assert rows.keys() == {r["name"] for r in report["layers"]}
+    for layer in report["layers"]:  # zeros counted from the packed codes, as in memory
+        assert rows[layer["name"]]["bits"] == 3
+        assert rows[layer["name"]]["sparsity"] == pytest.approx(layer["sparsity"], abs=1e-9)
