@@ -238,3 +238,25 @@ def test_inspect_reads_a_quantized_checkpoint(tiny_llama, tmp_path, capsys):
     for layer in report["layers"]:  # zeros counted from the packed codes, as in memory
         assert rows[layer["name"]]["bits"] == 3
         assert rows[layer["name"]]["sparsity"] == pytest.approx(layer["sparsity"], abs=1e-9)
+
+
+def test_a_bfloat16_checkpoint_keeps_bfloat16_scales(tmp_path, tokenizer_dir):
+    from conftest import build_checkpoint
+    from safetensors import safe_open
+
+    model = build_checkpoint(tmp_path / "bf16", "llama", tokenizer_dir, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    argv = ["prune", str(model), "--out", str(out), "--bits", "4", "--group-size", "64",
+            "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        scales = [f.get_tensor(k) for k in f.keys() if k.endswith("weight_scale")]  # noqa: SIM118
+    assert scales and all(s.dtype == torch.bfloat16 for s in scales)
+    report = json.loads((out / "prune_report.json").read_text())
+    cost = report["plan"]["cost"]  # 4 bits and a 16-bit scale per 64 weights: 0.266x
+    assert cost["layer_bytes"] / cost["dense_layer_bytes"] < 0.28
+    reference, _ = prunella.prune(model, bits=4, group_size=64, nsamples=8, seqlen=32,
+                                  progress=False)  # fmt: skip
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded, ids), logits(reference, ids), rtol=0, atol=0)

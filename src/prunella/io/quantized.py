@@ -107,6 +107,7 @@ def write_compressed_tensors(
         format="pack-quantized",
     )
     apply_quantization_config(model, config, show_progress=False)
+    dtypes = {name: model.get_submodule(name).weight.dtype for name in grids}
     with torch.no_grad():
         for name, grid in grids.items():
             module = model.get_submodule(name)
@@ -122,5 +123,8 @@ def write_compressed_tensors(
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     with _no_library_bars():
         compressor.compress_model(model)
+    for name in grids:  # scales in the checkpoint's dtype (they are bfloat16 values)
+        module = model.get_submodule(name)
+        module.weight_scale.data = module.weight_scale.data.to(dtypes[name])
     model.save_pretrained(folder)
     compressor.update_config(folder)
