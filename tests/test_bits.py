@@ -63,7 +63,7 @@ def test_symmetric_and_asymmetric_grids_are_compressed_tensors():
     for grid in (Grid(4, 4, True), Grid(3, 2, False), Grid(8, 4, True), Grid(2, 4, False)):
         Q, s, z, _ = rtn.quantize(W, grid)
         assert Q[1].abs().sum() == 0  # zeros stay zero
-        q = codes(Q, s, z, grid)
+        q, _ = codes(Q, s, z, grid)
         assert q.min() >= grid.qmin and q.max() <= grid.qmax
 
 

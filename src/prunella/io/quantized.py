@@ -22,19 +22,23 @@ import torch
 from ..errors import PrunellaError
 
 
-def codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid) -> torch.Tensor:
-    """The integer codes of a dequantized ``weight`` (``[rows, cols]``, any float dtype),
-    checked: ``(q - z) s``, rounded to ``weight``'s dtype, is ``weight`` exactly."""
+def codes(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer codes of a dequantized ``weight`` (``[rows, cols]``, any float dtype)
+    and ``(q - z) s`` unrounded (float64), checked: rounded to ``weight``'s dtype, it is
+    ``weight`` exactly."""
     s = scale.double().repeat_interleave(grid.group, dim=1)
     z = zero.double().repeat_interleave(grid.group, dim=1)
     q = (weight.double() / s).round().add(z).clamp(grid.qmin, grid.qmax)
-    back = ((q - z) * s).to(weight.dtype)
+    exact = (q - z) * s
+    back = exact.to(weight.dtype)
     if not torch.equal(back, weight):
         raise PrunellaError(
             "a quantized layer's weights are not on its grid (a bug): "
             f"{(back != weight).sum().item()} of {weight.numel()} differ"
         )
-    return q
+    return q, exact
 
 
 def check_quantizable(model: torch.nn.Module, layers) -> None:
@@ -113,13 +117,11 @@ def write_compressed_tensors(
             module = model.get_submodule(name)
             scale = tensors[f"{name}.weight_scale"]
             zero = tensors.get(f"{name}.weight_zero_point", torch.zeros_like(scale))
-            q = codes(module.weight, scale, zero, grid)
+            _, exact = codes(module.weight, scale, zero, grid)
             module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
             module.weight_zero_point.copy_(zero.to(module.weight_zero_point.dtype))
             # float32 weights: the library's round(w / s) + z gives back q exactly
-            s = scale.double().repeat_interleave(grid.group, 1)
-            z = zero.double().repeat_interleave(grid.group, 1)
-            module.weight.data = ((q - z) * s).float()
+            module.weight.data = exact.float()
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     with _no_library_bars():
         compressor.compress_model(model)
