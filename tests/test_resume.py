@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,25 +31,6 @@ store.WorkDir.save_block = save_block
 from prunella.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-# SIGKILL in the middle of writing a file of the work folder: half the bytes of its
-# temporary file are on disk when the process dies.
-KILL_WHILE_WRITING = """
-import os, signal, sys
-import prunella.engine.store as store
-original = store.save_tensors
-def save_tensors(tensors, path):
-    if path.name == "{name}":
-        original(tensors, path.with_name("whole"))
-        data = path.with_name("whole").read_bytes()
-        path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    original(tensors, path)
-store.save_tensors = save_tensors
-from prunella.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 
 @pytest.fixture(scope="module")
 def deep_llama(tmp_path_factory, tokenizer_dir) -> Path:
@@ -135,22 +119,150 @@ def test_sigkill_then_resume_gives_the_same_model(deep_llama, reference, tmp_pat
     assert tree_hash(deep_llama) == before
 
 
+def run_faulted(argv: list[str], fault: str) -> subprocess.CompletedProcess:
+    """Run the real CLI in a child process that ``PRUNELLA_FAULT`` kills where it says."""
+    return subprocess.run(
+        [sys.executable, "-m", "prunella", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PRUNELLA_FAULT": fault},
+    )
+
+
+def assert_weights_equal(out: Path, reference: dict[str, torch.Tensor]) -> None:
+    got = weights(out)
+    assert got.keys() == reference.keys()
+    for key, tensor in reference.items():
+        assert torch.equal(got[key], tensor), key
+
+
 @pytest.mark.parametrize("offload", ["none", "disk"])
 @pytest.mark.parametrize("name", ["block-00002.safetensors", "hidden-00003.safetensors"])
 def test_sigkill_while_writing_a_block_resumes_bit_identical(
     deep_llama, reference, tmp_path, offload, name
 ):
+    """The process is killed by the writer itself, 1000 bytes into the file: the half file
+    is on the disk under its temporary name, never under the final one."""
     out = tmp_path / "out"
     argv = args(deep_llama, out, "--offload", offload)
-    killed = run_killed(argv, block=0, script=KILL_WHILE_WRITING, name=name)
+    killed = run_faulted(argv, f"bytes:{name}:1000")
     assert killed.returncode == -9, killed.stderr
     partial = tmp_path / "out.partial"
+    folder = partial / "blocks" if name.startswith("block") else partial
+    assert (folder / (name + ".tmp")).stat().st_size == 1000
+    assert not (folder / name).exists()
     assert json.loads((partial / "state.json").read_text())["next_block"] == 2
     assert main([*argv, "--resume"]) == 0
-    resumed = weights(out)
-    assert resumed.keys() == reference.keys()
-    for key, tensor in reference.items():
-        assert torch.equal(resumed[key], tensor), key
+    assert_weights_equal(out, reference)
+
+
+@pytest.fixture(scope="module")
+def previous(deep_llama, tmp_path_factory) -> Path:
+    """A finished output of another recipe: what an ``--overwrite`` run replaces."""
+    out = tmp_path_factory.mktemp("previous") / "out"
+    assert main([*args(deep_llama, out), "--sparsity", "0.3"]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "fault, whole",
+    [
+        ("bytes:model-00007-of-00007.safetensors:4096", "previous"),  # assembling a shard
+        ("step:publish", "previous"),  # all written and flushed, not yet renamed
+        ("step:published", "new"),  # renamed into place, the previous one not yet removed
+    ],
+)
+def test_a_kill_while_publishing_leaves_one_whole_out(
+    deep_llama, reference, previous, tmp_path, fault, whole
+):
+    """``--overwrite`` over a finished OUT, killed at each step of writing and renaming the
+    output: OUT is the previous output or the new one, whole, never none; the next run
+    finishes it (bit-identical) and removes what the killed one left beside OUT."""
+    out = tmp_path / "out"
+    shutil.copytree(previous, out)
+    before = tree_hash(out)
+    argv = args(deep_llama, out, "--offload", "disk", "--overwrite")
+    killed = run_faulted(argv, fault)
+    assert killed.returncode == -9, killed.stderr
+    assert out.is_dir()
+    if whole == "previous":
+        assert tree_hash(out) == before
+    else:
+        assert tree_hash(out) != before
+        assert_weights_equal(out, reference)
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")], "the kill left nothing to clean"
+    assert main(argv) == 0
+    assert_weights_equal(out, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_files_and_folders_reach_the_disk_before_the_rename_that_publishes_them(
+    deep_llama, tmp_path, monkeypatch
+):
+    """Every rename that publishes a file or the output folder comes after an fsync of what
+    it publishes (each file, and each folder of the output tree), and is followed by an
+    fsync of the folder it lands in."""
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("rename", str(Path(src).resolve()), str(Path(dst).resolve())))
+        return real_replace(src, dst, *a, **k)
+
+    def rename(src, dst, *a, **k):
+        events.append(("rename", str(Path(src).resolve()), str(Path(dst).resolve())))
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    out = tmp_path / "out"
+    assert main(args(deep_llama, out, "--offload", "disk")) == 0
+    renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "rename"]
+    synced = [(i, e[1]) for i, e in enumerate(events) if e[0] == "fsync"]
+    published = [r for r in renames if r[2] == str(out.resolve())]
+    assert len(published) == 1, published
+    at, tmp, _ = published[0]
+    expected = {str(p.resolve()).replace(str(out.resolve()), tmp, 1) for p in out.rglob("*")}
+    expected |= {tmp}
+    assert expected <= {path for i, path in synced if i < at}
+    assert (at + 1, str(out.resolve().parent)) in synced
+    files = [r for r in renames if r[1].endswith(".tmp")]
+    assert len(files) > 20  # every block, hidden state and JSON of the work folder
+    for at, src, dst in files:
+        assert any(path == src for i, path in synced if i < at), src
+        assert (at + 1, str(Path(dst).parent)) in synced, dst
+
+
+def test_abandoned_temporary_folders_are_removed_and_a_live_one_is_kept(
+    deep_llama, tmp_path
+):
+    """What a killed run left beside OUT goes at the next run; a folder that a live run
+    holds the lock of stays."""
+    import fcntl
+
+    out = tmp_path / "out"
+    killed_unlocked = tmp_path / ".out.tmp-killed"  # its lock file is there and free
+    killed_unlocked.mkdir()
+    (tmp_path / ".out.tmp-killed.lock").touch()
+    killed_early = tmp_path / ".out.tmp-early"  # no lock file yet, two minutes old
+    killed_early.mkdir()
+    os.utime(killed_early, (time.time() - 120, time.time() - 120))
+    live = tmp_path / ".out.tmp-live"
+    live.mkdir()
+    fd = os.open(tmp_path / ".out.tmp-live.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert main(args(deep_llama, out)) == 0
+    finally:
+        os.close(fd)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".out.tmp-live", ".out.tmp-live.lock", "out"]
 
 
 def test_resume_checks_the_input_weights_content(deep_llama, tmp_path, capsys):
@@ -294,6 +406,83 @@ def test_short_disk_at_the_end_keeps_the_finished_work(deep_llama, tmp_path, mon
     assert main(args(deep_llama, tmp_path / "out")) == 0
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert report["resumed_from_block"] == 6
+
+
+# After block 1 is recorded, the disk under OUT fills up (a ballast file takes every free
+# byte), or its file system turns read-only: the real errors of the next write.
+DISK_FAULT_AFTER_BLOCK_1 = """
+import os, subprocess, sys
+import prunella.engine.store as store
+original = store.WorkDir.save_block
+def save_block(self, index, *args):
+    original(self, index, *args)
+    if index == 1 and "{fault}" == "full":
+        with open("{ballast}", "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+    if index == 1 and "{fault}" == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", "{mount}"], check=True)
+store.WorkDir.save_block = save_block
+from prunella.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 MiB file system (tmpfs), mounted for the test: CI runs as root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_disk_is_one_line_and_keeps_the_finished_blocks(
+    deep_llama, reference, small_disk, fault
+):
+    out = small_disk / "out"
+    ballast = small_disk / "ballast"
+    argv = args(deep_llama, out, "--offload", "disk")
+    script = DISK_FAULT_AFTER_BLOCK_1.format(fault=fault, ballast=ballast, mount=small_disk)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    what = "no space left on the disk" if fault == "full" else "read-only file system"
+    assert lines[0].startswith("error: ") and what in lines[0], lines[0]
+    assert f"the finished blocks are kept in {small_disk / 'out.partial'}" in lines[0]
+    partial = small_disk / "out.partial"
+    assert json.loads((partial / "state.json").read_text())["next_block"] == 2
+    assert not out.exists() and not list(partial.rglob("*.tmp"))
+    if fault == "full":
+        ballast.unlink()
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert main(argv) == 0
+    assert_weights_equal(out, reference)
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["resumed_from_block"] == 2
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(deep_llama, small_disk, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        assert main(args(deep_llama, small_disk / "out")) == 2
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0], err
+    assert list(small_disk.iterdir()) == []
 
 
 def test_recipe_round_trip(deep_llama, tmp_path):

@@ -535,6 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     except PrunellaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only file system: what to fix, in one line
+        from .io.folders import DISK_ERRORS, disk_error
+
+        if exc.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {disk_error(exc)}", file=sys.stderr)
+        return 2
     except click.exceptions.Exit as exc:  # --help
         return exc.exit_code
     except click.Abort:

@@ -32,7 +32,7 @@ from .engine.store import Store, WorkDir, open_store
 from .errors import PrunellaError
 from .io.checkpoint import assert_finite, resolve, scan
 from .io.export import save_store
-from .io.folders import check_disk_space, check_out_dir
+from .io.folders import DISK_ERRORS, check_disk_space, check_out_dir, disk_error
 from .io.quantized import check_quantizable
 from .io.safetensors_io import model_nbytes
 from .methods import AXES
@@ -88,7 +88,25 @@ class Setting:
         self.budgets = AXES.budgets(recipe)
 
 
-def run(
+def run(recipe: Recipe, **kwargs) -> tuple[Store, dict]:
+    """Compress as ``recipe`` says; returns the store (holding the compressed model) and
+    the report.
+
+    ``model`` (a loaded model), ``windows`` (token windows) and ``plan`` stand in for the
+    recipe's ``model``, ``calib`` and ``allocation`` when given. With ``recipe.out``
+    the result is saved there, resumably (``resume`` insists on resuming, ``restart``
+    discards a previous partial run); a full disk, a read-only file system or a refused
+    permission on the way is one line that says what to fix, and the finished blocks stay.
+    """
+    try:
+        return _run(recipe, **kwargs)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS or recipe.out is None:
+            raise
+        raise disk_error(exc, WorkDir(recipe.out).path) from None
+
+
+def _run(
     recipe: Recipe,
     *,
     model: nn.Module | None = None,
@@ -100,14 +118,6 @@ def run(
     restart: bool = False,
     progress: bool = True,
 ) -> tuple[Store, dict]:
-    """Compress as ``recipe`` says; returns the store (holding the compressed model) and
-    the report.
-
-    ``model`` (a loaded model), ``windows`` (token windows) and ``plan`` stand in for the
-    recipe's ``model``, ``calib`` and ``allocation`` when given. With ``recipe.out``
-    the result is saved there, resumably (``resume`` insists on resuming, ``restart``
-    discards a previous partial run).
-    """
     limit_heap_growth()
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -41,6 +41,7 @@ from ..io.checkpoint import (
     empty_model,
     sparsity_format,
 )
+from ..io.faults import fault_point
 from ..io.folders import write_json
 from ..io.models import load, load_tokenizer
 from ..io.safetensors_io import (
@@ -403,3 +404,4 @@ class WorkDir:
         self.save_json("results.json", results)
         self.save_json("state.json", {"next_block": index + 1})
         (self.path / f"hidden-{index:05d}.safetensors").unlink(missing_ok=True)
+        fault_point(f"block-saved-{index}")

@@ -8,12 +8,11 @@ what a pipeline run pruned, from its :mod:`store <prunella.engine.store>`, dense
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from ..report.build import render
 from ..report.plots import allocation_figure
-from .folders import atomic_folder, check_disk_space, check_out_dir
+from .folders import atomic_folder, check_disk_space, check_out_dir, scratch_folder
 from .pack import pack
 from .quantized import write_compressed_tensors
 from .safetensors_io import model_nbytes
@@ -81,10 +80,8 @@ def save_store(
     says, packed (sparse-bitmask) or compressed-tensors (``grids``: each quantized layer's
     grid, ``extra``: their scales), from a dense copy written first."""
     if recipe.save_format in ("packed", "compressed-tensors"):
-        parent = out.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".prunella-dense-", dir=parent) as tmp:
-            dense = Path(tmp) / out.name
+        with scratch_folder(out) as tmp:
+            dense = tmp / out.name
             as_dense = recipe.model_copy(update={"save_format": "dense"})
             save_store(store, work, dense, report, as_dense, tokenizer)
             check_out_dir(out, store.path, overwrite)

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import PrunellaError
+from . import faults
+from .folders import publish_file
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {
@@ -83,12 +83,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":"))
     blob = blob.encode() + b" " * (-len(blob) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as out:
-        out.write(struct.pack("<Q", len(blob)))
-        out.write(blob)
-        for tensor in tensors.values():
-            out.write(raw_bytes(tensor).data)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as out:
+            faults.write(out, struct.pack("<Q", len(blob)), path.name)
+            faults.write(out, blob, path.name)
+            for tensor in tensors.values():
+                faults.write(out, raw_bytes(tensor).data, path.name)
+        publish_file(tmp, path)
+    except OSError:  # a full disk: do not leave the half file taking room
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def raw_bytes(tensor: torch.Tensor) -> np.ndarray:
@@ -125,12 +129,17 @@ class ShardWriter:
         ).encode()
         blob += b" " * (-len(blob) % 8)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("wb") as out, self.data_path.open("rb") as data:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            shutil.copyfileobj(data, out, 16 * 2**20)
-        self.data_path.unlink()
-        os.replace(tmp, self.path)
+        try:
+            with tmp.open("wb") as out, self.data_path.open("rb") as data:
+                faults.write(out, struct.pack("<Q", len(blob)), self.path.name)
+                faults.write(out, blob, self.path.name)
+                while chunk := data.read(16 * 2**20):
+                    faults.write(out, chunk, self.path.name)
+            self.data_path.unlink()
+            publish_file(tmp, self.path)
+        except OSError:  # a full disk: do not leave the half file taking room
+            tmp.unlink(missing_ok=True)
+            raise
         return self.offset
 
 
