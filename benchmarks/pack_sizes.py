@@ -11,12 +11,12 @@ sizes. The embedding matrix (tied to the LM head) is not pruned and stays dense.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import record
 import torch
 from safetensors.torch import load_file
 
@@ -120,8 +120,7 @@ def main() -> None:
             f"{r['packed_mb'] / r['dense_mb']:.3f} | {r['linear_ratio']:.3f} | "
             f"{'yes' if r['exact_round_trip'] else 'NO'} |"
         )
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=2))
+    record.write(a.json, rows)
 
 
 if __name__ == "__main__":

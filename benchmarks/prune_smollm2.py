@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import record
 import torch
 from smollm2_runs import evaluate, run, smollm2_parser
 
@@ -83,12 +84,7 @@ def main() -> None:
             f"| {r['solver']} | {r['pattern']} | {r['sparsity']:.1%} | {r['ppl_dense']:.2f} | "
             f"{r['ppl']:.2f} | {r['prune_seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
-    if a.json:
-        a.json.write_text(
-            json.dumps(
-                {"args": vars(a) | {"json": str(a.json)}, "dense": dense, "rows": rows}, indent=2
-            )
-        )
+    record.write(a.json, {"dense": dense, "rows": rows})
 
 
 if __name__ == "__main__":
