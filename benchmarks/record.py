@@ -65,13 +65,20 @@ def versions() -> dict:
     return found
 
 
+# the code as the run starts (a benchmark imports this module first): a commit made while
+# it runs must not be credited with its numbers
+STARTED = {
+    "commit": _git("rev-parse", "HEAD"),
+    "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+}
+
+
 def provenance() -> dict:
-    """Command, commit, date, machine and versions of the run in progress."""
+    """Command, commit, date (at the start), machine and versions of the run in progress."""
     return {
         "command": shlex.join(["python", *sys.argv]),
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **STARTED,
         "machine": machine(),
         "versions": versions(),
     }
