@@ -4,6 +4,7 @@ docs/options.md are what scripts/make_docs.py writes from the registries and the
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +53,19 @@ def test_option_defaults_are_declared_once():
                     if param.name in options and param.default is not inspect.Parameter.empty:
                         repeated.append(f"{module.__name__}.{fn_name}({param.name}=...)")
     assert not repeated, repeated
+
+
+def test_the_headline_results_are_generated_from_committed_runs():
+    """Every headline figure is computed from a JSON under benchmarks/results/ that names
+    the command, commit and date of its run: an edited number, or a changed run, fails."""
+    spec = importlib.util.spec_from_file_location(
+        "make_results", ROOT / "scripts" / "make_results.py"
+    )
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    text = results.PAGE.read_text(encoding="utf-8")
+    assert text == results.page(text), "docs/results.md is stale: run scripts/make_results.py"
+    for name, _, _ in results.HEADLINE:
+        run = json.loads((results.RESULTS / name).read_text(encoding="utf-8"))
+        assert {"command", "commit"} <= run.keys(), name
+        assert run["command"].startswith("python benchmarks/"), name

@@ -1,0 +1,112 @@
+"""Write the headline results table of docs/results.md from the committed benchmark runs.
+
+Every row is computed from one JSON file under ``benchmarks/results/`` (written by a
+benchmark's ``--json``: the command, commit, date, machine and raw numbers); the table
+names the file, the command that wrote it and the commit it ran. ``tests/test_docs.py``
+fails when docs/results.md differs from what this writes.
+
+    python scripts/make_results.py           # rewrite the table
+    python scripts/make_results.py --check   # exit 1 if it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "results.md"
+START = "<!-- headline table: scripts/make_results.py -->"
+END = "<!-- end of headline table -->"
+
+
+def _rows(run: dict) -> list[dict]:
+    results = run.get("results", run)
+    return results["rows"] if isinstance(results, dict) else results
+
+
+def _find(rows: list[dict], **match) -> dict:
+    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise SystemExit(f"expected one row with {match}, found {len(found)}")
+    return found[0]
+
+
+def solvers(run: dict) -> str:
+    rows = _rows(run)
+    sgpt = _find(rows, solver="sparsegpt", pattern="unstructured")
+    wanda = _find(rows, solver="wanda", pattern="unstructured")
+    mag = _find(rows, solver="magnitude", pattern="unstructured")
+    nm = _find(rows, solver="sparsegpt", pattern="2:4")
+    return (
+        f"50%: dense {sgpt['ppl_dense']:.2f} → SparseGPT {sgpt['ppl']:.2f}, Wanda "
+        f"{wanda['ppl']:.2f}, magnitude {mag['ppl']:.2f}; 2:4: SparseGPT {nm['ppl']:.2f}"
+    )
+
+
+def bits(run: dict) -> str:
+    rows = _rows(run)
+    gptq = _find(rows, quantizer="gptq", bits=4, sparsity=None)
+    rtn = _find(rows, quantizer="rtn", bits=4, sparsity=None)
+    gptq3 = _find(rows, quantizer="gptq", bits=3, sparsity=None)
+    rtn3 = _find(rows, quantizer="rtn", bits=3, sparsity=None)
+    ratio = gptq["block_layer_bytes"] / gptq["block_layer_bf16_bytes"]
+    same = all(r["ppl_checkpoint"] == r["ppl_in_memory"] for r in rows)
+    return (
+        f"4 bits, group 64: GPTQ {gptq['ppl_in_memory']:.2f} vs round to nearest "
+        f"{rtn['ppl_in_memory']:.2f} (3 bits: {gptq3['ppl_in_memory']:.2f} vs "
+        f"{rtn3['ppl_in_memory']:.2f}); block layers {ratio:.3f} × their bfloat16 bytes; "
+        f"checkpoint perplexity {'equals' if same else 'differs from'} the in-memory model's"
+    )
+
+
+def packing(run: dict) -> str:
+    rows = _rows(run)
+    row = _find(rows, dtype="float32", sparsity="70%")
+    exact = all(r["exact_round_trip"] for r in rows)
+    return (
+        f"packed float32 checkpoint at 70%: {row['packed_mb'] / row['dense_mb']:.3f} × the "
+        f"dense bytes, {'bit-exact' if exact else 'NOT exact'} round trip"
+    )
+
+
+# (file under benchmarks/results, its row, the page with the full table)
+HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
+    ("prune_smollm2.json", solvers, "[solvers](solvers.md)"),
+    ("bits_smollm2.json", bits, "[bits](bits.md)"),
+    ("pack_sizes.json", packing, "[packing](packing.md)"),
+]
+
+
+def table() -> str:
+    lines = ["| result | run (command, commit, date) | full table |", "|---|---|---|"]
+    for name, row, page in HEADLINE:
+        run = json.loads((RESULTS / name).read_text(encoding="utf-8"))
+        when = f"`{run['commit'][:7]}`" + (f", {run['date'][:10]}" if "date" in run else "")
+        source = f"[`{name}`](../benchmarks/results/{name}): `{run['command']}`, {when}"
+        lines.append(f"| {row(run)} | {source} | {page} |")
+    return "\n".join(lines)
+
+
+def page(text: str) -> str:
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table()}\n{END}{tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if out of date")
+    a = parser.parse_args()
+    text = PAGE.read_text(encoding="utf-8")
+    if a.check:
+        sys.exit(0 if text == page(text) else 1)
+    PAGE.write_text(page(text), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
