@@ -28,6 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import record
 from smollm2_runs import measured, run, smollm2_parser
 
 METHODS = {
@@ -80,7 +81,7 @@ def main() -> None:
     )
     a = parser.parse_args()
     if a.table:
-        print(table([json.loads(path.read_text()) for path in a.table], a))
+        print(table([record.read(path) for path in a.table], a))
         return
     calib = ["--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)]
 
@@ -124,13 +125,12 @@ def main() -> None:
                     )
                     shutil.rmtree(out)
                     print(f"done: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-                    if a.json:  # so far, in case the run is stopped
-                        a.json.write_text(json.dumps({"dense": dense, "rows": rows}, indent=2))
+                    # so far, in case the run is stopped
+                    record.write(a.json, {"dense": dense, "rows": rows})
     model_mb = _model_mb(a.model)
     result = {"args": {k: str(v) for k, v in vars(a).items()}, "dense": dense,
               "model_mb": model_mb, "rows": rows}  # fmt: skip
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2))
+    record.write(a.json, result)
     print(table([result], a))
 
 

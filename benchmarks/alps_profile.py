@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import time
 from pathlib import Path
 
+import record
 import torch
 
 from prunella.engine.stats import HESSIAN, LayerStats
@@ -105,19 +105,16 @@ def main() -> None:
     print("|---|---|---|")
     for label, seconds in rows:
         print(f"| {label} | {seconds:.2f} | {seconds / alps_seconds:.0%} |")
-    if a.json:
-        a.json.write_text(
-            json.dumps(
-                {
-                    "sparsity": a.sparsity,
-                    "alps_seconds": alps_seconds,
-                    "sparsegpt_seconds": sparsegpt_seconds,
-                    "iterations": iterations,
-                    "parts": dict(rows),
-                },
-                indent=2,
-            )
-        )
+    record.write(
+        a.json,
+        {
+            "sparsity": a.sparsity,
+            "alps_seconds": alps_seconds,
+            "sparsegpt_seconds": sparsegpt_seconds,
+            "iterations": iterations,
+            "parts": dict(rows),
+        },
+    )
 
 
 if __name__ == "__main__":

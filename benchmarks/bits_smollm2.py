@@ -13,17 +13,12 @@ bytes. Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
+import record
 from safetensors import safe_open
 from smollm2_runs import evaluate, measured, smollm2_parser
-
-from prunella.version import __version__
 
 ROWS = [  # (quantizer, bits, sparsity)
     ("rtn", 8, None), ("gptq", 8, None), ("rtn", 4, None), ("gptq", 4, None),
@@ -87,14 +82,7 @@ def main() -> None:
               f"{r['block_layer_bytes'] / r['block_layer_bf16_bytes']:.3f}x | "
               f"{r['checkpoint_bytes'] / 2**20:.1f} | {r['seconds']:.1f} | "
               f"{r['peak_rss_mb']:.0f} |")  # fmt: skip
-    if a.json:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        a.json.write_text(json.dumps({
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "commit": commit.stdout.strip(), "prunella": __version__,
-            "machine": platform.platform(), "threads": torch.get_num_threads(),
-            "dense_perplexity": dense["perplexity"], "rows": rows,
-        }, indent=2) + "\n")  # fmt: skip
+    record.write(a.json, {"dense_perplexity": dense["perplexity"], "rows": rows})
 
 
 if __name__ == "__main__":

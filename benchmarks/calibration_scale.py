@@ -36,6 +36,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import record
 from smollm2_runs import measured
 
 DRAW = """
@@ -227,8 +228,7 @@ def main() -> None:
                     f"| {r['wall_seconds']:.1f} s | {r['calibration']['tokens_read']:,} |"
                 )
             results["prunes"] = runs
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+    record.write(Path(a.json) if a.json else None, results)
 
 
 if __name__ == "__main__":

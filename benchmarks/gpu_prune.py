@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import time
+from pathlib import Path
 
+import record
 import torch
 
 import prunella
@@ -125,10 +126,7 @@ def main() -> None:
         if a.cpu_check:
             line += f" {r['mask_agreement_min']:.4f} |"
         print(line)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "device": device, "torch": torch.__version__,
-                       "rows": rows}, f, indent=2)  # fmt: skip
+    record.write(a.json and Path(a.json), {"device": device, "rows": rows})
 
 
 if __name__ == "__main__":

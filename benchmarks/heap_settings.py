@@ -17,13 +17,14 @@ CLI starts. The shipped default is bfloat16 (on a CPU with native bfloat16), a
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import record
 
 # (forward dtype, mmap threshold in MiB or None for glibc's default, trims)
 SETTINGS = [
@@ -119,9 +120,7 @@ def main() -> None:
         )
     if a.json:
         rows = [run for setting in runs for run in setting]
-        a.json.write_text(
-            json.dumps({"args": vars(a) | {"json": str(a.json)}, "rows": rows}, indent=2)
-        )
+        record.write(a.json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
 import torch
 from smollm2_runs import run, smollm2_parser
 
@@ -120,7 +121,7 @@ def main() -> None:
     a = parser.parse_args()
 
     if a.table:
-        loaded = [json.loads(p.read_text()) for p in a.table]
+        loaded = [record.read(p) for p in a.table]
         merged = {}  # a later file's row replaces an earlier one of the same combination
         for r in (r for data in loaded for r in data["rows"]):
             merged[r["level"], r["solver"], r["rows"]] = r
@@ -154,18 +155,7 @@ def main() -> None:
         f"torch {torch.__version__}\n"
     )
     table(rows, compared[0]["perplexity"], floor)
-    if a.json:
-        a.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(a).items()},
-                    "dense_ppl": compared[0]["perplexity"],
-                    "floor": floor,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+    record.write(a.json, {"dense_ppl": compared[0]["perplexity"], "floor": floor, "rows": rows})
 
 
 if __name__ == "__main__":

