@@ -280,6 +280,18 @@ def calibration(
     return draw_calibration(tokenizer, source, nsamples, seqlen, seed, text_field)
 
 
+def check_token_ids(windows: torch.Tensor, model: torch.nn.Module) -> None:
+    """Refuse token ids the model has no embedding row for: the tokenizer (or the
+    windows given) belong to another model, with a larger vocabulary."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = int(windows.max()) if windows.numel() else -1
+    if top >= rows:
+        raise PrunellaError(
+            f"the tokenizer gives token id {top}, but the model embeds only {rows} tokens "
+            "(vocab_size): the tokenizer is not this model's"
+        )
+
+
 def check_text_input(tokenizer, seqlen: int, max_positions: int | None) -> None:
     """Reading text needs a tokenizer and windows no longer than the model's context."""
     if tokenizer is None:

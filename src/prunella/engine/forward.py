@@ -212,11 +212,14 @@ def run_in_lockstep(
 
         return pre_hook
 
+    broken: list[int] = []  # batches whose output is NaN or Inf
+
     def forward(b: int) -> None:
         out = acts.run(block, index, b)
-        if not torch.isfinite(out).all():
-            raise PrunellaError(acts.locate_non_finite(block, index, b))
-        acts.hidden[b] = out
+        if torch.isfinite(out).all():
+            acts.hidden[b] = out
+        else:
+            broken.append(b)
 
     handles = [m.register_forward_pre_hook(meet(n)) for n, m in linears.items()]
     try:
@@ -230,6 +233,8 @@ def run_in_lockstep(
     finally:
         for handle in handles:
             handle.remove()
+    if broken:  # located with the hooks gone: the layers are not met and pruned again
+        raise PrunellaError(acts.locate_non_finite(block, index, broken[0]))
 
 
 @torch.no_grad()
