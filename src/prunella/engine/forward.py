@@ -212,14 +212,11 @@ def run_in_lockstep(
 
         return pre_hook
 
-    broken: list[int] = []  # batches whose output is NaN or Inf
-
     def forward(b: int) -> None:
         out = acts.run(block, index, b)
-        if torch.isfinite(out).all():
-            acts.hidden[b] = out
-        else:
-            broken.append(b)
+        if not torch.isfinite(out).all():
+            raise PrunellaError(acts.locate_non_finite(block, index, b))
+        acts.hidden[b] = out
 
     handles = [m.register_forward_pre_hook(meet(n)) for n, m in linears.items()]
     try:
@@ -233,8 +230,6 @@ def run_in_lockstep(
     finally:
         for handle in handles:
             handle.remove()
-    if broken:  # located with the hooks gone: the layers are not met and pruned again
-        raise PrunellaError(acts.locate_non_finite(block, index, broken[0]))
 
 
 @torch.no_grad()

@@ -96,7 +96,8 @@ class ErrorProbe:
         self.calls[name] += 1
         self.rows[name] += x[..., 0].numel()
         take = self.tokens - self.seen[name]
-        if take > 0 and name in self.dense:  # (not so when a broken block is run again)
+        # (a block run again to locate NaN or Inf activations finds dense weights gone)
+        if take > 0 and name in self.dense:
             with exact(x):
                 x = x.reshape(-1, x.shape[-1])[:take].float()
                 w = self.dense[name].float()
