@@ -110,7 +110,7 @@ def _check_early(recipe, overwrite: bool) -> None:
     if recipe.out is not None:
         check_out_dir(recipe.out, path, overwrite)
     if recipe.allocation_file is not None and not Path(recipe.allocation_file).is_file():
-        raise PrunellaError(f"allocation file {recipe.allocation_file} not found")
+        raise PrunellaError(f"--allocation-file {recipe.allocation_file!r} not found")
 
 
 def prune_command(model, recipe, resume, restart, overwrite, quiet, **values) -> None:

@@ -98,7 +98,7 @@ def check_source(source: str | Path, text_field: str = "text", split: str = "tra
     ``split``: ``train`` for calibration, ``test`` for evaluation (a ``datasets`` folder)."""
     if str(source) in SHIPPED or str(source) in DATASETS:
         return
-    if not Path(source).exists():
+    if not str(source) or not Path(source).exists():  # (an empty name is not the folder .)
         known = ", ".join([*SHIPPED, *DATASETS])
         raise PrunellaError(
             f"text source {str(source)!r} is neither a file nor a known name ({known})"
