@@ -49,9 +49,12 @@ def started(monkeypatch) -> list:
     """The runs that got as far as creating OUT.partial (none should, for a bad input)."""
     calls: list = []
     original = store.WorkDir.start
-    monkeypatch.setattr(
-        store.WorkDir, "start", lambda self, *a: (calls.append(self.path), original(self, *a))
-    )
+
+    def start(self, *args) -> None:
+        calls.append(self.path)
+        original(self, *args)
+
+    monkeypatch.setattr(store.WorkDir, "start", start)
     return calls
 
 

@@ -246,9 +246,11 @@ def load_plan(
     if not isinstance(data, dict):
         raise PrunellaError(f"{where} must hold a JSON object")
     bodies = _axis_bodies(data, where)
-    plan = Plan({name: _axis_plan(name, body, layers, where) for name, body in bodies.items()})
-    fingerprint = data.get("model_fingerprint") if data.get("format") == FORMAT else None
-    plan.model_fingerprint = fingerprint if isinstance(fingerprint, str) else None
+    fingerprint = data.get("model_fingerprint")
+    plan = Plan(
+        {name: _axis_plan(name, body, layers, where) for name, body in bodies.items()},
+        model_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+    )
     check_plan(plan, layers, budgets or {}, axes, where)
     return plan
 
