@@ -136,15 +136,17 @@ def heapr_to_dir(
     calibrated as the recipe ``options`` say (``calib``, ``nsamples``, ``seqlen``,
     ``seed``, ``text_field``, ``device``); returns the report. The scores are computed in
     float32 on the device (``auto``: a GPU when there is one)."""
-    from .data import calibration
+    from .data import calibration, check_token_ids
     from .engine.device import pick_device
-    from .io.checkpoint import check_checkpoint
+    from .io.checkpoint import check_checkpoint, check_dense
     from .io.folders import atomic_folder, check_out_dir, write_json
 
     check_ratio(ratio)  # bad input stops before the model is read
     recipe = build(model=str(model), out=str(out), **options)
     device = pick_device(recipe.device)
-    out = check_out_dir(recipe.out, check_checkpoint(recipe.model)[0], overwrite)
+    path = check_checkpoint(recipe.model)[0]
+    check_dense(path)
+    out = check_out_dir(recipe.out, path, overwrite)
     hf_model, tokenizer, path, _ = load(recipe.model)
     dtype = next(hf_model.parameters()).dtype  # the checkpoint's: scored in float32, saved so
     hf_model.to(device=device, dtype=torch.float32)
@@ -152,6 +154,7 @@ def heapr_to_dir(
         tokenizer, recipe.calib, recipe.nsamples, recipe.seqlen, recipe.seed,
         getattr(hf_model.config, "max_position_embeddings", None), recipe.text_field,
     )  # fmt: skip
+    check_token_ids(windows, hf_model)
     report = heapr(hf_model, windows, ratio, uniform, recipe.batch_size or 1, progress)
     report |= {"model": str(path), "calibration": calib_info}
     hf_model.to(device="cpu", dtype=dtype)

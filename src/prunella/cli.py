@@ -94,7 +94,7 @@ def _check_early(recipe, overwrite: bool) -> None:
     """Everything a user can get wrong, checked before any weight is read."""
     from . import data
     from .engine.device import pick_device
-    from .io.checkpoint import check_checkpoint
+    from .io.checkpoint import check_checkpoint, check_dense
     from .io.folders import check_out_dir
     from .methods import AXES
 
@@ -106,10 +106,11 @@ def _check_early(recipe, overwrite: bool) -> None:
     if recipe.eval_data is not None:
         data.check_source(recipe.eval_data, recipe.text_field, split="test")
     path, _ = check_checkpoint(recipe.model)
+    check_dense(path)
     if recipe.out is not None:
         check_out_dir(recipe.out, path, overwrite)
     if recipe.allocation_file is not None and not Path(recipe.allocation_file).is_file():
-        raise PrunellaError(f"allocation file {recipe.allocation_file} not found")
+        raise PrunellaError(f"--allocation-file {recipe.allocation_file!r} not found")
 
 
 def prune_command(model, recipe, resume, restart, overwrite, quiet, **values) -> None:

@@ -16,6 +16,13 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def warn(message: str) -> None:
+    """Say ``message`` as one line on stderr: something looks wrong, and the run goes on."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
+
+
 _noticed: set[str] = set()
 
 

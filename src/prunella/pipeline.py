@@ -23,14 +23,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import GIVEN_WINDOWS, calibration, describe
+from .data import GIVEN_WINDOWS, calibration, check_token_ids, describe
 from .engine.adapters import block_index
 from .engine.device import pick_device, resolve_compute_dtype
 from .engine.heap import limit_heap_growth
 from .engine.prune import choose_passes, default_batch_size, prune_blocks
 from .engine.store import Store, WorkDir, open_store
-from .errors import PrunellaError
-from .io.checkpoint import assert_finite, resolve, scan
+from .errors import PrunellaError, warn
+from .io.checkpoint import assert_finite, check_checkpoint, check_dense, scan
 from .io.export import save_store
 from .io.folders import DISK_ERRORS, check_disk_space, check_out_dir, disk_error
 from .io.quantized import check_quantizable
@@ -78,14 +78,30 @@ class Setting:
     """What a run settles before any weight is compressed: the store and tokenizer, the
     device, the forward dtype and batch size, and each axis's budget."""
 
-    def __init__(self, recipe: Recipe, store: Store, tokenizer, nsamples: int, seqlen: int):
+    def __init__(
+        self,
+        recipe: Recipe,
+        store: Store,
+        tokenizer,
+        nsamples: int,
+        seqlen: int,
+        weights_digest: str | None = None,
+    ):
         self.store, self.tokenizer = store, tokenizer
+        self.weights_digest = weights_digest
         self.device = pick_device(recipe.device)
         model_dtype = next(store.model.parameters()).dtype
         self.dtype = resolve_compute_dtype(model_dtype, self.device, recipe.compute_dtype)
         self.batch_size = recipe.batch_size or default_batch_size(seqlen, self.device)
         self.passes = choose_passes(recipe.passes, store.model.config, nsamples, seqlen)
         self.budgets = AXES.budgets(recipe)
+
+    def model_fingerprint(self) -> str | None:
+        """The digest of the model's weights (:func:`scan`, read once), or ``None`` for a
+        model given in memory."""
+        if self.weights_digest is None and self.store.path is not None:
+            self.weights_digest = scan(self.store.path)
+        return self.weights_digest
 
 
 def run(recipe: Recipe, **kwargs) -> tuple[Store, dict]:
@@ -130,9 +146,10 @@ def _run(
     pick_device(recipe.device)
     if model is not None and recipe.out is not None:
         raise PrunellaError("a loaded model is pruned in memory: save it with prunella.save")
-    out = work = None
+    out = work = weights_digest = None
     if recipe.out is not None:
-        path = resolve(recipe.model)
+        path, _ = check_checkpoint(recipe.model)
+        check_dense(path)
         out = check_out_dir(recipe.out, path, overwrite)
         work = WorkDir(out)
         # reads every tensor once, before anything is loaded (so it adds nothing to the
@@ -151,7 +168,7 @@ def _run(
         assert_finite(model)
     timings["load"] = time.perf_counter() - tick
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
-    setting = Setting(recipe, store, tokenizer, nsamples, seqlen)
+    setting = Setting(recipe, store, tokenizer, nsamples, seqlen, weights_digest)
     if recipe.save_format == "compressed-tensors" and out is not None:
         check_quantizable(store.model, store.layers())
     dev, dtype = setting.device, setting.dtype
@@ -288,8 +305,9 @@ def calibrate(
     recipe: Recipe, store: Store, tokenizer, windows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict]:
     """The calibration windows (``windows`` if given, else drawn from ``recipe.calib``)
-    and what they were drawn from (source, format, bytes, documents and tokens read)."""
-    return calibration(
+    and what they were drawn from (source, format, bytes, documents and tokens read);
+    every token one the model can embed."""
+    windows, info = calibration(
         tokenizer,
         windows if windows is not None else recipe.calib,
         recipe.nsamples,
@@ -298,6 +316,8 @@ def calibrate(
         getattr(store.model.config, "max_position_embeddings", None),
         recipe.text_field,
     )
+    check_token_ids(windows, store.model)
+    return windows, info
 
 
 def make_plan(
@@ -311,8 +331,10 @@ def make_plan(
     if given is not None:
         plan = given
         check_plan(plan, shapes, AXES.asked(recipe), AXES, "the plan given")
+        check_plan_model(plan, setting, "the plan given")
     elif recipe.allocation_file is not None:
         plan = load_plan(recipe.allocation_file, shapes, AXES.asked(recipe), AXES)
+        check_plan_model(plan, setting, f"allocation file {recipe.allocation_file}")
     else:
         method = ALLOCATIONS.get(recipe.allocation.name)
         run = AllocationRun(
@@ -325,6 +347,19 @@ def make_plan(
     other = model_nbytes(store.model, loaded_only=False) - dense_layers
     plan.cost = plan_cost(plan, AXES, shapes, element, other, recipe.save_format)
     return plan
+
+
+def check_plan_model(plan: Plan, setting: Setting, where: str) -> None:
+    """One warning line when ``plan`` was made for another model (its fingerprint is
+    not this model's weights digest); the plan is used all the same. A plan without a
+    fingerprint (an older file), or a model given in memory, is not compared."""
+    if plan.model_fingerprint is None or setting.store.path is None:
+        return
+    if plan.model_fingerprint != setting.model_fingerprint():
+        warn(
+            f"{where} was made for another model than {setting.store.path} (its "
+            "model_fingerprint differs from the digest of these weights): using it anyway"
+        )
 
 
 def allocate_only(
@@ -349,7 +384,9 @@ def allocate_only(
     method = ALLOCATIONS.get(recipe.allocation.name)
     if recipe.allocation_file is None and method.needs_data and windows is None:
         windows = calibrate(recipe, store, tokenizer)[0]
-    return make_plan(recipe, setting, windows, progress), store
+    plan = make_plan(recipe, setting, windows, progress)
+    plan.model_fingerprint = setting.model_fingerprint()  # the model the plan is for
+    return plan, store
 
 
 def _evaluate(store: Store, tokenizer, recipe: Recipe, device, progress: bool) -> dict:

@@ -98,7 +98,7 @@ def check_source(source: str | Path, text_field: str = "text", split: str = "tra
     ``split``: ``train`` for calibration, ``test`` for evaluation (a ``datasets`` folder)."""
     if str(source) in SHIPPED or str(source) in DATASETS:
         return
-    if not Path(source).exists():
+    if not str(source) or not Path(source).exists():  # (an empty name is not the folder .)
         known = ", ".join([*SHIPPED, *DATASETS])
         raise PrunellaError(
             f"text source {str(source)!r} is neither a file nor a known name ({known})"
@@ -278,6 +278,18 @@ def calibration(
         return source.long(), {"source": GIVEN_WINDOWS}
     check_text_input(tokenizer, seqlen, max_positions)
     return draw_calibration(tokenizer, source, nsamples, seqlen, seed, text_field)
+
+
+def check_token_ids(windows: torch.Tensor, model: torch.nn.Module) -> None:
+    """Refuse token ids the model has no embedding row for: the tokenizer (or the
+    windows given) belong to another model, with a larger vocabulary."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = int(windows.max()) if windows.numel() else -1
+    if top >= rows:
+        raise PrunellaError(
+            f"the tokenizer gives token id {top}, but the model embeds only {rows} tokens "
+            "(vocab_size): the tokenizer is not this model's"
+        )
 
 
 def check_text_input(tokenizer, seqlen: int, max_positions: int | None) -> None:

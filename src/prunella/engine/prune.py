@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PrunellaError
-from .adapters import get_weight, set_weight
+from .adapters import block_index, get_weight, set_weight
 from .experts import ExpertLinear, routed
 from .forward import Activations, capture, forward_precision, matmuls_in, on_device, run_in_lockstep
 from .heap import trim_heap
@@ -96,7 +96,8 @@ class ErrorProbe:
         self.calls[name] += 1
         self.rows[name] += x[..., 0].numel()
         take = self.tokens - self.seen[name]
-        if take > 0:
+        # (a block run again to locate NaN or Inf activations finds dense weights gone)
+        if take > 0 and name in self.dense:
             with exact(x):
                 x = x.reshape(-1, x.shape[-1])[:take].float()
                 w = self.dense[name].float()
@@ -175,6 +176,12 @@ class BlockPruner:
         dense = master.detach().to(device=running.device, dtype=torch.float32, copy=True)
         if not torch.isfinite(dense).all():
             raise PrunellaError(f"layer {name} has NaN or Inf weights")
+        if stats is not None and not stats.finite():
+            raise PrunellaError(
+                f"NaN or Inf activations in block {block_index(name)}: the inputs of {name} "
+                "are not finite (or too large to square in float32): the model is "
+                "numerically broken"
+            )
 
         # an expert routed too few tokens for statistics: what needs no calibration data
         few = isinstance(layer, ExpertLinear) and stats is not None

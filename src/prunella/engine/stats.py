@@ -87,6 +87,11 @@ class LayerStats:
         if self.xtx is not None:
             self._mirrored = False
 
+    def finite(self) -> bool:
+        """Whether the sums are finite: a NaN or Inf input carries into them, and so
+        does an input too large to square in float32."""
+        return all(torch.isfinite(s).all() for s in (self.xtx, self.sq_sum) if s is not None)
+
     @property
     def hessian(self) -> torch.Tensor:
         """``H = (2 / n) X^T X`` (float32)."""

@@ -37,6 +37,7 @@ from ..errors import PrunellaError
 from ..io.checkpoint import (
     ExpertParts,
     check_checkpoint,
+    check_dense,
     checkpoint_key_map,
     empty_model,
     sparsity_format,
@@ -281,6 +282,7 @@ def open_store(
     if isinstance(model, nn.Module):
         return MemoryStore(model, adapter_for(model)), tokenizer
     path, adapter = check_checkpoint(model)
+    check_dense(path)
     if offload == "disk" and whole_model:
         raise PrunellaError(
             "--eval-data needs the whole model in memory; it cannot run with --offload disk "

@@ -37,9 +37,10 @@ from torch import nn
 from ..engine.adapters import Adapter, adapter_for
 from ..errors import PrunellaError, first_line
 from .folders import read_json
-from .safetensors_io import DTYPES, CheckpointReader
+from .safetensors_io import DTYPES, CheckpointReader, read_header
 
 SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+DENSE_DTYPES = ("F16", "BF16", "F32", "F64")  # a weight stored otherwise is quantized
 SCAN_CHUNK = 64 * 2**20  # bytes per read; a multiple of every element size
 
 BUNDLED = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -136,6 +137,7 @@ def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
     """Resolve and validate a checkpoint without reading its weights."""
     path = resolve(model)
     config = read_config(path)
+    check_no_remote_code(path, config)
     adapter = _discover(str(path), json.dumps(config, sort_keys=True))
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -159,6 +161,57 @@ def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
         if missing:
             raise PrunellaError(f"{index} lists {missing[0]}, which is missing")
     return path, adapter
+
+
+def check_no_remote_code(path: Path, config: dict) -> None:
+    """Refuse an architecture that only the checkpoint's own Python files define
+    (``auto_map`` in its config, a ``model_type`` transformers does not ship)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config["model_type"]
+    if "auto_map" in config and model_type not in CONFIG_MAPPING:
+        raise PrunellaError(
+            f"{path} needs remote code: its model_type {model_type!r} is defined by the "
+            "checkpoint's own Python files (auto_map in config.json), not by transformers, "
+            "and Prunella does not run them (it has no --trust-remote-code)"
+        )
+
+
+def quantization(config: dict) -> str | None:
+    """The quantization method a checkpoint's config declares, or ``None``: none, or only
+    a sparsity part (a packed checkpoint is dense in values, see :func:`sparsity_format`)."""
+    quant = config.get("quantization_config") or config.get("compression_config")
+    if not isinstance(quant, dict):
+        return None
+    method = quant.get("quant_method", "compressed-tensors")
+    if method == "compressed-tensors" and not (
+        quant.get("config_groups") or quant.get("quantization_config")
+    ):
+        return None
+    return str(method)
+
+
+def check_dense(path: Path) -> None:
+    """Refuse an already quantized checkpoint (its config says so, or a weight is stored
+    as integers or fp8): compressing starts from dense weights. Reading a quantized
+    checkpoint (``eval``, ``compare``, ``inspect``) is fine; this is for compressing."""
+    method = quantization(read_config(path))
+    why = f"quantization_config with quant_method {method!r}" if method else _integer_weight(path)
+    if why is not None:
+        raise PrunellaError(
+            f"{path} is already quantized ({why}): Prunella needs a dense (unquantized) "
+            "checkpoint, e.g. the one it was quantized from"
+        )
+
+
+def _integer_weight(path: Path) -> str | None:
+    """The first weight stored in another dtype than a float of 16 bits or more (int8,
+    fp8, ...), said as ``KEY is stored as DTYPE``; read from the headers only."""
+    for file in sorted(path.glob("*.safetensors")):
+        for key, info in read_header(file).items():
+            if key.endswith(".weight") and info["dtype"] not in DENSE_DTYPES:
+                return f"{key} is stored as {info['dtype']}"
+    return None
 
 
 def assert_finite(module: torch.nn.Module, prefix: str = "") -> None:

@@ -16,6 +16,9 @@ from ..errors import PrunellaError, first_line
 from .checkpoint import assert_finite, check_checkpoint, sparsity_format
 from .pack import unpack
 
+# the files one of transformers' tokenizers is read from
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
@@ -23,6 +26,11 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            raise PrunellaError(
+                f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy in the "
+                "tokenizer files of the model it came from"
+            ) from None
         raise PrunellaError(f"could not load the tokenizer in {path}: {first_line(exc)}") from None
 
 

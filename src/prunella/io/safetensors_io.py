@@ -5,7 +5,8 @@
 * :func:`save_tensors` -- a whole file at once, atomically;
 * :class:`ShardWriter` -- a file written one tensor at a time (the header is
   assembled at the end), so that copying a checkpoint holds one tensor in memory;
-* :func:`write_index` -- ``model.safetensors.index.json`` for a sharded folder.
+* :func:`write_index` -- ``model.safetensors.index.json`` for a sharded folder;
+* :func:`read_header` -- what a file holds (names, dtypes, shapes), without its data.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class CheckpointReader:
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.files.values()))
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """Tensor name -> ``{"dtype", "shape", "data_offsets"}`` of a safetensors file, from its
+    header alone (the data is not read)."""
+    with Path(file).open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -17,9 +17,13 @@ monotone in ``c``), then round to whole weights and hand the leftover weights to
 layers with the largest rounding remainders, so the total is exactly
 ``round(target * sum_l n_l)``.
 
-Files: ``prunella-plan/2`` (``{"format", "axes": {axis: {...}}, "cost"}``); a
-``prunella-allocation/1`` file (a sparsity plan alone) still loads. In an axis's
-JSON the per-layer values sit under the axis's name (``"sparsity": {layer: s}``).
+Files: ``prunella-plan/2`` (``{"format", "axes": {axis: {...}}, "cost",
+"model_fingerprint"}``); a ``prunella-allocation/1`` file (a sparsity plan alone) still
+loads. In an axis's JSON the per-layer values sit under the axis's name
+(``"sparsity": {layer: s}``). ``model_fingerprint`` is the digest of the weights of the
+model the plan was made for (:func:`prunella.io.checkpoint.scan`; absent from older
+files and from plans of a model given in memory): a plan used on another model is
+said in one warning line, and still used.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ class Plan:
 
     axes: dict[str, AxisPlan]
     cost: dict = field(default_factory=dict)
+    model_fingerprint: str | None = None  # the digest of the weights it was made for
 
     def __getitem__(self, axis: str) -> AxisPlan:
         return self.axes[axis]
@@ -139,6 +144,7 @@ class Plan:
             "format": FORMAT,
             "axes": {name: axis.to_json() for name, axis in self.axes.items()},
             "cost": self.cost,
+            "model_fingerprint": self.model_fingerprint,
         }
 
     @classmethod
@@ -147,7 +153,12 @@ class Plan:
         bodies = _axis_bodies(data)
         axes = {name: AxisPlan.from_json(name, body) for name, body in bodies.items()}
         cost = data.get("cost")
-        return cls(axes, dict(cost) if isinstance(cost, dict) else {})
+        fingerprint = data.get("model_fingerprint")
+        return cls(
+            axes,
+            dict(cost) if isinstance(cost, dict) else {},
+            fingerprint if isinstance(fingerprint, str) else None,
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
@@ -235,7 +246,11 @@ def load_plan(
     if not isinstance(data, dict):
         raise PrunellaError(f"{where} must hold a JSON object")
     bodies = _axis_bodies(data, where)
-    plan = Plan({name: _axis_plan(name, body, layers, where) for name, body in bodies.items()})
+    fingerprint = data.get("model_fingerprint")
+    plan = Plan(
+        {name: _axis_plan(name, body, layers, where) for name, body in bodies.items()},
+        model_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+    )
     check_plan(plan, layers, budgets or {}, axes, where)
     return plan
 

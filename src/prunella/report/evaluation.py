@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import check_text_input, describe, evaluation_windows
+from ..data import check_text_input, check_token_ids, describe, evaluation_windows
 from ..engine.device import eval_dtype, pick_device
 from ..engine.forward import on_device
 from ..errors import PrunellaError
@@ -95,6 +95,7 @@ def evaluate(
     else:
         check_text_input(tokenizer, seqlen, getattr(model.config, "max_position_embeddings", None))
         windows = evaluation_windows(tokenizer, data, seqlen, max_windows, text_field)
+    check_token_ids(windows, model)
     with contextlib.ExitStack() as stack:
         for m in (model, reference):
             if m is not None:
