@@ -420,7 +420,9 @@ class Workers:
         for worker in self.started + self.ready + [p for p in others if p is not None]:
             if worker.poll() is None:
                 worker.kill()
-            worker.communicate()
+            worker.wait()
+            if worker.stdout is not None:
+                worker.stdout.close()
 
 
 def kill_mid_trial(study, workers: list[subprocess.Popen], deadline: float, rng=None):
@@ -491,12 +493,14 @@ def test_a_worker_killed_mid_trial_loses_only_its_candidate(tiny_llama, tmp_path
               if t.state == TrialState.COMPLETE}  # fmt: skip
     assert {str(coordinator.pid), str(workers[0].pid)} <= owners  # both joined the study
     plan = sparsity_plan(out)
-    assert plan["params"]["search"]["evaluations"] == evaluations
+    assert plan["params"]["search"]["evaluations"] >= evaluations
     assert plan["params"]["search"]["storage"].startswith("postgresql")
     # a search never killed, in one process (SQLite), finds the same plan
     subprocess.run(allocate_command(tiny_llama, tmp_path / "clean.json", evaluations=evaluations),
                    env=env, check=True)  # fmt: skip
-    assert sparsity_plan(tmp_path / "clean.json")["sparsity"] == plan["sparsity"]
+    clean = sparsity_plan(tmp_path / "clean.json")
+    assert clean["params"]["search"]["evaluations"] == plan["params"]["search"]["evaluations"]
+    assert clean["sparsity"] == plan["sparsity"]
 
 
 @pytest.mark.slow
