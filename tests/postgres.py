@@ -176,6 +176,22 @@ def postgres_server(
             shutil.rmtree(base, ignore_errors=True)
 
 
+def fresh_database(url: str, name: str) -> str:
+    """A new, empty database ``name`` on the server of ``url``, and its URL: a test of its
+    own there, whose studies meet no other test's (a search's study name is a digest of
+    its options, so two tests with the same options would share one study)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """SQLAlchemy URL of a PostgreSQL server (one per test session)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_checkpoint
+from postgres import fresh_database
 from test_allocation import allocate
 
 from prunella.engine.adapters import get_weight
@@ -287,6 +290,23 @@ def test_bad_storage_is_one_line(tiny_llama):
                 SMALL | {"evaluations": 5, "storage": "nosuchdb://x"})  # fmt: skip
 
 
+def test_heartbeat_settings_come_from_the_environment(monkeypatch):
+    from prunella.methods.search.study import heartbeat_settings
+
+    monkeypatch.delenv("PRUNELLA_SEARCH_HEARTBEAT", raising=False)
+    monkeypatch.delenv("PRUNELLA_SEARCH_GRACE", raising=False)
+    assert heartbeat_settings() == (2, 20)
+    monkeypatch.setenv("PRUNELLA_SEARCH_HEARTBEAT", "1")
+    monkeypatch.setenv("PRUNELLA_SEARCH_GRACE", "3")
+    assert heartbeat_settings() == (1, 3)
+    monkeypatch.setenv("PRUNELLA_SEARCH_GRACE", "1")
+    with pytest.raises(PrunellaError, match="must be longer than"):
+        heartbeat_settings()
+    monkeypatch.setenv("PRUNELLA_SEARCH_GRACE", "0.5")
+    with pytest.raises(PrunellaError, match="whole number of seconds"):
+        heartbeat_settings()
+
+
 # --- processes: a killed search resumes; workers on PostgreSQL -----------------------------
 
 
@@ -335,42 +355,227 @@ def test_a_sigkilled_search_resumes_to_the_same_plan(tiny_llama, tmp_path):
     assert a["axes"]["sparsity"]["sparsity"] == b["axes"]["sparsity"]["sparsity"]
 
 
-def test_workers_on_postgresql_share_one_study(tiny_llama, tmp_path, postgres_url):
+def search_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a search's processes in these tests: their own cache, a heartbeat
+    every second and a 3 s grace period (a killed worker's trial fails within seconds), and
+    one torch thread each, so that every process computes a candidate's fitness alike,
+    bit for bit."""
+    return dict(os.environ, PRUNELLA_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+                PRUNELLA_SEARCH_HEARTBEAT="1", PRUNELLA_SEARCH_GRACE="3")  # fmt: skip
+
+
+def wait_for_study(url: str, deadline: float):
+    """The one study in ``url``, once the search has written its setup (workers read it)."""
     import optuna
 
-    env = dict(os.environ, PRUNELLA_HOME=str(tmp_path / "cache"), PRUNELLA_SEARCH_GRACE="4")
-    out = tmp_path / "plan.json"
-    coordinator = subprocess.Popen(
-        allocate_command(tiny_llama, out, postgres_url, evaluations=80), env=env
-    )
-    storage = optuna.storages.RDBStorage(postgres_url)
-    deadline = time.monotonic() + 120
-    while not optuna.get_all_study_summaries(storage) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    name = optuna.get_all_study_summaries(storage)[0].study_name
-    worker = [sys.executable, "-m", "prunella", "search-worker", "--storage", postgres_url,
-              "--study", name]  # fmt: skip
-    workers = [subprocess.Popen(worker, env=env, stdout=subprocess.PIPE, text=True)
-               for _ in range(2)]  # fmt: skip
-    # kill one worker once it has evaluated something: only its candidate is lost
-    study = optuna.load_study(study_name=name, storage=storage)
+    storage = optuna.storages.RDBStorage(url)
     while time.monotonic() < deadline:
-        mine = [t for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("worker", "").endswith(f":{workers[1].pid}")]  # fmt: skip
-        if mine:
-            break
-        time.sleep(0.1)
-    workers[1].send_signal(signal.SIGKILL)
-    assert coordinator.wait(timeout=300) == 0
-    out_text, _ = workers[0].communicate(timeout=60)
-    assert "evaluated" in out_text
-    plan = json.loads(out.read_text())["axes"]["sparsity"]
-    trials = study.get_trials(deepcopy=False)
-    by = {t.user_attrs.get("worker", "").split(":")[-1] for t in trials
-          if t.state == optuna.trial.TrialState.COMPLETE}  # fmt: skip
-    assert {str(coordinator.pid), str(workers[0].pid)} <= by  # both joined the study
-    assert plan["params"]["search"]["evaluations"] >= 80
+        summaries = optuna.get_all_study_summaries(storage)
+        if summaries and "setup" in summaries[0].user_attrs:
+            return optuna.load_study(study_name=summaries[0].study_name, storage=storage)
+        time.sleep(0.2)
+    raise AssertionError("the search made no study in time")
+
+
+# A search-worker process with its slow imports (torch, transformers: seconds on a busy
+# machine) done before it is needed: it waits for its arguments on stdin, then runs
+# ``prunella search-worker`` as the command line does.
+WARM_WORKER = """
+import sys
+import transformers
+from prunella.cli import main
+from prunella.methods.search import study
+sys.exit(main(["search-worker", *sys.stdin.readline().split()]))
+"""
+
+
+class Workers:
+    """``prunella search-worker`` processes, ``ahead`` of them started before the study
+    exists and, with ``spare``, one more kept ready after each start: a worker joins the
+    study about as soon as it is started, so the test's seconds go to the search."""
+
+    def __init__(self, env: dict[str, str], ahead: int, spare: bool = False) -> None:
+        self.env, self.spare = env, spare
+        self.ready = [self._warm() for _ in range(ahead)]
+        self.started: list[subprocess.Popen] = []
+
+    def _warm(self) -> subprocess.Popen:
+        command = [sys.executable, "-c", WARM_WORKER]
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+        return subprocess.Popen(command, env=self.env, text=True, **pipes)
+
+    def start(self, url: str, name: str) -> subprocess.Popen:
+        worker = self.ready.pop(0) if self.ready else self._warm()
+        if self.spare and not self.ready:
+            self.ready.append(self._warm())
+        worker.stdin.write(f"--storage {url} --study {name}\n")
+        worker.stdin.close()
+        worker.stdin = None  # closed: communicate() must not flush it
+        self.started.append(worker)
+        return worker
+
+    def close(self, *others: subprocess.Popen | None) -> None:
+        """Kill what is still running: a failed test's workers and ``others`` (its search),
+        the unused spares."""
+        for worker in self.started + self.ready + [p for p in others if p is not None]:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait()
+            if worker.stdout is not None:
+                worker.stdout.close()
+
+
+def kill_mid_trial(study, workers: list[subprocess.Popen], deadline: float, rng=None):
+    """SIGKILL one of ``workers`` while it evaluates a candidate: wait until one of them has
+    a running trial with a candidate's ``key`` (its ``worker`` user attribute is
+    ``host:pid``), freeze it (SIGSTOP), make sure the trial still runs, then kill it.
+    Returns the worker's index and the trial as it was when killed, or None if none ran a
+    candidate before ``deadline``."""
+    from optuna.trial import TrialState
+
+    owner = {f"{socket.gethostname()}:{w.pid}": i for i, w in enumerate(workers)}
+    while time.monotonic() < deadline:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if rng is not None:
+            rng.shuffle(running)
+        for trial in running:
+            i = owner.get(trial.user_attrs.get("worker"))
+            if i is None or workers[i].poll() is not None or "key" not in trial.user_attrs:
+                continue  # not ours, or a trial that raced for a candidate another took
+            os.kill(workers[i].pid, signal.SIGSTOP)
+            time.sleep(0.3)  # a result already sent to the server lands
+            frozen = study._storage.get_trial(trial._trial_id)
+            if frozen.state == TrialState.RUNNING:
+                workers[i].kill()
+                workers[i].wait()
+                return i, frozen
+            os.kill(workers[i].pid, signal.SIGCONT)  # it had just finished: try again
+        time.sleep(0.02)
+    return None
+
+
+def sparsity_plan(path: Path) -> dict:
+    return json.loads(path.read_text())["axes"]["sparsity"]
+
+
+def test_a_worker_killed_mid_trial_loses_only_its_candidate(tiny_llama, tmp_path, postgres_url):
+    from optuna.trial import TrialState
+
+    url = fresh_database(postgres_url, "killed_worker")
+    env = search_env(tmp_path)
+    out = tmp_path / "plan.json"
+    evaluations = 120
+    pool = Workers(env, ahead=2)
+    coordinator = subprocess.Popen(
+        allocate_command(tiny_llama, out, url, evaluations=evaluations), env=env
+    )
+    try:
+        deadline = time.monotonic() + 180
+        study = wait_for_study(url, deadline)
+        workers = [pool.start(url, study.study_name) for _ in range(2)]
+        killed = kill_mid_trial(study, workers[1:], deadline)
+        assert killed is not None, "the second worker ran no trial while the search lasted"
+        victim = killed[1]
+        assert coordinator.wait(timeout=300) == 0
+        out_text, _ = workers[0].communicate(timeout=60)
+        assert "evaluated" in out_text  # the other worker ended with the search
+    finally:
+        pool.close(coordinator)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    # optuna's heartbeat found the killed worker's trial stale and failed it ...
+    assert trials[victim.number].state == TrialState.FAIL
+    # ... and its candidate was enqueued again and evaluated by a live process
+    key = victim.user_attrs["key"]
+    later = [t for n, t in trials.items() if n > victim.number and t.user_attrs.get("key") == key]
+    done = [t for t in later if t.state == TrialState.COMPLETE]
+    assert done and done[0].user_attrs["worker"] != victim.user_attrs["worker"]
+    owners = {t.user_attrs.get("worker", "").split(":")[-1] for t in trials.values()
+              if t.state == TrialState.COMPLETE}  # fmt: skip
+    assert {str(coordinator.pid), str(workers[0].pid)} <= owners  # both joined the study
+    plan = sparsity_plan(out)
+    assert plan["params"]["search"]["evaluations"] >= evaluations
     assert plan["params"]["search"]["storage"].startswith("postgresql")
+    # a search never killed, in one process (SQLite), finds the same plan
+    subprocess.run(allocate_command(tiny_llama, tmp_path / "clean.json", evaluations=evaluations),
+                   env=env, check=True)  # fmt: skip
+    clean = sparsity_plan(tmp_path / "clean.json")
+    assert clean["params"]["search"]["evaluations"] == plan["params"]["search"]["evaluations"]
+    assert clean["sparsity"] == plan["sparsity"]
+
+
+@pytest.mark.slow
+def test_chaos_workers_killed_and_restarted_lose_no_candidate(tiny_llama, tmp_path, postgres_url):
+    """A search in one process, never killed, for ``PRUNELLA_CHAOS_SECONDS`` (15); then the
+    same search (seed, evaluations) on PostgreSQL with four workers, one of them SIGKILLed
+    mid-trial and a new one started every ``PRUNELLA_CHAOS_PERIOD`` seconds (3) or so, until
+    it ends (about as long again: the same evaluations, whatever the machine's load). No
+    candidate may be lost, and the plan must be the first one's. Longer by hand:
+    ``PRUNELLA_CHAOS_SECONDS=60 python -m pytest tests/test_search.py -k chaos -s``."""
+    from optuna.trial import TrialState
+
+    seconds = float(os.environ.get("PRUNELLA_CHAOS_SECONDS", "15"))
+    period = float(os.environ.get("PRUNELLA_CHAOS_PERIOD", "3"))
+    url = fresh_database(postgres_url, "chaos")
+    env = search_env(tmp_path)
+    pool = Workers(env, ahead=4, spare=True)  # their imports run beside the first search
+    coordinator = None
+    try:
+        clean = tmp_path / "clean.json"
+        budget = ("--allocation-opt", f"minutes={seconds / 60}")
+        began = time.monotonic()
+        subprocess.run(allocate_command(tiny_llama, clean, evaluations=0, extra=budget),
+                       env=env, check=True)  # fmt: skip
+        clean_wall = time.monotonic() - began
+        evaluations = sparsity_plan(clean)["params"]["search"]["evaluations"]
+
+        out = tmp_path / "plan.json"
+        budget = ("--allocation-opt", f"minutes={max(20, seconds / 6)}")  # ample
+        began = time.monotonic()
+        coordinator = subprocess.Popen(
+            allocate_command(tiny_llama, out, url, evaluations=evaluations, extra=budget), env=env
+        )
+        study = wait_for_study(url, time.monotonic() + 180)
+        workers = [pool.start(url, study.study_name) for _ in range(4)]
+        kills, rng = [], random.Random(0)
+        while coordinator.poll() is None:
+            assert time.monotonic() - began < 10 * seconds + 600, "the search did not end"
+            time.sleep(period)
+            killed = kill_mid_trial(study, workers, time.monotonic() + period, rng)
+            if killed is not None:
+                i, trial = killed
+                kills.append(trial)
+                workers[i] = pool.start(url, study.study_name)
+        assert coordinator.returncode == 0
+        for worker in workers:
+            worker.communicate(timeout=120)  # every worker ends with the search
+        wall, started = time.monotonic() - began, len(pool.started)
+    finally:
+        pool.close(coordinator)
+
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    states: dict[str, list] = {}
+    for t in trials.values():
+        if "key" in t.user_attrs:
+            states.setdefault(t.user_attrs["key"], []).append(t.state)
+    lost = [key for key, s in states.items() if TrialState.COMPLETE not in s]
+    retried = {key for key, s in states.items() if TrialState.FAIL in s}
+    count = {s: sum(t.state == s for t in trials.values()) for s in TrialState}
+    owners = {t.user_attrs["worker"] for t in trials.values() if t.state == TrialState.COMPLETE}
+    print(
+        f"\nchaos run: {evaluations} evaluations, {clean_wall:.0f} s in one process, never "
+        f"killed; {wall:.0f} s with {started} workers started, {len(kills)} killed mid-trial; "
+        f"{len(trials)} trials: {count[TrialState.COMPLETE]} complete, "
+        f"{count[TrialState.FAIL]} failed, {count[TrialState.PRUNED]} pruned (raced for a "
+        f"candidate another took); {len(owners)} processes completed trials; "
+        f"{len(states)} candidates, {len(retried)} retried, {len(lost)} lost"
+    )
+    assert not lost, f"candidates never evaluated: {lost}"
+    assert len(kills) >= 2
+    assert all(trials[t.number].state == TrialState.FAIL for t in kills)
+    assert {t.user_attrs["key"] for t in kills} <= retried
+    plan = sparsity_plan(out)
+    assert plan["params"]["search"]["evaluations"] == evaluations
+    assert plan["sparsity"] == sparsity_plan(clean)["sparsity"]
 
 
 def test_prune_with_a_search_reports_its_curve(tiny_llama, tmp_path):

@@ -9,11 +9,16 @@ attributes, and a ``key`` naming it); a method driven by an optuna sampler (TPE)
 lets each worker ask the sampler (the method's ``propose(trial, ...)``). Every
 worker runs the same objective: score the trial's levels with the KL fitness.
 
-Failures: each running trial sends a heartbeat; a trial whose worker was killed
-goes stale and is failed, and the coordinator enqueues its candidate again, so a
-killed worker loses only that candidate. A killed coordinator re-run with the same
-command replays its seeded search, reading every result the storage already has
-(keyed), and goes on from there.
+Failures: optuna's heartbeat does the watching. Each running trial records a
+heartbeat every ``PRUNELLA_SEARCH_HEARTBEAT`` seconds (2); a trial without one for
+``PRUNELLA_SEARCH_GRACE`` seconds (20) is stale, and the next process that looks
+(every worker before each trial, the coordinator while it waits) fails it. The
+coordinator, which waits for each candidate by its key, then finds the candidate
+with no trial waiting, running or complete and enqueues it again, so a killed
+worker loses only the candidate it was evaluating. The trial's ``worker`` user
+attribute (``host:pid``) says which process took it. A killed coordinator re-run
+with the same command replays its seeded search, reading every result the storage
+already has (keyed), and goes on from there.
 
 The study's ``setup`` user attribute says what a worker on another machine needs:
 the model's path, the level database's folder (with the calibration windows in
@@ -40,23 +45,44 @@ from optuna.trial import TrialState
 from ...errors import PrunellaError
 from .urls import ENV, public_url, with_password
 
-HEARTBEAT = 2  # seconds between heartbeats of a running trial
-# seconds without one after which a trial is failed (its worker is gone)
-GRACE = int(os.environ.get("PRUNELLA_SEARCH_GRACE", "20"))
+HEARTBEAT = 2  # default seconds between heartbeats of a running trial
+GRACE = 20  # default seconds without one after which a trial is failed (its worker is gone)
 POLL = 0.2  # seconds between looks at the storage while waiting
 MAX_FAILURES = 3  # a candidate whose evaluation failed this often stops the search
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """Seconds between a running trial's heartbeats, and without one before it is failed:
+    ``PRUNELLA_SEARCH_HEARTBEAT`` (default 2) and ``PRUNELLA_SEARCH_GRACE`` (default 20),
+    whole seconds as optuna takes them, the grace longer than the interval. Give every
+    process of a search the same values."""
+    values = []
+    for name, default in (("HEARTBEAT", HEARTBEAT), ("GRACE", GRACE)):
+        text = os.environ.get(f"PRUNELLA_SEARCH_{name}", "").strip() or str(default)
+        if not text.isdigit() or int(text) < 1:
+            raise PrunellaError(f"PRUNELLA_SEARCH_{name} must be a whole number of seconds >= 1")
+        values.append(int(text))
+    heartbeat, grace = values
+    if grace <= heartbeat:
+        raise PrunellaError(
+            f"PRUNELLA_SEARCH_GRACE ({grace}) must be longer than PRUNELLA_SEARCH_HEARTBEAT "
+            f"({heartbeat}): a live worker's trials would be failed"
+        )
+    return heartbeat, grace
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """optuna's storage at ``url``, with heartbeats (:func:`heartbeat_settings`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    heartbeat, grace = heartbeat_settings()
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 with_password(url),
-                heartbeat_interval=HEARTBEAT,
-                grace_period=GRACE,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
                 engine_kwargs=kwargs,
             )
     except Exception as exc:  # bad URL, server down, driver missing
@@ -164,20 +190,23 @@ class Evaluator:
                 run_one(self.study, self.objective)
             else:  # the rest are running elsewhere
                 self._beat_orphans(t for key in wanted for t in by_key.get(key, []))
-                optuna.storages.fail_stale_trials(self.study)
+                with warnings.catch_warnings():  # "experimental" in optuna
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(self.study)
                 time.sleep(POLL)
 
     def _beat_orphans(self, trials) -> None:
         """A worker killed between taking a trial and its first heartbeat leaves a running
         trial that optuna never finds stale (it skips trials with no heartbeat): give each
         trial running for longer than the grace period one heartbeat, once; a live worker
-        keeps beating, an orphan goes stale ``GRACE`` seconds later and is failed."""
+        keeps beating, an orphan goes stale a grace period later and is failed."""
+        _, grace = heartbeat_settings()
         now = datetime.datetime.now()
         for trial in trials:
             started = trial.datetime_start
             if trial.state != TrialState.RUNNING or trial._trial_id in self._beaten:
                 continue
-            if started is not None and (now - started).total_seconds() > GRACE:
+            if started is not None and (now - started).total_seconds() > grace:
                 self.study._storage.record_heartbeat(trial._trial_id)
                 self._beaten.add(trial._trial_id)
 
