@@ -213,3 +213,37 @@ def install_package(files: dict[str, str], root: Path) -> dict[str, str]:
         check=True, capture_output=True,
     )  # fmt: skip
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+
+
+def hand_evaluation(path: Path, seqlen: int, max_windows: int, reference: Path | None = None):
+    """Perplexity (and KL to ``reference``) of the checkpoint at ``path`` on the shipped
+    sample-eval text, computed without prunella's evaluation: transformers' own
+    next-token loss per window (all windows have ``seqlen - 1`` predicted tokens) and
+    torch's ``kl_div``. Returns ``(perplexity, kl)``."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prunella.data import evaluation_windows
+
+    windows = evaluation_windows(AutoTokenizer.from_pretrained(path), "sample-eval", seqlen,
+                                 max_windows)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = None
+    if reference is not None:
+        ref = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    losses, kls = [], []
+    with torch.no_grad():
+        for ids in windows.long():
+            out = model(input_ids=ids[None], labels=ids[None])
+            losses.append(out.loss.item())
+            if ref is not None:
+                logp = out.logits[0, :-1].float().log_softmax(-1)
+                ref_logp = ref(input_ids=ids[None]).logits[0, :-1].float().log_softmax(-1)
+                kls.append(
+                    torch.nn.functional.kl_div(
+                        logp, ref_logp, log_target=True, reduction="batchmean"
+                    ).item()
+                )
+    kl = sum(kls) / len(kls) if kls else None
+    return math.exp(sum(losses) / len(losses)), kl

@@ -281,6 +281,14 @@ def test_plan_file_round_trip_and_validation(model_and_windows, tmp_path):
         load_plan(tmp_path / "contradicts.json", layers)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e308])
+def test_a_plan_without_target_with_a_nan_sparsity_is_one_error(tmp_path, bad):
+    layers = {"a": (4, 8), "b": (8, 8)}
+    (tmp_path / "plan.json").write_text(json.dumps({"sparsity": {"a": 0.5, "b": bad}}))
+    with pytest.raises(PrunellaError, match="sparsity of 'b' must be in"):
+        load_plan(tmp_path / "plan.json", layers)
+
+
 def test_cli_allocate_then_prune_with_the_plan(model_and_windows, tmp_path, capsys):
     path = model_and_windows[0]
     code = main(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -132,6 +133,12 @@ value = st.one_of(
     sparsity=st.one_of(
         st.dictionaries(st.one_of(st.sampled_from(sorted(LAYERS)), text), value, max_size=8),
         st.fixed_dictionaries({k: st.floats(0, 0.99) for k in LAYERS}),
+        # a number for every layer, some out of range: the checks after the file's shape
+        # (finite: NaN, Inf or 1e308 in a file without a target is a known crash, see
+        # test_allocation.py::test_a_plan_without_target_with_a_nan_sparsity_is_one_error)
+        st.fixed_dictionaries(
+            {k: st.one_of(st.floats(0, 0.99), st.floats(-2, 2), st.integers(-3, 3)) for k in LAYERS}
+        ),
         value,
     ),
     target=st.one_of(st.none(), value),
@@ -149,15 +156,70 @@ def test_plan_loading_accepts_only_valid_plans(sparsity, target, extra, asked):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "plan.json"
         path.write_text(json.dumps(data))
+        faults = plan_faults(json.loads(path.read_text()), asked)
         try:
             budgets = {"sparsity": Budget("sparsity", asked, asked)} if asked is not None else {}
             plan = load_plan(path, LAYERS, budgets)["sparsity"]
         except PrunellaError as exc:
-            assert "\n" not in str(exc)
+            message = str(exc)
+            assert "\n" not in message
+            # the message names one fault the file really has (the field, layer or value)
+            assert faults, f"a valid plan was rejected: {message} ({data!r})"
+            assert any(all(part in message for part in fault) for fault in faults), (
+                message,
+                faults,
+            )
             return
+    assert not faults, f"a plan with faults was accepted: {faults} ({data!r})"
     sizes = {n: r * c for n, (r, c) in LAYERS.items()}
     assert set(plan.values) == set(LAYERS)
     assert all(0 <= s < 1 for s in plan.values.values())
     assert set(plan.detail) <= {"nm", "rows"}
     pruned = sum(round(plan.values[n] * sizes[n]) for n in LAYERS)
     assert abs(pruned - plan.target * sum(sizes.values())) <= len(LAYERS)
+
+
+def plan_faults(data: dict, asked: float | None) -> list[tuple[str, ...]]:
+    """What is wrong with the (legacy format) sparsity plan ``data`` for LAYERS, written
+    from the plan format's rules independently of the loader: each fault is the pieces
+    of text that a message naming it holds. Empty for a valid plan."""
+    if data.get("format", "prunella-allocation/1") != "prunella-allocation/1":
+        return [("format",)]
+    values = data.get("sparsity")
+    if not isinstance(values, dict):
+        return [("'sparsity' mapping",)]
+    faults = [("does not have", repr(n)) for n in set(values) - set(LAYERS)]
+    faults += [("gives no sparsity", repr(n)) for n in set(LAYERS) - set(values)]
+    faults += [
+        (repr(n), "not a number")
+        for n, v in values.items()
+        if isinstance(v, bool) or not isinstance(v, int | float)
+    ]
+    faults += [
+        (repr(k), "must be a mapping")
+        for k in ("params", "metric")
+        if data.get(k) is not None and not isinstance(data[k], dict)
+    ]
+    target = data.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)):
+        faults.append(("target must be a number", repr(target)))
+    if faults:  # the file's shape is wrong: no numbers to check yet
+        return faults
+    # the numbers: every fault found here may be the one the message names
+    common = ("target", "method", "granularity", "params", "metric_name", "metric", "sparsity")
+    detail = {k: v for k, v in data.items() if k not in common and v is not None}
+    faults = [("unknown key", repr(k)) for k in set(detail) - {"nm", "rows"}]
+    if target is not None and asked is not None and abs(target - asked) > 1e-9:
+        faults.append(("but the recipe asks for", str(asked)))
+    faults += [(repr(n), "must be in [0, 1)") for n, v in values.items() if not 0 <= v < 1]
+    sizes = {n: r * c for n, (r, c) in LAYERS.items()}
+    finite = all(math.isfinite(v * sizes[n]) for n, v in values.items())
+    pruned = sum(round(values[n] * sizes[n]) for n in LAYERS) if finite else None
+    if target is None:
+        target = asked if asked is not None else (pruned / sum(sizes.values()) if finite else 0)
+    if not 0 <= target < 1:
+        faults.append(("target must be in [0, 1)",))
+    faults += [(f"'{k}'",) for k in ("nm", "rows") if k in detail]  # never for every layer
+    if finite and "nm" not in detail and abs(pruned - target * sum(sizes.values())) > len(LAYERS):
+        faults.append(("not the target",))
+    return faults

@@ -226,8 +226,16 @@ def test_trim_cosines_treat_a_zero_row_as_kept():
     w[3] = 0.0
     stats = stats_for(x, (HESSIAN,))
     H = stats.hessian
-    rows, flat = trim.row_cosines(w @ H, w, w * 0.5, H)
-    assert rows[3] == 1.0 and torch.isfinite(rows).all() and 0 < flat <= 1
+    w_hat = w * (torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.6)
+    rows, flat = trim.row_cosines(w @ H, w, w_hat, H)
+    assert rows[3] == 1.0
+    # the cosines of the outputs, computed directly from the inputs
+    y, y_hat = (x @ w.t()).double(), (x @ w_hat.t()).double()
+    expected = torch.nn.functional.cosine_similarity(y, y_hat, dim=0)
+    others = torch.arange(8) != 3
+    torch.testing.assert_close(rows[others].double(), expected[others], rtol=1e-4, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(y.flatten(), y_hat.flatten(), dim=0)
+    assert flat == pytest.approx(cos.item(), rel=1e-4)
 
 
 def test_row_budget_must_fit_the_layer():

@@ -30,7 +30,7 @@ from prunella.methods.allocation.evopress import mutate
 from prunella.methods.allocation.run import AllocationRun
 from prunella.methods.search import levels_for_ratios, open_database, search_ladder, unit_levels
 from prunella.methods.search.fitness import KLFitness
-from prunella.methods.search.levels import make_ladder
+from prunella.methods.search.levels import LevelDatabase, make_ladder
 from prunella.methods.sparsity.patterns import NM, Unstructured
 from prunella.recipe import build
 from prunella.report.evaluation import perplexity
@@ -239,9 +239,26 @@ def test_tpe_is_seeded_and_starts_from_uniform(tiny_llama, tmp_path):
     a = plan_of(tiny_llama, "tpe", Unstructured(0.6), options)
     b = plan_of(tiny_llama, "tpe", Unstructured(0.6), options | {"folder": str(tmp_path / "b")})
     assert a.values == b.values
-    curve = a.params["search"]["curve"]
+    search = a.params["search"]
+    curve = search["curve"]
     assert len(curve) >= 8 and [kl for _, kl in curve] == sorted((kl for _, kl in curve),
                                                                     reverse=True)  # fmt: skip
+    # the first candidate evaluated is the uniform plan: every block at the target, every
+    # layer pruned round(0.6 x its weights)
+    import optuna
+
+    study = optuna.load_study(study_name=search["study"], storage=search["storage"])
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.datetime_start)
+    first = trials[0]
+    assert first.number == 0 and len(trials) == search["evaluations"]
+    assert first.params == {f"model.layers.{i}": 0.6 for i in range(3)}
+    ladder = LevelDatabase(search["database"]).ladder
+    values, _ = ladder.assignment(dict(zip(ladder.names, first.user_attrs["levels"], strict=True)))
+    model, _, _, adapter = load(tiny_llama)
+    sizes = {n: r * c for n, (r, c) in adapter.layers(model).items()}
+    assert values == {n: round(0.6 * size) / size for n, size in sizes.items()}
+    assert curve[0] == [1, first.value]  # the curve starts from the uniform plan's KL
+    assert search["best_kl"] == min(t.value for t in trials) <= first.value
 
 
 def test_dsa_formula_grammar_and_value():

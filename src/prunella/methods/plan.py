@@ -319,6 +319,10 @@ def _axis_plan(name: str, body, layers: dict, where: str) -> AxisPlan:
 
 
 def _mean(plan: AxisPlan, layers: dict) -> float:
+    """The values' weighted mean; NaN where a value is not a sane number (NaN, Inf, 1e308),
+    which the axis's own check then names with its layer."""
+    if not all(math.isfinite(plan.values[n]) and abs(plan.values[n]) < 1e6 for n in layers):
+        return math.nan
     sizes = {n: r * c for n, (r, c) in layers.items()}
     return sum(round(plan.values[n] * sizes[n]) for n in layers) / sum(sizes.values())
 
