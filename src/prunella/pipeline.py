@@ -32,7 +32,13 @@ from .engine.store import Store, WorkDir, open_store
 from .errors import PrunellaError, warn
 from .io.checkpoint import assert_finite, check_checkpoint, check_dense, scan
 from .io.export import save_store
-from .io.folders import DISK_ERRORS, check_disk_space, check_out_dir, disk_error
+from .io.folders import (
+    DISK_ERRORS,
+    check_disk_space,
+    check_out_dir,
+    content_sha256,
+    disk_error,
+)
 from .io.quantized import check_quantizable
 from .io.safetensors_io import model_nbytes
 from .methods import AXES
@@ -50,7 +56,7 @@ def fingerprint(recipe: Recipe, path: Path, weights_digest: str) -> dict:
     fields = recipe.model_dump(exclude={"out", "offload", "model"})
     for key in ("allocation_file", "calib", "eval_data"):
         if fields[key] is not None and Path(fields[key]).exists():
-            fields[key] = _sha256(Path(fields[key]))
+            fields[key] = content_sha256(Path(fields[key]))
     return {
         "model": str(path.resolve()),
         "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
@@ -59,19 +65,6 @@ def fingerprint(recipe: Recipe, path: Path, weights_digest: str) -> dict:
         **fields,
         "prunella_version": __version__,
     }
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a file, or of a folder's files and their names (a ``datasets``
-    folder), read in 1 MiB blocks: a calibration corpus may be gigabytes."""
-    digest = hashlib.sha256()
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
-        with open(file, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 class Setting:

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..engine.adapters import Adapter, adapter_for
 from ..errors import PrunellaError, first_line
-from .folders import read_json
+from .folders import content_sha256, read_json
 from .safetensors_io import DTYPES, CheckpointReader, read_header
 
 SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
@@ -53,11 +53,7 @@ def cache_home() -> Path:
 @functools.lru_cache(maxsize=8)
 def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
     """The SHA-256 of a file (cached per size and modification time: one read a process)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+    return content_sha256(path)
 
 
 def _bundled_checkpoint(name: str) -> Path:

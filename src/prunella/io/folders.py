@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -100,15 +101,20 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush the file ``path``'s contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file under ``folder``, then every folder, to the disk."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(root, name))
     for root, _dirs, _files in os.walk(folder, topdown=False):
         fsync_dir(Path(root))
 
@@ -116,11 +122,7 @@ def fsync_tree(folder: Path) -> None:
 def publish_file(tmp: Path, path: Path) -> None:
     """Rename the written file ``tmp`` to ``path``, both flushed to the disk first and the
     rename after: a crash leaves the previous ``path`` or the new one, never a torn one."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -256,6 +258,19 @@ def disk_error(exc: OSError, kept: Path | None = None) -> PrunellaError:
     if kept is not None and (kept / "state.json").is_file():
         message += f"; the finished blocks are kept in {kept}: re-run the same command to finish"
     return PrunellaError(message)
+
+
+def content_sha256(path: Path) -> str:
+    """The SHA-256 of a file, or of a folder's files and their names (a ``datasets``
+    folder), read in 1 MiB blocks: a calibration corpus may be gigabytes."""
+    digest = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: Path, what: str):
