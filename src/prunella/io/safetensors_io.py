@@ -93,15 +93,22 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         offset += nbytes
     blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":"))
     blob = blob.encode() + b" " * (-len(blob) % 8)
+    _write_file(path, blob, (raw_bytes(tensor).data for tensor in tensors.values()))
+
+
+def _write_file(path: Path, header: bytes, chunks) -> None:
+    """Write a safetensors file, its length-prefixed ``header`` then the data ``chunks``,
+    under a temporary name, flushed and renamed into place; on an error (a full disk) the
+    half file is removed."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open("wb") as out:
-            faults.write(out, struct.pack("<Q", len(blob)), path.name)
-            faults.write(out, blob, path.name)
-            for tensor in tensors.values():
-                faults.write(out, raw_bytes(tensor).data, path.name)
+            faults.write(out, struct.pack("<Q", len(header)), path.name)
+            faults.write(out, header, path.name)
+            for chunk in chunks:
+                faults.write(out, chunk, path.name)
         publish_file(tmp, path)
-    except OSError:  # a full disk: do not leave the half file taking room
+    except OSError:
         tmp.unlink(missing_ok=True)
         raise
 
@@ -139,18 +146,9 @@ class ShardWriter:
             {"__metadata__": self.metadata, **self.header}, separators=(",", ":")
         ).encode()
         blob += b" " * (-len(blob) % 8)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            with tmp.open("wb") as out, self.data_path.open("rb") as data:
-                faults.write(out, struct.pack("<Q", len(blob)), self.path.name)
-                faults.write(out, blob, self.path.name)
-                while chunk := data.read(16 * 2**20):
-                    faults.write(out, chunk, self.path.name)
-            self.data_path.unlink()
-            publish_file(tmp, self.path)
-        except OSError:  # a full disk: do not leave the half file taking room
-            tmp.unlink(missing_ok=True)
-            raise
+        with self.data_path.open("rb") as data:
+            _write_file(self.path, blob, iter(lambda: data.read(16 * 2**20), b""))
+        self.data_path.unlink()
         return self.offset
 
 
