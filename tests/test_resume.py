@@ -32,6 +32,7 @@ from prunella.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+
 @pytest.fixture(scope="module")
 def deep_llama(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny Llama with 6 blocks, so a run can be cut in the middle."""
@@ -239,9 +240,7 @@ def test_files_and_folders_reach_the_disk_before_the_rename_that_publishes_them(
         assert (at + 1, str(Path(dst).parent)) in synced, dst
 
 
-def test_abandoned_temporary_folders_are_removed_and_a_live_one_is_kept(
-    deep_llama, tmp_path
-):
+def test_abandoned_temporary_folders_are_removed_and_a_live_one_is_kept(deep_llama, tmp_path):
     """What a killed run left beside OUT goes at the next run; a folder that a live run
     holds the lock of stays."""
     import fcntl
