@@ -237,7 +237,7 @@ def eval_command(model, data, text_field, seqlen, max_windows, reference, tasks,
         _quiet_transformers()
     from . import data as data_module
     from .engine.device import pick_device
-    from .io.checkpoint import check_checkpoint
+    from .io.checkpoint import check_checkpoint, readable
     from .io.models import load
     from .report.evaluation import evaluate, zero_shot
 
@@ -247,7 +247,7 @@ def eval_command(model, data, text_field, seqlen, max_windows, reference, tasks,
         raise PrunellaError(f"--task-path {task_path} is not a folder")
     dev = pick_device(device)
     data_module.check_source(data, text_field, split="test")
-    path, _ = check_checkpoint(model)
+    path = readable(model)
     ref_path = check_checkpoint(reference)[0] if reference is not None else None
     hf_model, tokenizer, _, _ = load(path)
     result = evaluate(
@@ -284,7 +284,7 @@ def compare_command(models, data, text_field, seqlen, max_windows, device, as_js
         _quiet_transformers()
     from . import data as data_module
     from .engine.device import pick_device
-    from .io.checkpoint import check_checkpoint
+    from .io.checkpoint import readable
     from .io.models import load
     from .report.evaluation import evaluate
     from .report.summary import checkpoint_summary
@@ -294,7 +294,7 @@ def compare_command(models, data, text_field, seqlen, max_windows, device, as_js
         raise PrunellaError("give at least one checkpoint to compare")
     dev = pick_device(device)
     data_module.check_source(data, text_field, split="test")
-    paths = [check_checkpoint(m)[0] for m in models]
+    paths = [readable(m) for m in models]
     reference, tokenizer, _, _ = load(paths[0])
     rows = []
     for i, path in enumerate(paths):

@@ -39,6 +39,7 @@ from .io.folders import (
     content_sha256,
     disk_error,
 )
+from .io.gguf_file import check_gguf_source
 from .io.quantized import check_quantizable
 from .io.safetensors_io import model_nbytes
 from .methods import AXES
@@ -164,6 +165,8 @@ def _run(
     setting = Setting(recipe, store, tokenizer, nsamples, seqlen, weights_digest)
     if recipe.save_format == "compressed-tensors" and out is not None:
         check_quantizable(store.model, store.layers())
+    if recipe.save_format == "gguf" and out is not None and store.path is not None:
+        check_gguf_source(Path(store.path))
     dev, dtype = setting.device, setting.dtype
     # resolved, so that a resume (perhaps on another machine) must match them
     recipe = recipe.model_copy(

@@ -142,12 +142,20 @@ GENERAL = {
         ),
     ),
     "save_format": (
-        Literal["auto", "dense", "packed", "compressed-tensors"],
+        Literal["auto", "dense", "packed", "compressed-tensors", "gguf"],
         Field(
             "auto",
-            description="dense (a plain checkpoint), packed (sparse-bitmask) or "
-            "compressed-tensors (packed integer weights); auto: compressed-tensors with "
-            "--bits, else dense.",
+            description="dense (a plain checkpoint), packed (sparse-bitmask), "
+            "compressed-tensors (packed integer weights) or gguf (one model.gguf file for "
+            "llama.cpp); auto: compressed-tensors with --bits, else dense.",
+        ),
+    ),
+    "gguf_type": (
+        Literal["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+        Field(
+            "f16",
+            description="GGML type of the decoder blocks' weights in a gguf output (q types "
+            "round to nearest, by the gguf package).",
         ),
     ),
     "eval_data": (

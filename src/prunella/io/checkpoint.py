@@ -159,6 +159,14 @@ def check_checkpoint(model: str | Path) -> tuple[Path, Adapter]:
     return path, adapter
 
 
+def readable(model: str | Path) -> Path:
+    """What eval, compare and inspect read: a GGUF file (see
+    :func:`~prunella.io.gguf_file.find_gguf`) or a checked checkpoint folder."""
+    from .gguf_file import find_gguf
+
+    return find_gguf(model) or check_checkpoint(model)[0]
+
+
 def check_no_remote_code(path: Path, config: dict) -> None:
     """Refuse an architecture that only the checkpoint's own Python files define
     (``auto_map`` in its config, a ``model_type`` transformers does not ship)."""

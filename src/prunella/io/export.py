@@ -13,6 +13,7 @@ from pathlib import Path
 from ..report.build import render
 from ..report.plots import allocation_figure
 from .folders import atomic_folder, check_disk_space, check_out_dir, scratch_folder
+from .gguf_file import GGUF_FILE, write_gguf
 from .pack import pack
 from .quantized import write_compressed_tensors
 from .safetensors_io import model_nbytes
@@ -77,9 +78,9 @@ def save_store(
 ) -> Path:
     """Write the pruned model held by ``store`` (:mod:`prunella.engine.store`; ``work``
     its resume folder, or ``None``) to ``out``: dense, or as the recipe's ``save_format``
-    says, packed (sparse-bitmask) or compressed-tensors (``grids``: each quantized layer's
-    grid, ``extra``: their scales), from a dense copy written first."""
-    if recipe.save_format in ("packed", "compressed-tensors"):
+    says, packed (sparse-bitmask), compressed-tensors or GGUF (``grids``: each quantized
+    layer's grid, ``extra``: their scales), from a dense copy written first."""
+    if recipe.save_format in ("packed", "compressed-tensors", "gguf"):
         with scratch_folder(out) as tmp:
             dense = tmp / out.name
             as_dense = recipe.model_copy(update={"save_format": "dense"})
@@ -88,6 +89,9 @@ def save_store(
             if recipe.save_format == "packed":
                 pack(dense, out, overwrite=overwrite, progress=False)
                 (out / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+            elif recipe.save_format == "gguf":
+                with atomic_folder(out) as folder:
+                    _write_gguf(dense, folder, recipe, grids or {}, extra or {})
             else:
                 with atomic_folder(out) as folder:
                     write_compressed_tensors(dense, folder, grids or {}, extra or {})
@@ -99,6 +103,15 @@ def save_store(
     return _fill(
         out, store.output_bytes(), lambda tmp: store.write(tmp, work), tokenizer, report, recipe
     )
+
+
+def _write_gguf(dense: Path, folder: Path, recipe, grids: dict, scales: dict) -> None:
+    """``folder``: the one GGUF file (weights, hyper-parameters, tokenizer) and the
+    report, which gains what was written (``gguf``: each tensor's type)."""
+    written = write_gguf(dense, folder / GGUF_FILE, recipe.gguf_type, grids, scales)
+    report = json.loads((dense / REPORT).read_text(encoding="utf-8"))
+    report["gguf"] = written
+    write_extras(folder, report, recipe)
 
 
 def _fill(out: Path, nbytes: int, write_weights, tokenizer, report, recipe) -> Path:

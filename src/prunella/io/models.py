@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ..engine.adapters import adapter_for
 from ..errors import PrunellaError, first_line
 from .checkpoint import assert_finite, check_checkpoint, sparsity_format
+from .gguf_file import find_gguf
 from .pack import unpack
 
 # the files one of transformers' tokenizers is read from
@@ -35,9 +37,22 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def load(model: str | Path, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
-    """Load ``(model, tokenizer, path, adapter)`` from a checkpoint folder or bundled name."""
-    from transformers import AutoModelForCausalLM
+    """Load ``(model, tokenizer, path, adapter)`` from a checkpoint folder, a bundled
+    name or a GGUF file (:func:`~prunella.io.gguf_file.find_gguf`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = find_gguf(model)
+    if gguf is not None:  # what transformers' GGUF reader de-quantizes
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=dtype
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as exc:
+            raise PrunellaError(f"could not load the GGUF file {gguf}: {first_line(exc)}") from None
+        hf_model.eval()
+        assert_finite(hf_model)
+        return hf_model, tokenizer, gguf, adapter_for(hf_model)
     path, adapter = check_checkpoint(model)
     with tempfile.TemporaryDirectory(prefix="prunella-unpacked-") as tmp:
         weights = path

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..io.checkpoint import check_checkpoint, layer_order, prunable_keys, sparsity_format
+from ..io.gguf_file import find_gguf, gguf_layers
 from ..io.pack import packed_tensors
 from ..io.safetensors_io import CheckpointReader
 
@@ -82,6 +83,9 @@ def quantization_config(path: Path) -> dict | None:
 def checkpoint_summary(path: str | Path) -> dict:
     """Format, size on disk and, per prunable linear layer (in model order), shape,
     sparsity and pattern."""
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return _summary(gguf, "gguf", gguf.stat().st_size, gguf_layers(gguf))
     path, _ = check_checkpoint(path)
     quant = quantization_config(path)
     fmt = "compressed-tensors" if quant else sparsity_format(path) or "dense"
@@ -111,12 +115,17 @@ def checkpoint_summary(path: str | Path) -> dict:
     elif fmt != "dense":
         order = {name: i for i, name in enumerate(layer_order(path))}
         layers.sort(key=lambda r: order.get(r["name"], len(order)))
+    nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return _summary(path, fmt, nbytes, layers)
+
+
+def _summary(path: Path, fmt: str, nbytes: int, layers: list[dict]) -> dict:
     total = sum(r["shape"][0] * r["shape"][1] for r in layers)
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
     return {
         "model": str(path),
         "format": fmt,
-        "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        "bytes": nbytes,
         "sparsity": zeros / total if total else 0.0,
         "prunable_parameters": total,
         "layers": layers,

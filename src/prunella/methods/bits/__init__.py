@@ -14,7 +14,10 @@ every layer; a layer's level is its grid. A layer whose width the asked group si
 the report says so (SmolLM2's 576-wide layers take 64). The axis runs after sparsity:
 a pruned weight stays exactly zero. The scales and zero points leave each layer beside
 its weight (the compressor's ``tensors``), for the compressed-tensors checkpoint
-(:mod:`prunella.io.quantized`).
+(:mod:`prunella.io.quantized`). Written as GGUF (``--save-format gguf``), a layer takes
+GGML's grid of its width (8 bits: ``q8_0``, 4 bits: ``q4_0``; blocks of 32 weights,
+float16 scales) in place of ``--group-size``, so that its codes and scales are written
+unchanged (:mod:`prunella.io.gguf_file`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pydantic import AfterValidator, Field
 from ...errors import PrunellaError
 from ...registry import Method, method_field
 from ..plan import AxisPlan, Budget
-from .grid import WIDTHS, Grid, layer_group
+from .grid import GGML, GGML_BLOCK, WIDTHS, Grid, layer_group
 from .quantizers import QUANTIZERS
 
 NAME = "bits"
@@ -84,6 +87,11 @@ def budget(recipe, default: bool = False) -> Budget | None:
             "--save-format packed (sparse-bitmask) holds no quantized weights: with --bits "
             "use compressed-tensors (the default) or dense"
         )
+    if recipe.save_format == "gguf" and (bits not in GGML or not recipe.symmetric):
+        raise PrunellaError(
+            f"--save-format gguf holds {' and '.join(f'{b} bits ({GGML[b]})' for b in GGML)}"
+            f", symmetric; got {bits} bits{'' if recipe.symmetric else ', asymmetric'}"
+        )
     if not recipe.symmetric and recipe.save_format in ("auto", "compressed-tensors"):
         raise PrunellaError(
             "asymmetric grids written as compressed-tensors do not load in transformers "
@@ -96,7 +104,7 @@ def budget(recipe, default: bool = False) -> Budget | None:
         1 - bits / DENSE_BITS,
         lo=1 - max(WIDTHS) / DENSE_BITS,
         hi=1 - min(WIDTHS) / DENSE_BITS,
-        spec=(recipe.group_size, recipe.symmetric),
+        spec=(recipe.group_size, recipe.symmetric, recipe.save_format == "gguf"),
     )
 
 
@@ -121,8 +129,15 @@ def fit(raw: dict[str, float], sizes: dict[str, int], budget: Budget) -> tuple[d
         mid = (a + b) / 2
         a, b = (mid, b) if mean(levels(mid)) > budget.target else (a, mid)
     best = min((levels(a), levels(b)), key=lambda bits: abs(mean(bits) - budget.target))
-    group, symmetric = budget.spec
+    group, symmetric, ggml = budget.spec
     values = {name: float(bits) for name, bits in zip(names, best.tolist(), strict=True)}
+    if ggml:  # GGML's blocks of 32, its type from the width
+        detail = {
+            "group": dict.fromkeys(names, GGML_BLOCK),
+            "symmetric": dict.fromkeys(names, True),
+            "ggml": {name: GGML[int(bits)] for name, bits in values.items()},
+        }
+        return values, detail
     detail = {"group": dict.fromkeys(names, group), "symmetric": dict.fromkeys(names, symmetric)}
     return values, detail
 
@@ -130,10 +145,11 @@ def fit(raw: dict[str, float], sizes: dict[str, int], budget: Budget) -> tuple[d
 def levels(plan: AxisPlan, shapes: dict[str, tuple[int, int]]) -> dict[str, Grid]:
     """Each layer's grid: its width, the group size its width allows, the symmetry."""
     group, symmetric = plan.detail.get("group", {}), plan.detail.get("symmetric", {})
+    ggml = plan.detail.get("ggml", {})
     return {
         name: Grid(
             int(bits), layer_group(shapes[name][1], int(group.get(name, 128))),
-            bool(symmetric.get(name, True)),
+            bool(symmetric.get(name, True)), ggml.get(name),
         )
         for name, bits in plan.values.items()
     }  # fmt: skip
@@ -141,9 +157,15 @@ def levels(plan: AxisPlan, shapes: dict[str, tuple[int, int]]) -> dict[str, Grid
 
 def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str) -> None:
     """Every width supported, groups whole numbers a layer can take, symmetry a flag."""
-    unknown = sorted(set(plan.detail) - {"group", "symmetric"})
+    unknown = sorted(set(plan.detail) - {"group", "symmetric", "ggml"})
     if unknown:
         raise PrunellaError(f"{where}: unknown key {unknown[0]!r} in the bits plan")
+    for name, kind in plan.detail.get("ggml", {}).items():
+        if kind not in GGML.values() or GGML.get(int(plan.values.get(name, 0))) != kind:
+            raise PrunellaError(
+                f"{where}: the ggml type of {name!r} must be that of its width "
+                f"({', '.join(f'{b}: {k}' for b, k in GGML.items())}), got {kind!r}"
+            )
     for name, bits in plan.values.items():
         if bits not in WIDTHS:
             raise PrunellaError(
@@ -163,9 +185,11 @@ def layer_bytes(shape: tuple[int, int], level: Grid, nbytes: int, save_format: s
     """The layer's bytes once quantized: in a compressed-tensors checkpoint, its packed
     codes (int32 words), a scale per group (the checkpoint's dtype) and, when asymmetric,
     packed zero points; in any other format, unchanged (the weights stay dense)."""
+    rows, cols = shape
+    if save_format == "gguf" and level.ggml:  # a float16 scale per block of 32
+        return rows * cols // GGML_BLOCK * (2 + GGML_BLOCK * level.bits // 8)
     if save_format != "compressed-tensors":
         return nbytes
-    rows, cols = shape
     element = nbytes // (rows * cols)
     groups = cols // level.group
     size = rows * math.ceil(cols * level.bits / 32) * 4 + rows * groups * element + 16
@@ -208,7 +232,8 @@ class Quantizer:
         return new, facts | {"group": level.group, "tensors": tensors}
 
     def describe(self, level: Grid) -> dict:
-        return {"bits": level.bits, "symmetric": level.symmetric}
+        described = {"bits": level.bits, "symmetric": level.symmetric}
+        return described | ({"ggml": level.ggml} if level.ggml else {})
 
 
 def compressor(recipe) -> Quantizer:
@@ -219,8 +244,12 @@ def report(recipe, plan: AxisPlan, results: list[dict]) -> dict:
     """The report's bits keys (quantizer, width, groups) and its summary line."""
     sizes = [r["shape"][0] * r["shape"][1] for r in results]
     mean = sum(r["bits"] * n for r, n in zip(results, sizes, strict=True)) / sum(sizes)
-    smaller = sum(r["group"] != recipe.group_size for r in results)
+    ggml = sorted({r["ggml"] for r in results if r.get("ggml")})
+    smaller = 0 if ggml else sum(r["group"] != recipe.group_size for r in results)
     note = f"; {smaller} layer(s) in smaller groups" if smaller else ""
+    group = (
+        f"GGML {', '.join(ggml).upper()}, blocks of 32" if ggml else f"group {recipe.group_size}"
+    )
     return {
         "quantizer": recipe.quantizer.name,
         "quantizer_options": recipe.quantizer.options,
@@ -228,8 +257,8 @@ def report(recipe, plan: AxisPlan, results: list[dict]) -> dict:
         "group_size": recipe.group_size,
         "symmetric": recipe.symmetric,
         "layers_in_smaller_groups": smaller,
-        "summary": f"{mean:g} bits per weight ({recipe.quantizer.name}, group "
-        f"{recipe.group_size}{note}, {'symmetric' if recipe.symmetric else 'asymmetric'})",
+        "summary": f"{mean:g} bits per weight ({recipe.quantizer.name}, {group}{note}, "
+        f"{'symmetric' if recipe.symmetric else 'asymmetric'})",
     }
 
 

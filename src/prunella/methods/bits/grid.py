@@ -14,6 +14,16 @@ Scales are rounded to bfloat16, which float16 (within its normal range) and floa
 exactly, so ``w_hat`` rounded once to the checkpoint's dtype is what an engine's
 ``(q - z) s`` gives; a zero scale (an all-zero group) becomes bfloat16's smallest
 normal, and exact zeros stay exact zeros (``q = z``).
+
+GGML's grids (what a GGUF file holds, for llama.cpp) are symmetric, in blocks of 32
+weights of a row, with a float16 scale ``d`` per block (``ggml.c``'s reference
+quantizers):
+
+* ``q8_0``: ``d = max|w| / 127``, int8 codes;
+* ``q4_0``: ``d = m / -8`` with ``m`` the block's weight of largest magnitude, sign
+  kept, so that ``m`` itself is the code ``-8``; codes in ``[-8, 7]``.
+
+A weight quantized on one of them is written to GGUF as its codes and ``d`` unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ class Grid:
     bits: int
     group: int
     symmetric: bool = True
+    ggml: str | None = None  # a GGML type (q8_0, q4_0): its block of 32 and float16 scales
 
     @property
     def qmin(self) -> int:
@@ -45,7 +56,13 @@ class Grid:
         return 2 ** (self.bits - 1) - 1
 
     def __str__(self) -> str:
+        if self.ggml:
+            return self.ggml.upper()
         return f"int{self.bits} g{self.group} {'sym' if self.symmetric else 'asym'}"
+
+
+GGML = {8: "q8_0", 4: "q4_0"}  # the widths a GGML grid serves, and its type
+GGML_BLOCK = 32
 
 
 def layer_group(cols: int, asked: int) -> int:
@@ -65,6 +82,8 @@ def qparams(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tenso
     ``[rows, cols / group]`` each."""
     rows, cols = weight.shape
     groups = weight.float().reshape(rows, cols // grid.group, grid.group)
+    if grid.ggml:
+        return _ggml_qparams(groups, grid)
     lo = groups.amin(-1).clamp(max=0.0)
     hi = groups.amax(-1).clamp(min=0.0)
     # a divisor on the weights' device: CUDA divides by a Python number as a product with
@@ -78,6 +97,19 @@ def qparams(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tenso
     else:
         zero = (grid.qmin - lo / scale).round().clamp(grid.qmin, grid.qmax)
     return scale, zero.to(torch.int8)
+
+
+def _ggml_qparams(groups: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGML's scale of each block (float16 values; negative for ``q4_0`` when the block's
+    largest weight is positive), no zero point."""
+    if grid.ggml == "q8_0":
+        scale = groups.abs().amax(-1) / 127
+    else:  # q4_0: the weight of largest magnitude, sign kept, is the code -8
+        m = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = m / -8
+    scale = scale.to(torch.float16).float()
+    scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
+    return scale, torch.zeros_like(scale, dtype=torch.int8)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:

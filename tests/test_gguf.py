@@ -1,0 +1,174 @@
+"""GGUF output: the file transformers' GGUF reader (and llama.cpp) loads, with the
+weights and tokenizer of the checkpoint it came from."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_checkpoint, tiny_config
+from gguf import GGMLQuantizationType, GGUFReader, dequantize, quants
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import prunella
+from prunella.cli import main
+from prunella.io.gguf_file import write_gguf
+
+TEXT = "The quick brown fox jumps over the lazy dog 12345, and then it rests."
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def gguf_model(file):
+    return AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
+                                                dtype=torch.float32)  # fmt: skip
+
+
+def round_trip(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """What GGML type ``kind`` holds of ``weight`` (the gguf package's own quantizer)."""
+    qtype = GGMLQuantizationType[kind.upper()]
+    data = quants.quantize(weight.float().numpy(), qtype)
+    return torch.from_numpy(np.array(dequantize(data, qtype))).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_an_f32_file_loads_with_the_checkpoints_logits_and_tokenizer(family, tmp_path,
+                                                                      tokenizer_dir):  # fmt: skip
+    """F32 keeps every weight: the logits are the checkpoint's, so the names, the q/k
+    permutation (llama) and the hyper-parameters are right; the tokenizer in the file
+    splits text as the checkpoint's does."""
+    src = build_checkpoint(tmp_path / "src", family, tokenizer_dir)
+    if family == "qwen3":  # transformers' GGUF reader takes Qwen3's head_dim as 128, the
+        # released models' (llama.cpp reads attention.key_length, which the file has)
+        config = json.loads((src / "config.json").read_text())
+        model = AutoModelForCausalLM.from_config(tiny_config("qwen3").__class__(
+            **{**config, "head_dim": 128}))  # fmt: skip
+        model.save_pretrained(src)
+    file = tmp_path / "model.gguf"
+    summary = write_gguf(src, file, "f32")
+    assert set(summary["types"].values()) == {"f32"}
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    torch.testing.assert_close(logits(gguf_model(file), ids), logits(reference, ids),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    ours = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    theirs = AutoTokenizer.from_pretrained(src)
+    assert ours(TEXT)["input_ids"] == theirs(TEXT)["input_ids"]
+    fields = GGUFReader(file).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["general.architecture"].contents() == {"llama": "llama"}.get(family, family)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q5_1"])
+def test_quantized_types_hold_what_ggml_rounds_to(kind, tiny_llama, tmp_path):
+    """Each block weight in ``kind``, the embeddings and head in Q8_0: the loaded model's
+    logits are those of the checkpoint with each weight rounded through that type."""
+    file = tmp_path / "model.gguf"
+    summary = write_gguf(tiny_llama, file, kind)
+    types = summary["types"]
+    assert types["blk.0.attn_q.weight"] == kind and types["token_embd.weight"] == "q8_0"
+    assert types["blk.0.attn_norm.weight"] == "f32" and summary["f16_fallbacks"] == 0
+    expected = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in expected.named_parameters():
+            if param.dim() == 2:
+                edge = "embed_tokens" in name or "lm_head" in name
+                param.copy_(round_trip(param, "q8_0" if edge else kind))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(gguf_model(file), ids), logits(expected, ids),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    bytes_per_weight = {"q8_0": 34 / 32, "q4_0": 18 / 32, "q5_1": 24 / 32}[kind]
+    reader = GGUFReader(file)
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    assert q.n_bytes == q.n_elements * bytes_per_weight
+
+
+def test_prune_writes_gguf_that_eval_inspect_and_compare_read(tiny_llama, tmp_path, capsys):
+    """``--save-format gguf``: one model.gguf (F16 keeps the zeros), the report with each
+    tensor's type; eval gives the perplexity of the same prune written dense, within
+    F16's rounding; inspect sees 50% zeros in every block weight."""
+    common = ["--sparsity", "0.5", "--nsamples", "8", "--seqlen", "32", "--quiet"]
+    dense, out = tmp_path / "dense", tmp_path / "gguf"
+    assert main(["prune", str(tiny_llama), "--out", str(dense), *common]) == 0
+    assert main(["prune", str(tiny_llama), "--out", str(out), "--save-format", "gguf",
+                 *common]) == 0  # fmt: skip
+    assert (out / "model.gguf").is_file() and not (out / "config.json").exists()
+    assert not list(out.glob("*.safetensors"))
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["gguf"]["types"]["blk.1.ffn_down.weight"] == "f16"
+    capsys.readouterr()
+
+    def perplexity(path):
+        assert main(["eval", str(path), "--data", "sample-eval", "--seqlen", "32",
+                     "--max-windows", "8", "--json", "--quiet"]) == 0  # fmt: skip
+        return json.loads(capsys.readouterr().out)["perplexity"]
+
+    assert perplexity(out) == pytest.approx(perplexity(dense), rel=2e-3)
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "gguf" and len(summary["layers"]) == 3 * 7
+    assert all(layer["sparsity"] == 0.5 for layer in summary["layers"])
+    assert main(["compare", str(dense), str(out), "--data", "sample-eval", "--seqlen", "32",
+                 "--max-windows", "4", "--json", "--quiet"]) == 0  # fmt: skip
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[1]["kl_to_first"] < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("family", "extra", "message"),
+    [
+        ("llama", ["--bits", "3"], "gguf holds 8 bits (q8_0) and 4 bits (q4_0), symmetric"),
+        ("opt", [], "GGUF output is written for llama, mistral, qwen2, qwen3 models"),
+    ],
+)
+def test_what_gguf_cannot_hold_is_one_line_and_writes_nothing(family, extra, message, tmp_path,
+                                                               tokenizer_dir, capsys):  # fmt: skip
+    src = build_checkpoint(tmp_path / "src", family, tokenizer_dir)
+    out = tmp_path / "out"
+    code = main(["prune", str(src), "--out", str(out), "--sparsity", "0.5", "--save-format",
+                 "gguf", *extra, "--nsamples", "8", "--seqlen", "32", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize(("bits", "kind"), [(4, "q4_0"), (8, "q8_0")])
+def test_gptq_on_ggmls_grid_is_written_unchanged(bits, kind, tiny_llama, tmp_path):
+    """With --bits and gguf, GPTQ quantizes on GGML's grid (blocks of 32, float16 scales):
+    every block weight in the file de-quantizes to the in-memory model's weight exactly,
+    and the loaded model's logits are the in-memory model's."""
+    common = {"bits": bits, "save_format": "gguf", "nsamples": 8, "seqlen": 32}
+    model, report = prunella.prune(tiny_llama, progress=False, **common)
+    assert {layer["ggml"] for layer in report["layers"]} == {kind}
+    assert report["axes"]["bits"]["layers_in_smaller_groups"] == 0
+    out = tmp_path / "out"
+    prunella.prune_to_dir(
+        model=str(tiny_llama), out=str(out), progress=False, gguf_type="f32", **common
+    )  # fmt: skip (f32 embeddings and head: the logits exactly)
+    written = json.loads((out / "prune_report.json").read_text())["gguf"]["types"]
+    assert written["blk.0.ffn_down.weight"] == kind
+    tensors = {t.name: t for t in GGUFReader(out / "model.gguf").tensors}
+    for i, block in enumerate(model.model.layers):
+        for gguf_name, weight in (("ffn_down", block.mlp.down_proj.weight),
+                                  ("attn_v", block.self_attn.v_proj.weight)):  # fmt: skip
+            tensor = tensors[f"blk.{i}.{gguf_name}.weight"]
+            assert tensor.tensor_type.name == kind.upper()
+            values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
+            assert torch.equal(values.reshape(weight.shape), weight.detach()), (i, gguf_name)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(logits(gguf_model(out / "model.gguf"), ids), logits(model, ids),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_the_api_writes_gguf(tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    prunella.prune_to_dir(model=str(tiny_llama), out=str(out), sparsity=0.5, save_format="gguf",
+                          gguf_type="q8_0", nsamples=8, seqlen=32, progress=False)  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["gguf"]["types"]["blk.2.ffn_up.weight"] == "q8_0"
+    assert "gguf_type: q8_0" in (out / "recipe.yaml").read_text()
