@@ -56,7 +56,7 @@ def main() -> None:
     )
     plain = copy.deepcopy(model).to(dtype)
     with torch.no_grad(), matmuls_in(matmul_dtype, cpu):
-        acts = capture(plain, adapter, windows, batch, cpu, dtype)
+        acts = capture(plain, adapter.blocks(plain), windows, batch, cpu, dtype)
         start = time.perf_counter()
         for _ in range(2):
             hidden = list(acts.hidden)

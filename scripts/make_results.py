@@ -83,12 +83,90 @@ def streaming(run: dict) -> str:
     )
 
 
+def vs_llmcompressor(run: dict) -> str:
+    def one_pass(config: str) -> dict:
+        rows = [r for r in _rows(run) if str(r["prunella"]["passes"]) == "1"]
+        row = _find(rows, config=config)
+        if not (row["prunella"]["ok"] and row["llm-compressor"]["ok"]):
+            raise SystemExit(f"{config}: a prune failed")
+        return row
+
+    def ratios(config: str, name: str) -> str:
+        row = one_pass(config)
+        ours, theirs = row["prunella"], row["llm-compressor"]
+        return (
+            f"{name}: {ours['prune_seconds'] / theirs['prune_seconds']:.2f} × llm-compressor's "
+            f"time, {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} × its peak RSS, "
+            f"perplexity {ours['ppl']:.2f} vs {theirs['ppl']:.2f}"
+        )
+
+    sparsegpt, wanda = ratios("sparsegpt-50", "SparseGPT 50%"), ratios("wanda-50", "Wanda 50%")
+    return f"{sparsegpt}; {wanda} (one pass)"
+
+
+def high_sparsity(run: dict) -> str:
+    rows = _rows(run)
+    parts = []
+    for level in ("0.7", "0.8"):
+        alps = _find(rows, level=level, solver="alps", rows="uniform")
+        sgpt = _find(rows, level=level, solver="sparsegpt", rows="uniform")
+        parts.append(
+            f"{float(level):.0%}: ALPS {alps['ppl']:.2f} vs SparseGPT {sgpt['ppl']:.2f} "
+            f"({alps['prune_seconds'] / sgpt['prune_seconds']:.1f} × the time)"
+        )
+    return "; ".join(parts)
+
+
+def calibration(run: dict) -> str:
+    results = run["results"]
+    biggest = max(results["draws"], key=lambda d: d["bytes"])
+    after = biggest["after"]
+    extra = after["peak_rss_mb"] - results["floor_mb"]
+    args = results["args"]
+    return (
+        f"{args['nsamples']} × {args['seqlen']} calibration windows from a "
+        f"{biggest['bytes'] / 1e9:.0f} GB text file: {after['draw_seconds']:.1f} s, "
+        f"{extra:.0f} MB over the tokenizer's own RSS"
+    )
+
+
+def allocation(run: dict) -> str:
+    rows = _rows(run)
+
+    def ppl(method: str) -> str:
+        return " / ".join(
+            f"{_find(rows, method=method, solver=s, sparsity=0.7)['ppl']:.2f}"
+            for s in ("sparsegpt", "wanda")
+        )
+
+    return (
+        f"70%, allocation from the loss: Lua-LLM {ppl('lua')} (SparseGPT / Wanda) vs uniform "
+        f"{ppl('uniform')}; ECoFLaP {ppl('ecoflap')}; OWL {ppl('owl')}"
+    )
+
+
+def search(run: dict) -> str:
+    results = run["results"]
+    rows = results["rows"]
+    uniform = _find(rows, target="0.7", method="uniform")["ppl"]
+
+    def cell(method: str) -> str:
+        ppl = _find(rows, target="0.7", method=method)["ppl"]
+        return f"{ppl:.2f} ({ppl / uniform - 1:+.1%})"
+
+    return (
+        f"70%, SparseGPT, 128 × 512 calibration windows, {results['minutes']:g}-min searches: "
+        f"DSA {cell('dsa')}, TPE {cell('tpe')}, OWL {cell('owl')} vs uniform {uniform:.2f}"
+    )
+
+
 # (file under benchmarks/results, its row, the page with the full table)
 HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("prune_smollm2.json", solvers, "[solvers](solvers.md)"),
     ("bits_smollm2.json", bits, "[bits](bits.md)"),
     ("pack_sizes.json", packing, "[packing](packing.md)"),
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
+    ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
 ]
 
 
