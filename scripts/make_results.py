@@ -29,8 +29,8 @@ def _rows(run: dict) -> list[dict]:
     return results["rows"] if isinstance(results, dict) else results
 
 
-def _find(rows: list[dict], **match) -> dict:
-    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+def _find(table: list[dict], /, **match) -> dict:
+    found = [r for r in table if all(r.get(k) == v for k, v in match.items())]
     if len(found) != 1:
         raise SystemExit(f"expected one row with {match}, found {len(found)}")
     return found[0]
@@ -167,6 +167,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
     ("calibration_scale.json", calibration, "[calibration data](calibration-data.md)"),
+    ("high_sparsity_smollm2.json", high_sparsity, "[high sparsity](high-sparsity.md)"),
 ]
 
 
