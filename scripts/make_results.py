@@ -168,6 +168,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
     ("calibration_scale.json", calibration, "[calibration data](calibration-data.md)"),
     ("high_sparsity_smollm2.json", high_sparsity, "[high sparsity](high-sparsity.md)"),
+    ("search_smollm2.json", search, "[search](search.md)"),
 ]
 
 
