@@ -129,21 +129,6 @@ def calibration(run: dict) -> str:
     )
 
 
-def allocation(run: dict) -> str:
-    rows = _rows(run)
-
-    def ppl(method: str) -> str:
-        return " / ".join(
-            f"{_find(rows, method=method, solver=s, sparsity=0.7)['ppl']:.2f}"
-            for s in ("sparsegpt", "wanda")
-        )
-
-    return (
-        f"70%, allocation from the loss: Lua-LLM {ppl('lua')} (SparseGPT / Wanda) vs uniform "
-        f"{ppl('uniform')}; ECoFLaP {ppl('ecoflap')}; OWL {ppl('owl')}"
-    )
-
-
 def search(run: dict) -> str:
     results = run["results"]
     rows = results["rows"]
