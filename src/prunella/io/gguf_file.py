@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import PrunellaError
+from .checkpoint import read_config
 from .quantized import codes
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -48,8 +49,8 @@ def _ggml(kind: str):
 
 
 def _config(src: Path) -> dict:
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
+    config = read_config(src)
+    model_type = config["model_type"]
     if model_type not in ARCHITECTURES:
         raise PrunellaError(
             f"GGUF output is written for {', '.join(ARCHITECTURES)} models; {src} is {model_type!r}"
@@ -202,7 +203,8 @@ def write_gguf(
     tied = config.get("tie_word_embeddings", False)
     edge = weight_type if weight_type in ("f32", "f16") else "q8_0"  # embeddings, head
 
-    plan = []  # (GGUF name, name, file, type, shape)
+    grids = {layer: grid for layer, grid in (grids or {}).items() if grid.ggml}
+    plan = []  # (GGUF name, name, file, type, shape, GGML grid or None)
     fallback = 0
     for name, file, shape in _tensors(src):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
@@ -210,8 +212,8 @@ def write_gguf(
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise PrunellaError(f"GGUF output has no name for the tensor {name!r} of {src}")
-        grid = (grids or {}).get(name.removesuffix(".weight"))
-        if grid is not None and grid.ggml:
+        grid = grids.get(name.removesuffix(".weight"))
+        if grid is not None:
             kind = grid.ggml
         elif len(shape) == 1:
             kind = "f32"
@@ -221,29 +223,27 @@ def write_gguf(
             kind = weight_type
         if kind not in ("f32", "f16") and shape[-1] % gguf.GGML_QUANT_SIZES[_ggml(kind)][0]:
             kind, fallback = "f16", fallback + 1
-        plan.append((new, name, file, kind, shape))
+        plan.append((new, name, file, kind, shape, grid))
 
     writer = gguf.GGUFWriter(dst, arch)
     writer.add_name(config.get("_name_or_path") or src.name)
-    block_types = [kind for new, *_, kind, _shape in plan if new.startswith("blk.")]
+    block_types = [kind for new, _n, _f, kind, _s, _g in plan if new.startswith("blk.")]
     writer.add_file_type(_file_type(max(set(block_types), key=block_types.count)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _hyper_parameters(writer, config)
     _tokenizer(writer, src, config["vocab_size"])
-    for new, _name, _file, kind, shape in plan:
+    for new, _name, _file, kind, shape, _grid in plan:
         block, size = gguf.GGML_QUANT_SIZES[_ggml(kind)]
         nbytes = int(np.prod(shape)) // block * size
         writer.add_tensor_info(new, list(shape), np.float32, nbytes, raw_dtype=_ggml(kind))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _new, name, file, kind, _shape in plan:
+    for _new, name, file, kind, _shape, grid in plan:
         data = _read(file, name)
-        layer = name.removesuffix(".weight")
-        grid = (grids or {}).get(layer)
-        if grid is not None and grid.ggml:  # its codes and scales, as quantized
-            scale = tensors[f"{layer}.weight_scale"]
-            data, scale = codes(data, scale, torch.zeros_like(scale), grid)[0], scale
+        if grid is not None:  # its codes and scales, as quantized
+            scale = tensors[f"{name.removesuffix('.weight')}.weight_scale"]
+            data = codes(data, scale, torch.zeros_like(scale), grid)[0]
         else:
             scale = None
             data = data.float()
@@ -259,7 +259,7 @@ def write_gguf(
     return {
         "file": dst.name,
         "weight_type": weight_type,
-        "types": {new: kind for new, *_, kind, _shape in plan},
+        "types": {new: kind for new, _n, _f, kind, _s, _g in plan},
         "f16_fallbacks": fallback,
     }
 
