@@ -1,5 +1,7 @@
 """Quantize SmolLM2-135M with round to nearest and GPTQ at 8, 4 and 3 bits (and 4 bits
-on a 50% sparse model), written as compressed-tensors checkpoints.
+on a 50% sparse model), written as compressed-tensors checkpoints; with ``--averages``,
+also GPTQ at widths mixed by an allocation (``--allocation``, default ``lwq``) to those
+averages in bits per weight, scales counted.
 
 Each run is its own ``prunella prune`` process (its peak RSS its own), with perplexity
 on the held-out shipped text twice: of the model in memory (``--eval-data``) and of
@@ -8,6 +10,8 @@ of the block layers in the checkpoint (packed codes, scales) against their bfloa
 bytes. Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
 
     python benchmarks/bits_smollm2.py --nsamples 32 --seqlen 512 --json bits.json
+    python benchmarks/bits_smollm2.py --rows gptq:2,gptq:3,gptq:4,gptq:8 \
+        --averages 2.5,3,3.5 --allocation lwq --json bits-curve.json
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ import record
 from safetensors import safe_open
 from smollm2_runs import evaluate, measured, smollm2_parser
 
-ROWS = [  # (quantizer, bits, sparsity)
-    ("rtn", 8, None), ("gptq", 8, None), ("rtn", 4, None), ("gptq", 4, None),
-    ("rtn", 3, None), ("gptq", 3, None), ("gptq", 4, 0.5),
-]  # fmt: skip
+ROWS = "rtn:8,gptq:8,rtn:4,gptq:4,rtn:3,gptq:3,gptq:4:0.5"  # quantizer:bits[:sparsity]
+
+
+def parse_rows(text: str) -> list[tuple[str, float, float | None]]:
+    rows = []
+    for item in filter(None, text.split(",")):
+        quantizer, bits, *sparsity = item.split(":")
+        rows.append((quantizer, float(bits), float(sparsity[0]) if sparsity else None))
+    return rows
 
 
 def block_layer_bytes(out: Path, layers: list[str]) -> int:
@@ -41,15 +50,22 @@ def block_layer_bytes(out: Path, layers: list[str]) -> int:
 def main() -> None:
     parser = smollm2_parser(__doc__)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--rows", default=ROWS, help="quantizer:bits[:sparsity], comma-separated")
+    parser.add_argument("--averages", default="", help="average bits (scales counted), GPTQ")
+    parser.add_argument("--allocation", default="lwq", help="what mixes the widths")
     parser.add_argument("--json", type=Path, help="also write the results here")
     a = parser.parse_args()
 
     dense = evaluate(a.model, a)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for quantizer, bits, sparsity in ROWS:
-            out = Path(tmp) / f"{quantizer}-{bits}-{sparsity}"
-            argv = ["prune", a.model, "--out", str(out), "--bits", str(bits),
+        runs = [(*row, "uniform") for row in parse_rows(a.rows)]
+        averages = [float(b) for b in filter(None, a.averages.split(","))]
+        runs += [("gptq", b, None, a.allocation) for b in averages]
+        for quantizer, bits, sparsity, allocation in runs:
+            out = Path(tmp) / f"{quantizer}-{bits}-{sparsity}-{allocation}"
+            argv = ["prune", a.model, "--out", str(out), "--bits", f"{bits:g}",
+                    "--allocation", allocation,
                     "--quantizer", quantizer, "--group-size", str(a.group_size),
                     *(["--sparsity", str(sparsity)] if sparsity else []),
                     "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
@@ -62,7 +78,9 @@ def main() -> None:
             packed = block_layer_bytes(out, layers)
             rows.append({
                 "quantizer": quantizer, "bits": bits, "sparsity": sparsity,
-                "group_size": a.group_size,
+                "allocation": allocation, "group_size": a.group_size,
+                "bits_per_weight": report["axes"]["bits"]["bits_per_weight"],
+                "widths": report["axes"]["bits"]["widths"],
                 "ppl_in_memory": report["evaluation"]["perplexity"],
                 "ppl_checkpoint": loaded["perplexity"],
                 "block_layer_bytes": packed, "block_layer_bf16_bytes": bf16,
@@ -73,11 +91,13 @@ def main() -> None:
 
     print(f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}), "
           f"perplexity on {a.data}; dense {dense['perplexity']:.3f}\n")  # fmt: skip
-    print("| quantizer | bits | sparsity | ppl (in memory) | ppl (checkpoint) | block layers "
-          "vs bf16 | checkpoint MiB | time (s) | peak RSS (MiB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| quantizer | bits | allocation | bits per weight (scales) | sparsity | "
+          "ppl (in memory) | ppl (checkpoint) | block layers vs bf16 | checkpoint MiB | "
+          "time (s) | peak RSS (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['quantizer']} | {r['bits']} | {r['sparsity'] or 0:.0%} | "
+        print(f"| {r['quantizer']} | {r['bits']:g} | {r['allocation']} | "
+              f"{r['bits_per_weight']:.3f} | {r['sparsity'] or 0:.0%} | "
               f"{r['ppl_in_memory']:.3f} | {r['ppl_checkpoint']:.3f} | "
               f"{r['block_layer_bytes'] / r['block_layer_bf16_bytes']:.3f}x | "
               f"{r['checkpoint_bytes'] / 2**20:.1f} | {r['seconds']:.1f} | "

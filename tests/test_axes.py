@@ -60,11 +60,12 @@ RANK_AXIS = {
             return Budget(NAME, recipe.rank, recipe.rank, 0.0, 0.95)
 
 
-        def fit(raw, sizes, budget):
+        def fit(raw, shapes, budget):
             names = list(raw)
             fitted = fit_budget(
                 torch.tensor([raw[n] for n in names], dtype=torch.float64),
-                torch.tensor([float(sizes[n]) for n in names], dtype=torch.float64),
+                torch.tensor([float(shapes[n][0] * shapes[n][1]) for n in names],
+                             dtype=torch.float64),
                 budget.target, budget.lo, budget.hi,
             )
             return {n: v.item() for n, v in zip(names, fitted)}, {}
@@ -79,7 +80,7 @@ RANK_AXIS = {
                 raise PrunellaError(f"{where}: rank fractions must be in [0, 1)")
 
 
-        def layer_bytes(shape, level, nbytes, save_format):
+        def layer_bytes(shape, level, nbytes, fmt):
             return nbytes
 
 

@@ -3,6 +3,7 @@ with sparsity, and compressed-tensors checkpoints that transformers loads."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -14,8 +15,10 @@ from prunella.cli import main
 from prunella.engine.stats import HESSIAN, LayerStats
 from prunella.errors import PrunellaError
 from prunella.io.quantized import codes
-from prunella.methods.bits import gptq, rtn
+from prunella.methods import AXES
+from prunella.methods.bits import Spec, bits_per_weight, fit, gptq, rtn
 from prunella.methods.bits.grid import Grid, layer_group, qparams
+from prunella.methods.plan import Budget
 from prunella.recipe import build
 
 
@@ -102,17 +105,25 @@ def test_gptq_keeps_pruned_weights_zero():
 
 
 def test_bits_outside_the_widths_is_one_line():
-    with pytest.raises(PrunellaError, match=r"bits must be one of 2, 3, 4, 8, got 3\.5"):
-        build(None, model="m", bits=3.5)
+    with pytest.raises(PrunellaError, match=r"bits must be a width \(2, 3, 4, 8\) or an av"):
+        build(None, model="m", bits=9)
+    with pytest.raises(PrunellaError, match=r"--bits 3\.5 is not a width .* needs an --alloc"):
+        AXES.budgets(build(None, model="m", bits=3.5))
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--bits", "5"], "bits must be one of 2, 3, 4, 8, got 5"),
+        (["--bits", "5"], "--bits 5 is not a width (2, 3, 4, 8); an average of widths"),
+        (["--bits", "1.5"], "bits must be a width (2, 3, 4, 8) or an average of widths"),
+        (
+            ["--bits", "2.1", "--allocation", "owl"],
+            "--bits 2.1 (an average, scales and zero points counted) is below the smallest "
+            "width's 2.125 bits per weight at group 128",
+        ),
         (["--bits", "4", "--symmetric", "false"], "asymmetric grids written as compressed"),
-        (["--bits", "4", "--save-format", "packed"], "holds no quantized weights"),
-        (["--save-format", "compressed-tensors"], "compressed-tensors needs --bits"),
+        (["--bits", "4", "--format", "sparse-bitmask"], "holds no quantized weights"),
+        (["--format", "compressed-tensors"], "--format compressed-tensors needs --bits"),
         (
             ["--bits", "4", "--group-size", "4"],
             "--group-size: Input should be greater than or equal to 8",
@@ -130,9 +141,9 @@ def test_bad_bits_input_is_one_line_and_writes_nothing(tiny_llama, tmp_path, cap
 def test_an_asymmetric_grid_written_dense_gives_the_same_logits(tiny_llama, tmp_path):
     out = tmp_path / "out"
     argv = ["prune", str(tiny_llama), "--out", str(out), "--bits", "4", "--symmetric", "false",
-            "--save-format", "dense", "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
+            "--format", "hf", "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
     assert main(argv) == 0
-    model, _ = prunella.prune(tiny_llama, bits=4, symmetric=False, save_format="dense",
+    model, _ = prunella.prune(tiny_llama, bits=4, symmetric=False, format="hf",
                               nsamples=8, seqlen=32, progress=False)  # fmt: skip
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -231,8 +242,8 @@ def test_layers_compressed_tensors_cannot_hold_are_one_line_before_any_work(
     assert len(err.splitlines()) == 1 and "compressed-tensors quantizes linear layers" in err
     assert not out.exists() and not out.with_name("out.partial").exists()
     # written dense, they are quantized in place
-    assert main(["prune", str(model), "--out", str(out), "--bits", "4", "--save-format",
-                 "dense", "--nsamples", "8", "--seqlen", "32", "--quiet"]) == 0  # fmt: skip
+    assert main(["prune", str(model), "--out", str(out), "--bits", "4", "--format",
+                 "hf", "--nsamples", "8", "--seqlen", "32", "--quiet"]) == 0  # fmt: skip
     report = json.loads((out / "prune_report.json").read_text())
     assert {layer["bits"] for layer in report["layers"]} == {4}
 
@@ -274,3 +285,123 @@ def test_a_bfloat16_checkpoint_keeps_bfloat16_scales(tmp_path, tokenizer_dir):
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(loaded, ids), logits(reference, ids), rtol=0, atol=0)
+
+
+def widths_mean(values, shapes, group=64, ggml=False):
+    sizes = {n: r * c for n, (r, c) in shapes.items()}
+    total = sum(bits_per_weight(int(values[n]), group, True, ggml) * sizes[n] for n in sizes)
+    return total / sum(sizes.values())
+
+
+@pytest.mark.parametrize("target", [2.3, 2.5, 3.0, 3.5, 4.2, 6.0, 8.0])
+def test_an_average_is_met_from_below_within_one_layers_step(target):
+    """The fitted widths average at most the target (scales counted) and adding the
+    cheapest further step up of any layer would pass it; of two layers of one size, the
+    one with the higher raw ratio (more removed) is never the wider."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {f"b{i}.{k}": (64, 64 if k != "down" else 192) for i in range(8)
+              for k in ("q", "v", "down")}  # fmt: skip
+    raw = {n: 0.8 + 0.1 * torch.rand((), generator=gen).item() for n in shapes}
+    budget = Budget("bits", target, 1 - target / 16, spec=Spec(64, True, False, True))
+    values, detail = fit(raw, shapes, budget)
+    mean = widths_mean(values, shapes)
+    assert mean <= target + 1e-12
+    steps = [(bits_per_weight(b, 64, True) - bits_per_weight(a, 64, True)) * r * c
+             for n, (r, c) in shapes.items() for a, b in itertools.pairwise((2, 3, 4, 8))
+             if values[n] == a]  # fmt: skip
+    total = sum(r * c for r, c in shapes.values())
+    assert not steps or mean + min(steps) / total > target
+    for shape in set(shapes.values()):  # among layers of one size, more removed: narrower
+        order = sorted((n for n in shapes if shapes[n] == shape), key=raw.get)
+        assert all(values[a] >= values[b] for a, b in itertools.pairwise(order)), shape
+    assert set(detail["group"].values()) == {64}
+
+
+def test_equal_scores_still_meet_the_average():
+    shapes = {f"l{i}": (32, 64) for i in range(10)}
+    budget = Budget("bits", 3.5, 1 - 3.5 / 16, spec=Spec(64, True, False, True))
+    values, _ = fit(dict.fromkeys(shapes, 1 - 3.5 / 16), shapes, budget)
+    # 3 bits cost 3.25 with scales, 4 bits 4.25: two layers of ten can take 4 (3.45)
+    assert sorted(values.values()) == [3.0] * 8 + [4.0] * 2
+    assert widths_mean(values, shapes) == pytest.approx(3.45)
+
+
+def test_an_allocated_average_writes_mixed_widths_that_load(tiny_llama, tmp_path):
+    """--bits 3.5 --allocation owl: the widths mix, the report's bits per weight (scales
+    counted) is at most 3.5, each width is its own config group of the compressed-tensors
+    checkpoint, and transformers loads it with the in-memory model's logits."""
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_llama), "--out", str(out), "--bits", "3.5", "--allocation", "owl",
+            "--group-size", "64", "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    bits = report["axes"]["bits"]
+    widths = {layer["name"]: layer["bits"] for layer in report["layers"]}
+    assert len(set(widths.values())) > 1, widths
+    shapes = {layer["name"]: tuple(layer["shape"]) for layer in report["layers"]}
+    mean = widths_mean(widths, shapes)
+    assert bits["bits_per_weight"] == pytest.approx(mean) and 3.3 < mean <= 3.5
+    assert report["plan"]["axes"]["bits"]["method"] == "owl"
+    assert "with scales" in bits["summary"]
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    groups = quant["config_groups"].values()
+    by_width = {s["weights"]["num_bits"]: set(s["targets"]) for s in groups}
+    for name, width in widths.items():
+        assert name in by_width[width], name
+    model, _ = prunella.prune(tiny_llama, bits=3.5, allocation="owl", group_size=64,
+                              nsamples=8, seqlen=32, progress=False)  # fmt: skip
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_plan_file_over_the_average_is_one_line(tiny_llama, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", str(tiny_llama), "--bits", "3", "--allocation", "owl",
+                 "--group-size", "64", "--nsamples", "8", "--seqlen", "32", "--json",
+                 str(plan), "--quiet"]) == 0  # fmt: skip
+    data = json.loads(plan.read_text())
+    assert len(set(data["axes"]["bits"]["bits"].values())) > 1
+    data["axes"]["bits"]["bits"] = dict.fromkeys(data["axes"]["bits"]["bits"], 4)
+    plan.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    code = main(["prune", str(tiny_llama), "--out", str(out), "--bits", "3",
+                 "--allocation-file", str(plan), "--group-size", "64", "--nsamples", "8",
+                 "--seqlen", "32", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "average 4.25 bits per weight (scales counted), above the recipe's 3" in err
+    assert not out.exists()
+
+
+def test_lwq_scores_each_block_by_how_much_it_modifies_its_input(tiny_llama):
+    """LWQ's LIM of every block equals minus the mean cosine between the hidden states
+    entering and leaving it (transformers' own hidden states, by hand); at 3 bits on
+    average (2 and 3 bits mixed) the block that modifies its input most keeps 3 bits in
+    every layer, the one that modifies it least has the fewest bits."""
+    from prunella.methods.allocation.lwq import layer_input_modification, lwq_ratios
+
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    assert layer_input_modification(x, x).item() == pytest.approx(-2.0)
+    assert layer_input_modification(x, x.flip(-1)).item() == pytest.approx(0.0)
+    ratios = lwq_ratios(torch.tensor([0.3, -0.2, 0.9]), 0.8, torch.ones(3), spread=0.01)
+    torch.testing.assert_close(ratios, torch.tensor([0.8, 0.81, 0.79], dtype=ratios.dtype))
+
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = prunella.allocate(tiny_llama, calibration=windows, bits=3, allocation="lwq",
+                             group_size=64, compute_dtype="float32", progress=False)  # fmt: skip
+    bits = plan["bits"]
+    assert bits.method == "lwq" and bits.metric_name == "lim"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states
+    blocks = len(model.model.layers)
+    for i in range(blocks - 1):  # the last entry is after the final norm
+        cos = torch.nn.functional.cosine_similarity(hidden[i], hidden[i + 1], dim=-1)
+        assert bits.metric[f"model.layers.{i}"] == pytest.approx(-cos.mean().item(), abs=1e-5)
+    width = {i: [w for n, w in bits.values.items() if n.startswith(f"model.layers.{i}.")]
+             for i in range(blocks)}  # fmt: skip
+    order = sorted(range(blocks), key=lambda i: bits.metric[f"model.layers.{i}"])
+    mean = {i: sum(w) / len(w) for i, w in width.items()}
+    assert set(width[order[-1]]) == {3.0} and 2.0 in width[order[0]], width
+    assert mean[order[0]] == min(mean.values()), width

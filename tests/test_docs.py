@@ -30,7 +30,7 @@ def test_the_options_page_is_generated_from_the_recipe():
     docs = make_docs()
     page = docs.OPTIONS.read_text(encoding="utf-8")
     assert page == docs.options_page(), "docs/options.md is stale: run python scripts/make_docs.py"
-    for flag in ("--sparsity", "--solver-opt KEY=VALUE", "--granularity", "--save-format"):
+    for flag in ("--sparsity", "--solver-opt KEY=VALUE", "--granularity", "--format"):
         assert f"`{flag}`" in page, flag
 
 

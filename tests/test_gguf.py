@@ -89,13 +89,13 @@ def test_quantized_types_hold_what_ggml_rounds_to(kind, tiny_llama, tmp_path):
 
 
 def test_prune_writes_gguf_that_eval_inspect_and_compare_read(tiny_llama, tmp_path, capsys):
-    """``--save-format gguf``: one model.gguf (F16 keeps the zeros), the report with each
+    """``--format gguf``: one model.gguf (F16 keeps the zeros), the report with each
     tensor's type; eval gives the perplexity of the same prune written dense, within
     F16's rounding; inspect sees 50% zeros in every block weight."""
     common = ["--sparsity", "0.5", "--nsamples", "8", "--seqlen", "32", "--quiet"]
     dense, out = tmp_path / "dense", tmp_path / "gguf"
     assert main(["prune", str(tiny_llama), "--out", str(dense), *common]) == 0
-    assert main(["prune", str(tiny_llama), "--out", str(out), "--save-format", "gguf",
+    assert main(["prune", str(tiny_llama), "--out", str(out), "--format", "gguf",
                  *common]) == 0  # fmt: skip
     assert (out / "model.gguf").is_file() and not (out / "config.json").exists()
     assert not list(out.glob("*.safetensors"))
@@ -130,7 +130,7 @@ def test_what_gguf_cannot_hold_is_one_line_and_writes_nothing(family, extra, mes
                                                                tokenizer_dir, capsys):  # fmt: skip
     src = build_checkpoint(tmp_path / "src", family, tokenizer_dir)
     out = tmp_path / "out"
-    code = main(["prune", str(src), "--out", str(out), "--sparsity", "0.5", "--save-format",
+    code = main(["prune", str(src), "--out", str(out), "--sparsity", "0.5", "--format",
                  "gguf", *extra, "--nsamples", "8", "--seqlen", "32", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code != 0 and message in err and len(err.splitlines()) == 1, err
@@ -142,7 +142,7 @@ def test_gptq_on_ggmls_grid_is_written_unchanged(bits, kind, tiny_llama, tmp_pat
     """With --bits and gguf, GPTQ quantizes on GGML's grid (blocks of 32, float16 scales):
     every block weight in the file de-quantizes to the in-memory model's weight exactly,
     and the loaded model's logits are the in-memory model's."""
-    common = {"bits": bits, "save_format": "gguf", "nsamples": 8, "seqlen": 32}
+    common = {"bits": bits, "format": "gguf", "nsamples": 8, "seqlen": 32}
     model, report = prunella.prune(tiny_llama, progress=False, **common)
     assert {layer["ggml"] for layer in report["layers"]} == {kind}
     assert report["axes"]["bits"]["layers_in_smaller_groups"] == 0
@@ -167,8 +167,30 @@ def test_gptq_on_ggmls_grid_is_written_unchanged(bits, kind, tiny_llama, tmp_pat
 
 def test_the_api_writes_gguf(tiny_llama, tmp_path):
     out = tmp_path / "o"
-    prunella.prune_to_dir(model=str(tiny_llama), out=str(out), sparsity=0.5, save_format="gguf",
+    prunella.prune_to_dir(model=str(tiny_llama), out=str(out), sparsity=0.5, format="gguf",
                           gguf_type="q8_0", nsamples=8, seqlen=32, progress=False)  # fmt: skip
     report = json.loads((out / "prune_report.json").read_text())
     assert report["gguf"]["types"]["blk.2.ffn_up.weight"] == "q8_0"
     assert "gguf_type: q8_0" in (out / "recipe.yaml").read_text()
+
+
+def test_allocated_widths_mix_ggml_types_in_one_file(tiny_llama, tmp_path):
+    """--bits 6 --allocation owl --format gguf: q4_0 (4.5 bits per weight) and q8_0 (8.5)
+    mixed, averaging at most 6; each tensor holds its layer's type and the file loads with
+    the in-memory model's logits."""
+    common = {"bits": 6, "allocation": "owl", "format": "gguf", "nsamples": 8, "seqlen": 32}
+    model, report = prunella.prune(tiny_llama, progress=False, **common)
+    kinds = {layer["name"]: layer["ggml"] for layer in report["layers"]}
+    assert set(kinds.values()) == {"q4_0", "q8_0"}
+    assert 5.5 < report["axes"]["bits"]["bits_per_weight"] <= 6
+    out = tmp_path / "out"
+    prunella.prune_to_dir(model=str(tiny_llama), out=str(out), progress=False,
+                          gguf_type="f32", **common)  # fmt: skip
+    tensors = {t.name: t.tensor_type.name for t in GGUFReader(out / "model.gguf").tensors}
+    for i in range(len(model.model.layers)):
+        for gguf_name, layer in (("ffn_down", "mlp.down_proj"), ("attn_q", "self_attn.q_proj")):
+            kind = kinds[f"model.layers.{i}.{layer}"]
+            assert tensors[f"blk.{i}.{gguf_name}.weight"] == kind.upper(), (i, layer)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits(gguf_model(out / "model.gguf"), ids), logits(model, ids),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip

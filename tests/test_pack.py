@@ -178,7 +178,7 @@ def test_prune_can_save_packed(tmp_path, tokenizer_dir):
                 str(src),
                 "--out",
                 str(tmp_path / "o"),
-                "--save-format",
+                "--save-format",  # the flag's and the value's earlier names
                 "packed",
                 "--nsamples",
                 "2",
@@ -193,4 +193,16 @@ def test_prune_can_save_packed(tmp_path, tokenizer_dir):
     assert json.loads((out / "config.json").read_text())["quantization_config"]
     for name in ("prune_report.json", "report.html", "recipe.yaml", "allocation.png"):
         assert (out / name).is_file(), name
-    assert "save_format: packed" in (out / "recipe.yaml").read_text()
+    assert "format: sparse-bitmask" in (out / "recipe.yaml").read_text()
+
+
+def test_a_recipe_with_the_old_save_format_key_still_reads(tmp_path):
+    from prunella.recipe import build
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\nsparsity: 0.5\nsave_format: packed\n")
+    assert build(recipe).format == "sparse-bitmask"
+    assert build(model="m", save_format="dense").format == "hf"
+    recipe.write_text("model: m\nsave_format: packed\nformat: hf\n")
+    with pytest.raises(PrunellaError, match="give format or save_format"):
+        build(recipe)

@@ -30,11 +30,12 @@ PRUNE_ONLY = (
 )  # fmt: skip
 
 
-def _click_type(annotation):
-    """The click type of a recipe field's annotation (``X | None`` is ``X``)."""
+def _click_type(annotation, aliases=()):
+    """The click type of a recipe field's annotation (``X | None`` is ``X``); a choice
+    also takes ``aliases`` (earlier names of its values)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
-        return click.Choice([str(a) for a in typing.get_args(annotation)])
+        return click.Choice([*(str(a) for a in typing.get_args(annotation)), *aliases])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         return _click_type(args[0])
     return {float: float, int: int, str: str}.get(annotation, str)
@@ -45,7 +46,7 @@ def recipe_flags(fields, own_defaults: bool = False, helps: dict | None = None) 
     The default is ``None`` (from the recipe, or its default), or with ``own_defaults``
     the field's default (a command that reads no recipe); ``helps`` words a flag for
     another use (``--seqlen`` of an evaluation)."""
-    from .recipe import METHOD_FIELDS, Recipe
+    from .recipe import FORMAT_ALIASES, METHOD_FIELDS, Recipe
 
     flags = []
     for name in fields:
@@ -53,7 +54,7 @@ def recipe_flags(fields, own_defaults: bool = False, helps: dict | None = None) 
         flag = "--" + name.replace("_", "-")
         default = field.default.name if name in METHOD_FIELDS else field.default
         shown = f" [{default}]" if default is not None else ""
-        names = [flag, "-o"] if name == "out" else [flag]
+        names = {"out": [flag, "-o"], "format": [flag, "--save-format"]}.get(name, [flag])
         if name in METHOD_FIELDS:
             flags.append(click.Option(names, help=field.description + shown))
             flags.append(
@@ -68,7 +69,7 @@ def recipe_flags(fields, own_defaults: bool = False, helps: dict | None = None) 
             flags.append(
                 click.Option(
                     names,
-                    type=_click_type(field.annotation),
+                    type=_click_type(field.annotation, FORMAT_ALIASES if name == "format" else ()),
                     default=default if own_defaults else None,
                     help=(helps or {}).get(name, field.description)
                     + ("" if own_defaults else shown),
@@ -178,7 +179,9 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
                 values_ = metric_by_block[b]
                 line += f"  {sum(values_) / len(values_):>14.4f}"
             click.echo(line)
-        click.echo(f"overall {axis.mean(sizes):.4%} of {sum(sizes.values()):,} prunable weights")
+        mean = axis.mean(sizes)  # a fraction (sparsity), or the axis's own unit (bits)
+        shown = f"{mean:.4%}" if axis.target is not None and axis.target < 1 else f"{mean:.4g}"
+        click.echo(f"overall {shown} of {sum(sizes.values()):,} prunable weights")
     cost = plan.cost
     click.echo(
         f"checkpoint: {cost['bytes']:,} bytes ({cost['format']}), dense {cost['dense_bytes']:,}"

@@ -163,9 +163,9 @@ def _run(
     timings["load"] = time.perf_counter() - tick
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
     setting = Setting(recipe, store, tokenizer, nsamples, seqlen, weights_digest)
-    if recipe.save_format == "compressed-tensors" and out is not None:
+    if recipe.format == "compressed-tensors" and out is not None:
         check_quantizable(store.model, store.layers())
-    if recipe.save_format == "gguf" and out is not None and store.path is not None:
+    if recipe.format == "gguf" and out is not None and store.path is not None:
         check_gguf_source(Path(store.path))
     dev, dtype = setting.device, setting.dtype
     # resolved, so that a resume (perhaps on another machine) must match them
@@ -341,7 +341,7 @@ def make_plan(
     element = next(store.model.parameters()).element_size()
     dense_layers = sum(r * c for r, c in shapes.values()) * element
     other = model_nbytes(store.model, loaded_only=False) - dense_layers
-    plan.cost = plan_cost(plan, AXES, shapes, element, other, recipe.save_format)
+    plan.cost = plan_cost(plan, AXES, shapes, element, other, recipe.format)
     return plan
 
 

@@ -55,10 +55,10 @@ class _Recipe(BaseModel):
             method = methods.get(chosen.name)
             update[field] = MethodChoice(name=method.name, options=method.resolve(chosen.options))
         quantized = "bits" in AXES.asked(self)
-        if self.save_format == "auto":
-            update["save_format"] = "compressed-tensors" if quantized else "dense"
-        elif self.save_format == "compressed-tensors" and not quantized:
-            raise PrunellaError("--save-format compressed-tensors needs --bits")
+        if self.format == "auto":
+            update["format"] = "compressed-tensors" if quantized else "hf"
+        elif self.format == "compressed-tensors" and not quantized:
+            raise PrunellaError("--format compressed-tensors needs --bits")
         return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
@@ -141,13 +141,14 @@ GENERAL = {
             "only).",
         ),
     ),
-    "save_format": (
-        Literal["auto", "dense", "packed", "compressed-tensors", "gguf"],
+    "format": (
+        Literal["auto", "hf", "sparse-bitmask", "compressed-tensors", "gguf"],
         Field(
             "auto",
-            description="dense (a plain checkpoint), packed (sparse-bitmask), "
-            "compressed-tensors (packed integer weights) or gguf (one model.gguf file for "
-            "llama.cpp); auto: compressed-tensors with --bits, else dense.",
+            description="What is written: hf (a plain Hugging Face checkpoint), "
+            "sparse-bitmask (packed zeros), compressed-tensors (packed integer weights) or "
+            "gguf (one model.gguf file for llama.cpp); auto: compressed-tensors with --bits, "
+            "else hf.",
         ),
     ),
     "gguf_type": (
@@ -207,6 +208,23 @@ def read_yaml(file: str | Path) -> dict:
     return dict(loaded or {})
 
 
+FORMAT_ALIASES = {"dense": "hf", "packed": "sparse-bitmask"}  # the names before --format
+
+
+def _renamed(values: dict, where: str) -> dict:
+    """``values`` with the earlier spelling ``save_format`` (``dense``, ``packed``) as
+    ``format`` (``hf``, ``sparse-bitmask``)."""
+    values = dict(values)
+    if values.get("save_format") is not None:
+        if values.get("format") is not None:
+            raise PrunellaError(f"{where}: give format or save_format (its old name), not both")
+        values["format"] = values.pop("save_format")
+    values.pop("save_format", None)
+    if isinstance(values.get("format"), str):
+        values["format"] = FORMAT_ALIASES.get(values["format"], values["format"])
+    return values
+
+
 def _merge_method(base, name: str | None, options: dict | None, default: str):
     """A method choice from the recipe's (or the ``default`` method), a new name (its
     options restart unless it is the same method) and options given on top."""
@@ -235,9 +253,9 @@ def build(
         extra = overrides.pop(f"{field}_options", None)
         if extra:
             method_options[field] = {**method_options.get(field, {}), **extra}
-    values = read_yaml(file) if file is not None else {}
+    values = _renamed(read_yaml(file), f"recipe {file}") if file is not None else {}
     path = Path(file) if file is not None else None
-    given = {key: value for key, value in overrides.items() if value is not None}
+    given = _renamed({k: v for k, v in overrides.items() if v is not None}, "options")
     extra = {f: method_options.get(f) for f in METHOD_FIELDS}
     for key, options in extra.items():
         flag = given.pop(key, None)

@@ -30,11 +30,13 @@ COL_NORMS = "col_norms"
 STATISTICS = frozenset({HESSIAN, COL_NORMS})  # what a forward pass gathers per layer
 # Not statistics: what else a method may need. WEIGHTS: the weights' values, not only
 # their shapes (a streamed model's blocks are read for it); LOSS: the whole model's loss
-# (ecoflap, layerif, lua); FITNESS: the KL to the dense model (the searches). All but
-# WEIGHTS need calibration data.
+# (ecoflap, layerif, lua); FITNESS: the KL to the dense model (the searches); HIDDEN:
+# the hidden states entering and leaving each block (lwq). All but WEIGHTS need
+# calibration data.
 WEIGHTS = "weights"
 LOSS = "loss"
 FITNESS = "fitness"
+HIDDEN = "hidden"
 ROWS = 256  # row block of the lower-triangular accumulation
 TOKENS = 1024  # input rows per accumulation step
 

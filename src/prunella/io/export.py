@@ -77,19 +77,19 @@ def save_store(
     extra: dict | None = None,
 ) -> Path:
     """Write the pruned model held by ``store`` (:mod:`prunella.engine.store`; ``work``
-    its resume folder, or ``None``) to ``out``: dense, or as the recipe's ``save_format``
+    its resume folder, or ``None``) to ``out``: dense, or as the recipe's ``format``
     says, packed (sparse-bitmask), compressed-tensors or GGUF (``grids``: each quantized
     layer's grid, ``extra``: their scales), from a dense copy written first."""
-    if recipe.save_format in ("packed", "compressed-tensors", "gguf"):
+    if recipe.format in ("sparse-bitmask", "compressed-tensors", "gguf"):
         with scratch_folder(out) as tmp:
             dense = tmp / out.name
-            as_dense = recipe.model_copy(update={"save_format": "dense"})
+            as_dense = recipe.model_copy(update={"format": "hf"})
             save_store(store, work, dense, report, as_dense, tokenizer)
             check_out_dir(out, store.path, overwrite)
-            if recipe.save_format == "packed":
+            if recipe.format == "sparse-bitmask":
                 pack(dense, out, overwrite=overwrite, progress=False)
                 (out / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
-            elif recipe.save_format == "gguf":
+            elif recipe.format == "gguf":
                 with atomic_folder(out) as folder:
                     _write_gguf(dense, folder, recipe, grids or {}, extra or {})
             else:

@@ -54,7 +54,7 @@ def check_quantizable(model: torch.nn.Module, layers) -> None:
             raise PrunellaError(
                 f"compressed-tensors quantizes linear layers, and {name} is {kind} "
                 "(mixture-of-experts weights and Conv1D are not yet written quantized): "
-                "use --save-format dense"
+                "use --format hf"
             )
 
 

@@ -10,9 +10,9 @@ Each is one package, a module that declares:
   ``prune`` and ``allocate`` flags, the API's keywords and the recipe keys;
 * ``METHODS`` -- which of those fields name a method, and the registry of each;
 * ``budget(recipe, default) -> Budget | None`` -- what the recipe asks of it;
-* ``fit(raw, sizes, budget) -> (values, detail)`` -- the budget fitter: per-layer raw
+* ``fit(raw, shapes, budget) -> (values, detail)`` -- the budget fitter: per-layer raw
   ratios (the fraction of a layer's cost removed) to levels on the axis, meeting the
-  budget exactly;
+  budget exactly (``shapes``: each layer's ``(rows, cols)``);
 * ``levels(plan, shapes)``, ``check(plan, shapes, budget, where)`` and
   ``layer_bytes(...)`` -- an axis plan's per-layer levels, its validation, its cost;
 * ``compressor(recipe)`` -- what compresses one layer to its level (see
@@ -22,7 +22,8 @@ Each is one package, a module that declares:
   and what the resolved recipe records once the plan is known;
 * optionally ``ladder(...)`` and ``level_solver(recipe)`` -- the level database of
   the searches (:mod:`prunella.methods.search`); ``ALLOCATED = False`` -- allocation
-  methods leave it uniform (the bits axis, until widths are allocated).
+  methods leave it uniform (a budget can say the same of itself: ``Budget.allocated``,
+  the bits axis at a whole width).
 
 A compressor's facts may hold ``tensors``: what the layer keeps beside its weight (the
 bits axis's ``weight_scale``), kept apart from the report, saved with the block in the

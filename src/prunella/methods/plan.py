@@ -69,7 +69,9 @@ class Budget:
     """What a recipe asks of one axis: ``target`` in the axis's own unit (sparsity: the
     fraction of weights pruned), ``fraction`` the share of the layers' cost it removes
     (what allocations map their scores around), each layer's fraction within ``[lo, hi]``,
-    and ``spec``, the axis's own form of the target (sparsity: the pattern)."""
+    ``spec``, the axis's own form of the target (sparsity: the pattern), and
+    ``allocated``: whether allocations place it (else it is the same in every layer, as
+    bits at a whole width are)."""
 
     axis: str
     target: float
@@ -77,6 +79,7 @@ class Budget:
     lo: float = 0.0
     hi: float = 0.99
     spec: object = None
+    allocated: bool = True
     record: dict = field(default_factory=dict)  # what a plan's params record of it (the clamp)
 
 

@@ -21,6 +21,7 @@ from . import (
     expert_usage,
     layerif,
     lua,
+    lwq,
     owl,
     tpe,
     uniform,
@@ -41,6 +42,7 @@ ALLOCATIONS = Registry(
         "ecoflap": ecoflap,
         "layerif": layerif,
         "lua": lua,
+        "lwq": lwq,
     },
     hooks=(("METRIC", "allocate", "ratios"), ("allocate",)),
 )

@@ -193,7 +193,8 @@ def lua_assignment(
         facts={"curve": curve[-1:]},
     )  # fmt: skip
     if isinstance(budget.spec, NM):  # N:M levels from the layers' learned means
-        result.values, result.detail = run.axes.get(budget.axis).fit(learned, run.sizes, budget)
+        axis = run.axes.get(budget.axis)
+        result.values, result.detail = axis.fit(learned, run.store.layers(), budget)
         return result
     fitted = fit_budget(raw, sizes, target, lo, hi)
     counts = (fitted * sizes).round().long()

@@ -88,10 +88,12 @@ class AllocationRun:
 
     @property
     def allocated(self) -> dict:
-        """The budgets of the axes allocations serve (an axis may declare ``ALLOCATED =
-        False``: uniform on it, whatever the method)."""
+        """The budgets of the axes allocations serve (a budget with ``allocated=False``,
+        or an axis that declares ``ALLOCATED = False``, is uniform whatever the method)."""
         return {
-            n: b for n, b in self.budgets.items() if getattr(self.axes.get(n), "ALLOCATED", True)
+            n: b
+            for n, b in self.budgets.items()
+            if b.allocated and getattr(self.axes.get(n), "ALLOCATED", True)
         }
 
     def budget(self):
@@ -148,7 +150,7 @@ def allocate(run: AllocationRun) -> Plan:
 
 def build_plan(run: AllocationRun, result: Scores | Assignment) -> Plan:
     """Every axis the recipe asks for, fitted from ``result`` (see the module docstring)."""
-    sizes = run.sizes
+    shapes = run.store.layers()
     plans = {}
     for name, budget in run.budgets.items():
         axis = run.axes.get(name)
@@ -162,24 +164,25 @@ def build_plan(run: AllocationRun, result: Scores | Assignment) -> Plan:
             )  # fmt: skip
             axis.check(plan, run.store.layers(), budget, f"allocation {run.method.name!r}")
         elif name in run.allocated and isinstance(result, Scores):
-            plan = _fit_scores(run, axis, budget, result, sizes, clamp)
+            plan = _fit_scores(run, axis, budget, result, shapes, clamp)
         else:  # another axis's assignment, or an axis allocations do not serve: uniform
-            values, detail = axis.fit(dict.fromkeys(sizes, budget.fraction), sizes, budget)
+            values, detail = axis.fit(dict.fromkeys(shapes, budget.fraction), shapes, budget)
             plan = AxisPlan(name, budget.target, values, UNIFORM, "layer", clamp, detail=detail)
         plans[name] = plan
     return Plan(plans)
 
 
-def _fit_scores(run, axis, budget, scores: Scores, sizes: dict, clamp: dict) -> AxisPlan:
+def _fit_scores(run, axis, budget, scores: Scores, shapes: dict, clamp: dict) -> AxisPlan:
     """An axis plan from per-unit scores: the method's ratios, the axis's fitter."""
     method = run.method
+    sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}
     units = scores.units or run.units
     names = list(units)
     metric = torch.tensor([scores.values[u] for u in names], dtype=torch.float64)
     unit_sizes = torch.tensor([sum(sizes[n] for n in units[u]) for u in names], dtype=torch.float64)
     per_unit = method.ratios(metric, budget.fraction, sizes=unit_sizes, **run.options)
     raw = {n: per_unit[i].item() for i, u in enumerate(names) for n in units[u]}
-    values, detail = axis.fit({n: raw[n] for n in sizes}, sizes, budget)
+    values, detail = axis.fit({n: raw[n] for n in sizes}, shapes, budget)
     kept = {u: v for u, v in scores.values.items() if not math.isnan(v)}
     return AxisPlan(
         axis.NAME, budget.target, values, method.name, scores.granularity or run.granularity,

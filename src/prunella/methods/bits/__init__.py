@@ -9,12 +9,16 @@ and zero points, and facts for the report. A quantizer is one module with ``PAPE
 entry point group.
 
 The axis (see :mod:`prunella.methods`): the budget is a width, ``--bits 2|3|4|8``, for
-every layer; a layer's level is its grid. A layer whose width the asked group size
+every layer; or, when an allocation places the widths (``--allocation`` other than
+uniform, or a plan file), an average in bits per weight with the scales and zero points
+counted (``--bits 3.5``; 4 bits at group 64 cost 4.25), met from below (:func:`fit`).
+Every score-based allocation maps its scores to widths through :func:`fit`; a layer's
+level is its grid. A layer whose width the asked group size
 (``--group-size``, 128) does not divide takes the largest of 64 and 32 that does, and
 the report says so (SmolLM2's 576-wide layers take 64). The axis runs after sparsity:
 a pruned weight stays exactly zero. The scales and zero points leave each layer beside
 its weight (the compressor's ``tensors``), for the compressed-tensors checkpoint
-(:mod:`prunella.io.quantized`). Written as GGUF (``--save-format gguf``), a layer takes
+(:mod:`prunella.io.quantized`). Written as GGUF (``--format gguf``), a layer takes
 GGML's grid of its width (8 bits: ``q8_0``, 4 bits: ``q4_0``; blocks of 32 weights,
 float16 scales) in place of ``--group-size``, so that its codes and scales are written
 unchanged (:mod:`prunella.io.gguf_file`).
@@ -38,25 +42,29 @@ from .quantizers import QUANTIZERS
 NAME = "bits"
 ORDER = 30  # last: structure, then sparsity, then bits
 DEFAULT = False
-ALLOCATED = False  # every layer at the asked width (allocating widths is still to come)
 
 
-def check_bits(bits: float | None) -> int | None:
-    """``bits`` as a supported width, or a one-line error."""
+def check_bits(bits: float | None) -> float | None:
+    """``bits`` as a width or an average between the narrowest and the widest, or a
+    one-line error."""
     if bits is None:
         return None
-    if bits not in WIDTHS:
+    if not min(WIDTHS) <= bits <= max(WIDTHS):
         raise PrunellaError(
-            f"bits must be one of {', '.join(map(str, WIDTHS))}, got {bits:g} (an average "
-            "of several widths needs an allocation of widths, not built yet)"
+            f"bits must be a width ({', '.join(map(str, WIDTHS))}) or an average of widths "
+            f"between {min(WIDTHS)} and {max(WIDTHS)}, got {bits:g}"
         )
-    return int(bits)
+    return float(bits)
 
 
 FIELDS = {
     "bits": (
         Annotated[float | None, AfterValidator(check_bits)],
-        Field(None, description="Bits per weight of every layer: 2, 3, 4 or 8."),
+        Field(
+            None,
+            description="Bits per weight: a width (2, 3, 4, 8) for every layer, or with an "
+            "--allocation an average of widths, scales and zero points counted.",
+        ),
     ),
     "quantizer": method_field("gptq", "Quantizer (see 'prunella methods')."),
     "group_size": (
@@ -75,71 +83,157 @@ FIELDS = {
 }
 METHODS = {"quantizer": QUANTIZERS}
 DENSE_BITS = 16  # what a width is measured against (bfloat16)
+SCALE_BITS = 16  # a scale's bits as a budget counts them (bfloat16, float16)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The bits budget's own form: the asked group, the symmetry, whether the grids are
+    GGML's (GGUF output), and whether ``target`` is an average of widths (allocated)
+    rather than the width of every layer."""
+
+    group: int
+    symmetric: bool
+    ggml: bool
+    average: bool
 
 
 def budget(recipe, default: bool = False) -> Budget | None:
-    """The recipe's width (``None`` when it asks for no bits)."""
+    """The recipe's bits: a width for every layer, or, when an allocation places them
+    (``--allocation`` other than uniform, or a plan file), an average of widths."""
     if recipe.bits is None:
         return None
     bits = check_bits(recipe.bits)
-    if recipe.save_format == "packed":
+    allocated = recipe.allocation.name != "uniform" or recipe.allocation_file is not None
+    ggml = recipe.format == "gguf"
+    widths = tuple(sorted(GGML)) if ggml else WIDTHS
+    if recipe.format == "sparse-bitmask":
         raise PrunellaError(
-            "--save-format packed (sparse-bitmask) holds no quantized weights: with --bits "
-            "use compressed-tensors (the default) or dense"
+            "--format sparse-bitmask holds no quantized weights: with --bits use "
+            "compressed-tensors (the default), gguf or hf"
         )
-    if recipe.save_format == "gguf" and (bits not in GGML or not recipe.symmetric):
+    average = "an average of widths needs an --allocation to place them (owl, ...)"
+    if ggml and (not recipe.symmetric or (not allocated and bits not in widths)):
         raise PrunellaError(
-            f"--save-format gguf holds {' and '.join(f'{b} bits ({GGML[b]})' for b in GGML)}"
-            f", symmetric; got {bits} bits{'' if recipe.symmetric else ', asymmetric'}"
+            f"--format gguf holds {' and '.join(f'{b} bits ({GGML[b]})' for b in GGML)}"
+            f", symmetric; got {bits:g} bits{'' if recipe.symmetric else ', asymmetric'}"
+            f"{'' if allocated else f' ({average})'}"
         )
-    if not recipe.symmetric and recipe.save_format in ("auto", "compressed-tensors"):
+    if not allocated and bits not in widths:
+        raise PrunellaError(
+            f"--bits {bits:g} is not a width ({', '.join(map(str, widths))}); {average}"
+        )
+    if allocated and bits < min(bits_per_weight(w, recipe.group_size, recipe.symmetric, ggml)
+                                for w in widths):  # fmt: skip
+        smallest = bits_per_weight(min(widths), recipe.group_size, recipe.symmetric, ggml)
+        raise PrunellaError(
+            f"--bits {bits:g} (an average, scales and zero points counted) is below the "
+            f"smallest width's {smallest:g} bits per weight "
+            f"{'in GGML blocks' if ggml else f'at group {recipe.group_size}'}"
+        )
+    if not recipe.symmetric and recipe.format in ("auto", "compressed-tensors"):
         raise PrunellaError(
             "asymmetric grids written as compressed-tensors do not load in transformers "
             "(its reader expects unpacked zero points): use --symmetric true, or "
-            "--save-format dense"
+            "--format hf"
         )
     return Budget(
         NAME,
-        float(bits),
+        bits,
         1 - bits / DENSE_BITS,
-        lo=1 - max(WIDTHS) / DENSE_BITS,
-        hi=1 - min(WIDTHS) / DENSE_BITS,
-        spec=(recipe.group_size, recipe.symmetric, recipe.save_format == "gguf"),
+        lo=1 - max(widths) / DENSE_BITS,
+        hi=1 - min(widths) / DENSE_BITS,
+        spec=Spec(recipe.group_size, recipe.symmetric, ggml, allocated),
+        allocated=allocated,
     )
 
 
-def fit(raw: dict[str, float], sizes: dict[str, int], budget: Budget) -> tuple[dict, dict]:
-    """Per-layer widths from raw ratios (the fraction of a 16-bit layer removed): the
-    supported width nearest ``16 (1 - r_l - c)``, one common shift ``c`` (bisection) for
-    the weighted mean width closest to the target; equal ratios give the target itself."""
+def bits_per_weight(width: int, group: int, symmetric: bool, ggml: bool = False) -> float:
+    """What one weight costs on disk: its code, plus a 16-bit scale per group (and a
+    ``width``-bit zero point per group when asymmetric); GGML's blocks: 32 weights and
+    one float16 scale (``q4_0``: 4.5, ``q8_0``: 8.5)."""
+    if ggml:
+        return width + SCALE_BITS / GGML_BLOCK
+    return width + (SCALE_BITS + (0 if symmetric else width)) / group
+
+
+def fit(raw: dict[str, float], shapes: dict[str, tuple[int, int]], budget: Budget) -> tuple:
+    """Per-layer widths from raw ratios (the fraction of a 16-bit layer removed).
+
+    At a whole width every layer takes it. An average ``B`` (bits per weight, scales and
+    zero points counted, :func:`bits_per_weight`) is met from below: with ``n_l`` weights
+    in layer ``l`` and ``c_l(w)`` its bits per weight at width ``w``, each layer takes the
+    width nearest ``16 (1 - r_l - c)``, the shift ``c`` the smallest (bisection) with
+    ``sum_l n_l c_l(w_l) <= B sum_l n_l``; then, in the order of how far each layer's
+    wanted width lies above its own, layers move one width up while the total stays
+    within the budget. The mean ends at most ``B`` and short of it by less than one more
+    layer's step up."""
+    spec: Spec = budget.spec
     names = list(raw)
-    r = torch.tensor([raw[n] for n in names], dtype=torch.float64)
-    n = torch.tensor([sizes[n] for n in names], dtype=torch.float64)
-    widths = torch.tensor(WIDTHS, dtype=torch.float64)
-
-    def levels(shift: float) -> torch.Tensor:
-        wanted = DENSE_BITS * (1 - r - shift)
-        return widths[(wanted.unsqueeze(1) - widths).abs().argmin(1)]
-
-    def mean(bits: torch.Tensor) -> float:
-        return ((bits * n).sum() / n.sum()).item()
-
-    a, b = -1.0, 1.0  # a shift up removes more, so the mean width falls
-    for _ in range(60):
-        mid = (a + b) / 2
-        a, b = (mid, b) if mean(levels(mid)) > budget.target else (a, mid)
-    best = min((levels(a), levels(b)), key=lambda bits: abs(mean(bits) - budget.target))
-    group, symmetric, ggml = budget.spec
-    values = {name: float(bits) for name, bits in zip(names, best.tolist(), strict=True)}
-    if ggml:  # GGML's blocks of 32, its type from the width
+    widths = tuple(sorted(GGML)) if spec.ggml else WIDTHS
+    if not spec.average:
+        values = dict.fromkeys(names, budget.target)
+    else:
+        values = _fit_average(raw, shapes, budget, widths)
+    if spec.ggml:  # GGML's blocks of 32, its type from the width
         detail = {
             "group": dict.fromkeys(names, GGML_BLOCK),
             "symmetric": dict.fromkeys(names, True),
             "ggml": {name: GGML[int(bits)] for name, bits in values.items()},
         }
         return values, detail
-    detail = {"group": dict.fromkeys(names, group), "symmetric": dict.fromkeys(names, symmetric)}
+    detail = {
+        "group": dict.fromkeys(names, spec.group),
+        "symmetric": dict.fromkeys(names, spec.symmetric),
+    }
     return values, detail
+
+
+def _fit_average(raw: dict, shapes: dict, budget: Budget, widths: tuple[int, ...]) -> dict:
+    """See :func:`fit`: the widths of an average budget."""
+    spec: Spec = budget.spec
+    names = list(raw)
+    r = torch.tensor([raw[n] for n in names], dtype=torch.float64)
+    n = torch.tensor([shapes[m][0] * shapes[m][1] for m in names], dtype=torch.float64)
+    w = torch.tensor(widths, dtype=torch.float64)
+    groups = [1 if spec.ggml else layer_group(shapes[m][1], spec.group) for m in names]
+    cost = torch.tensor(  # bits of each layer at each width
+        [[bits_per_weight(int(x), g, spec.symmetric, spec.ggml) for x in widths] for g in groups],
+        dtype=torch.float64,
+    ) * n.unsqueeze(1)
+    total = budget.target * n.sum().item()
+    if cost[:, 0].sum().item() > total * (1 + 1e-12):
+        smallest = cost[:, 0].sum().item() / n.sum().item()
+        raise PrunellaError(
+            f"--bits {budget.target:g} is below what these layers can take at their "
+            f"narrowest width ({smallest:.4g} bits per weight, scales counted)"
+        )
+
+    def chosen(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        wanted = DENSE_BITS * (1 - r - shift)
+        index = (wanted.unsqueeze(1) - w).abs().argmin(1)
+        return index, wanted
+
+    def spent(index: torch.Tensor) -> float:
+        return cost.gather(1, index.unsqueeze(1)).sum().item()
+
+    a, b = -2.0, 2.0  # shift a: every layer widest; shift b: every layer narrowest
+    if spent(chosen(a)[0]) <= total:
+        b = a
+    for _ in range(80):
+        if b == a:
+            break
+        mid = (a + b) / 2
+        a, b = (a, mid) if spent(chosen(mid)[0]) <= total else (mid, b)
+    index, wanted = chosen(b)
+    left = total - spent(index)
+    for i in (wanted - w[index]).argsort(descending=True).tolist():
+        if index[i] + 1 < len(widths):
+            step = (cost[i, index[i] + 1] - cost[i, index[i]]).item()
+            if step <= left:
+                index[i] += 1
+                left -= step
+    return {name: float(widths[k]) for name, k in zip(names, index.tolist(), strict=True)}
 
 
 def levels(plan: AxisPlan, shapes: dict[str, tuple[int, int]]) -> dict[str, Grid]:
@@ -178,17 +272,34 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
             raise PrunellaError(f"{where}: {key!r} must map layers to values")
         if not all(type(v) is kind for v in given.values()):
             raise PrunellaError(f"{where}: every {key!r} must be {kind.__name__}")
-    levels(plan, shapes)  # a group no layer width allows: one line
+    grids = levels(plan, shapes)  # a group no layer width allows: one line
+    if budget is not None and budget.spec.average:
+        mean = mean_bits_per_weight(grids, shapes)
+        if mean > budget.target + 1e-9:
+            raise PrunellaError(
+                f"{where}: its widths average {mean:.4g} bits per weight (scales counted), "
+                f"above the recipe's {budget.target:g}"
+            )
 
 
-def layer_bytes(shape: tuple[int, int], level: Grid, nbytes: int, save_format: str) -> int:
+def mean_bits_per_weight(grids: dict[str, Grid], shapes: dict[str, tuple[int, int]]) -> float:
+    """The weight-weighted mean of :func:`bits_per_weight` over the layers."""
+    sizes = {name: shapes[name][0] * shapes[name][1] for name in grids}
+    total = sum(
+        bits_per_weight(g.bits, g.group, g.symmetric, bool(g.ggml)) * sizes[name]
+        for name, g in grids.items()
+    )
+    return total / sum(sizes.values())
+
+
+def layer_bytes(shape: tuple[int, int], level: Grid, nbytes: int, fmt: str) -> int:
     """The layer's bytes once quantized: in a compressed-tensors checkpoint, its packed
     codes (int32 words), a scale per group (the checkpoint's dtype) and, when asymmetric,
     packed zero points; in any other format, unchanged (the weights stay dense)."""
     rows, cols = shape
-    if save_format == "gguf" and level.ggml:  # a float16 scale per block of 32
+    if fmt == "gguf" and level.ggml:  # a float16 scale per block of 32
         return rows * cols // GGML_BLOCK * (2 + GGML_BLOCK * level.bits // 8)
-    if save_format != "compressed-tensors":
+    if fmt != "compressed-tensors":
         return nbytes
     element = nbytes // (rows * cols)
     groups = cols // level.group
@@ -241,23 +352,37 @@ def compressor(recipe) -> Quantizer:
 
 
 def report(recipe, plan: AxisPlan, results: list[dict]) -> dict:
-    """The report's bits keys (quantizer, width, groups) and its summary line."""
+    """The report's bits keys (quantizer, widths, groups, bits per weight with scales)
+    and its summary line."""
     sizes = [r["shape"][0] * r["shape"][1] for r in results]
     mean = sum(r["bits"] * n for r, n in zip(results, sizes, strict=True)) / sum(sizes)
+    with_scales = sum(
+        bits_per_weight(r["bits"], r["group"], r["symmetric"], bool(r.get("ggml"))) * n
+        for r, n in zip(results, sizes, strict=True)
+    ) / sum(sizes)
+    widths: dict[int, int] = {}
+    for r in results:
+        widths[r["bits"]] = widths.get(r["bits"], 0) + 1
     ggml = sorted({r["ggml"] for r in results if r.get("ggml")})
     smaller = 0 if ggml else sum(r["group"] != recipe.group_size for r in results)
     note = f"; {smaller} layer(s) in smaller groups" if smaller else ""
     group = (
         f"GGML {', '.join(ggml).upper()}, blocks of 32" if ggml else f"group {recipe.group_size}"
     )
+    mix = ""
+    if len(widths) > 1:
+        mix = " (" + ", ".join(f"{w} bits: {k} layers" for w, k in sorted(widths.items())) + ")"
     return {
         "quantizer": recipe.quantizer.name,
         "quantizer_options": recipe.quantizer.options,
         "bits": mean,
+        "bits_per_weight": with_scales,
+        "widths": {str(w): k for w, k in sorted(widths.items())},
         "group_size": recipe.group_size,
         "symmetric": recipe.symmetric,
         "layers_in_smaller_groups": smaller,
-        "summary": f"{mean:g} bits per weight ({recipe.quantizer.name}, {group}{note}, "
+        "summary": f"{mean:.4g} bits per weight{mix}, {with_scales:.4g} with scales "
+        f"({recipe.quantizer.name}, {group}{note}, "
         f"{'symmetric' if recipe.symmetric else 'asymmetric'})",
     }
 

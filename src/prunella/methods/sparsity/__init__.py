@@ -108,9 +108,10 @@ def fit_nm_levels(
     return best.long()
 
 
-def fit(raw: dict[str, float], sizes: dict[str, int], budget) -> tuple[dict, dict]:
+def fit(raw: dict[str, float], shapes: dict[str, tuple[int, int]], budget) -> tuple[dict, dict]:
     """Per-layer sparsities from raw ones (and ``N:M`` levels for an ``N:M`` budget)."""
     names = list(raw)
+    sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}
     raw_t = torch.tensor([raw[n] for n in names], dtype=torch.float64)
     size_t = torch.tensor([sizes[n] for n in names], dtype=torch.float64)
     if isinstance(budget.spec, NM):
@@ -200,10 +201,10 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
             )
 
 
-def layer_bytes(shape: tuple[int, int], level: Pattern, nbytes: int, save_format: str) -> int:
+def layer_bytes(shape: tuple[int, int], level: Pattern, nbytes: int, fmt: str) -> int:
     """The layer's bytes once pruned: unchanged in a dense checkpoint; packed
     (sparse-bitmask), its kept values, a bit per weight and an offset per row."""
-    if save_format != "packed":
+    if fmt != "sparse-bitmask":
         return nbytes
     rows, cols = shape
     element = nbytes // (rows * cols)
