@@ -144,6 +144,20 @@ def search(run: dict) -> str:
     )
 
 
+def allocation(run: dict) -> str:
+    rows = _rows(run)
+
+    def ppl(solver: str, method: str) -> str:
+        return f"{_find(rows, sparsity=0.7, solver=solver, method=method)['ppl']:.2f}"
+
+    return (
+        f"70%, allocation from the loss: Lua-LLM {ppl('sparsegpt', 'lua')} (SparseGPT) / "
+        f"{ppl('wanda', 'lua')} (Wanda) vs uniform {ppl('sparsegpt', 'uniform')} / "
+        f"{ppl('wanda', 'uniform')}; ECoFLaP {ppl('sparsegpt', 'ecoflap')} / "
+        f"{ppl('wanda', 'ecoflap')}"
+    )
+
+
 # (file under benchmarks/results, its row, the page with the full table)
 HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("prune_smollm2.json", solvers, "[solvers](solvers.md)"),
@@ -154,6 +168,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("calibration_scale.json", calibration, "[calibration data](calibration-data.md)"),
     ("high_sparsity_smollm2.json", high_sparsity, "[high sparsity](high-sparsity.md)"),
     ("search_smollm2.json", search, "[search](search.md)"),
+    ("allocation_smollm2.json", allocation, "[allocation](allocation.md#results)"),
 ]
 
 
