@@ -23,6 +23,7 @@ import torch
 from prunella.engine.stats import HESSIAN, LayerStats
 from prunella.methods.sparsity import alps, sparsegpt
 from prunella.methods.sparsity.patterns import Unstructured
+from prunella.methods.sparsity.solvers import SOLVERS
 
 HIDDEN, FFN = 576, 1536
 LAYERS = [  # name, rows, the input it reads
@@ -58,6 +59,7 @@ def main() -> None:
         name: torch.randn(rows, sizes[inp], generator=g) * 0.02 for name, rows, inp in LAYERS
     }
     pattern = Unstructured(a.sparsity)
+    options = {name: SOLVERS.get(name).defaults() for name in ("alps", "sparsegpt")}
 
     spent: collections.Counter = collections.Counter()
     originals = {}
@@ -80,7 +82,7 @@ def main() -> None:
     tick = time.perf_counter()
     iterations = []
     for name, _, inp in LAYERS:
-        _, info = alps.prune(weights[name].clone(), pattern, inputs[inp])
+        _, info = alps.prune(weights[name].clone(), pattern, inputs[inp], **options["alps"])
         iterations.append(info["iterations"])
     alps_seconds = time.perf_counter() - tick
     for (module, attr), original in originals.items():
@@ -90,7 +92,7 @@ def main() -> None:
         stats.derived.clear()
     tick = time.perf_counter()
     for name, _, inp in LAYERS:
-        sparsegpt.prune(weights[name].clone(), pattern, inputs[inp])
+        sparsegpt.prune(weights[name].clone(), pattern, inputs[inp], **options["sparsegpt"])
     sparsegpt_seconds = time.perf_counter() - tick
 
     rows = [(label, spent[label]) for _, _, label in parts]

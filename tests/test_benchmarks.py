@@ -1,6 +1,7 @@
 """The benchmark scripts still run against the current package: every one parses its
 arguments and imports what it needs, and the in-process ones run end to end on a tiny
-model (an engine change once broke ``profile_prune.py`` and nothing noticed)."""
+model (an engine change once broke ``profile_prune.py``, and a solver's signature
+``alps_profile.py``, and nothing noticed)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,12 @@ def test_numeric_noise_runs_on_a_tiny_model(tiny_llama, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]["rows"]
     assert len(rows) == 6 and all(r["ppl"] > 1 for r in rows)
+
+
+def test_alps_profile_runs(tmp_path):
+    out = tmp_path / "alps.json"
+    done = bench("alps_profile.py", "--tokens", "1024", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results["iterations"]) == 7 and results["sparsegpt_seconds"] > 0
+    assert sum(results["parts"].values()) == pytest.approx(results["alps_seconds"])
