@@ -106,7 +106,7 @@ def budget(recipe, default: bool = False) -> Budget | None:
     bits = check_bits(recipe.bits)
     allocated = recipe.allocation.name != "uniform" or recipe.allocation_file is not None
     ggml = recipe.format == "gguf"
-    widths = tuple(sorted(GGML)) if ggml else WIDTHS
+    widths = axis_widths(ggml)
     if recipe.format == "sparse-bitmask":
         raise PrunellaError(
             "--format sparse-bitmask holds no quantized weights: with --bits use "
@@ -123,9 +123,8 @@ def budget(recipe, default: bool = False) -> Budget | None:
         raise PrunellaError(
             f"--bits {bits:g} is not a width ({', '.join(map(str, widths))}); {average}"
         )
-    if allocated and bits < min(bits_per_weight(w, recipe.group_size, recipe.symmetric, ggml)
-                                for w in widths):  # fmt: skip
-        smallest = bits_per_weight(min(widths), recipe.group_size, recipe.symmetric, ggml)
+    smallest = bits_per_weight(min(widths), recipe.group_size, recipe.symmetric, ggml)
+    if allocated and bits < smallest:
         raise PrunellaError(
             f"--bits {bits:g} (an average, scales and zero points counted) is below the "
             f"smallest width's {smallest:g} bits per weight "
@@ -146,6 +145,11 @@ def budget(recipe, default: bool = False) -> Budget | None:
         spec=Spec(recipe.group_size, recipe.symmetric, ggml, allocated),
         allocated=allocated,
     )
+
+
+def axis_widths(ggml: bool) -> tuple[int, ...]:
+    """The widths a layer can take, narrowest first: GGML's (4, 8) for GGUF, else all."""
+    return tuple(sorted(GGML)) if ggml else WIDTHS
 
 
 def bits_per_weight(width: int, group: int, symmetric: bool, ggml: bool = False) -> float:
@@ -170,7 +174,7 @@ def fit(raw: dict[str, float], shapes: dict[str, tuple[int, int]], budget: Budge
     layer's step up."""
     spec: Spec = budget.spec
     names = list(raw)
-    widths = tuple(sorted(GGML)) if spec.ggml else WIDTHS
+    widths = axis_widths(spec.ggml)
     if not spec.average:
         values = dict.fromkeys(names, budget.target)
     else:
