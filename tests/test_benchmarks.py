@@ -61,3 +61,19 @@ def test_alps_profile_runs(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert len(results["iterations"]) == 7 and results["sparsegpt_seconds"] > 0
     assert sum(results["parts"].values()) == pytest.approx(results["alps_seconds"])
+
+
+def test_bits_curve_compares_allocated_rows_with_the_uniform_line(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bits_smollm2 import against_uniform
+
+    def row(bits, size, ppl, allocation="uniform"):
+        return {"quantizer": "gptq", "sparsity": None, "bits": bits, "allocation": allocation,
+                "block_layer_bytes": size, "ppl_in_memory": ppl}  # fmt: skip
+
+    rows = [row(2, 100, 300.0), row(3, 200, 40.0), row(4, 300, 20.0),
+            row(3, 150, 85.0, "evopress")]  # fmt: skip
+    (line,) = against_uniform(rows)
+    assert rows[-1]["ppl_uniform_line"] == pytest.approx(170.0)  # halfway from 300 to 40
+    assert rows[-1]["vs_uniform_3bit"] == pytest.approx(85 / 40)
+    assert "0.500x the uniform line" in line and "2.125x uniform 3-bit" in line

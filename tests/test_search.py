@@ -20,6 +20,7 @@ from conftest import build_checkpoint
 from postgres import fresh_database
 from test_allocation import allocate
 
+import prunella
 from prunella.engine.adapters import get_weight
 from prunella.engine.store import MemoryStore
 from prunella.errors import PrunellaError
@@ -28,6 +29,7 @@ from prunella.methods import AXES
 from prunella.methods.allocation import ALLOCATIONS, dsa
 from prunella.methods.allocation.evopress import mutate
 from prunella.methods.allocation.run import AllocationRun
+from prunella.methods.bits import bits_per_weight
 from prunella.methods.search import levels_for_ratios, open_database, search_ladder, unit_levels
 from prunella.methods.search.fitness import KLFitness
 from prunella.methods.search.levels import LevelDatabase, make_ladder
@@ -633,3 +635,119 @@ def test_kl_fitness_streams_blocks_from_disk_with_the_same_value(tiny_llama):
                         batch_size=2)(levels, [0, 2])  # fmt: skip
     assert on_disk == pytest.approx(in_memory, rel=1e-5)
     assert all(p.is_meta for p in streamed.blocks().parameters())  # blocks released again
+
+
+# --- bit widths (--bits B --allocation evopress|tpe|dsa) ---------------------------------
+
+
+def bits_run(model, adapter, windows, bits=3.0, quantizer="rtn", method="evopress", **extra):
+    """The run object a search of widths averaging ``bits`` gets (group 32)."""
+    recipe = build(bits=bits, quantizer=quantizer, group_size=32, allocation=method, **extra)
+    chosen = ALLOCATIONS.get(method)
+    return AllocationRun(
+        MemoryStore(model, adapter), windows, recipe, AXES, AXES.budgets(recipe), chosen,
+        chosen.defaults(), CPU, torch.float32, 2, False,
+    )  # fmt: skip
+
+
+def widths_average(values: dict, shapes: dict, group: int = 32) -> float:
+    sizes = {n: r * c for n, (r, c) in shapes.items()}
+    total = sum(bits_per_weight(int(values[n]), group, True) * sizes[n] for n in sizes)
+    return total / sum(sizes.values())
+
+
+def test_width_ladder_levels_are_the_quantizer_at_each_width(tiny_llama):
+    """Every width is a level; level 0 is the fitter's mix at equal ratios, within the
+    average; each level in the database is the quantizer on that width's grid."""
+    from prunella.methods.bits.grid import Grid
+    from prunella.methods.bits.rtn import quantize
+
+    model, _, _, adapter = load(tiny_llama)
+    run = bits_run(model, adapter, windows_for(model), bits=3.0)
+    ladder, database = ladder_and_database(run)
+    assert ladder.kind == "widths" and ladder.widths == [2, 3, 4, 8]
+    shapes = adapter.layers(model)
+    start, _ = ladder.assignment(dict.fromkeys(ladder.names, 0))
+    assert set(start.values()) == {2.0, 3.0}  # 3 bits cost 3.5 at group 32: a mix
+    assert 3.0 - 0.5 < widths_average(start, shapes) <= 3.0
+    name = ladder.names[0]
+    weights = {
+        f"{adapter.blocks_path}.{i}.{local}": get_weight(layer)
+        for i, block in enumerate(adapter.blocks(model))
+        for local, layer in adapter.linears(block).items()
+    }
+    weight = weights[name]
+    for level, bits in zip(ladder.levels(name), [2, 3, 4, 8], strict=True):
+        expected = quantize(weight.detach().float(), Grid(bits, 32))[0]
+        assert torch.equal(database.weight(name, level), expected.to(weight.dtype)), bits
+    assert isinstance(LevelDatabase(database.folder).ladder, type(ladder))  # as workers read it
+    # another average starts elsewhere and shares the database: its tensors are by width
+    other, again = ladder_and_database(bits_run(model, adapter, windows_for(model), bits=3.8))
+    assert again.folder == database.folder and other.start != ladder.start
+    for n in ladder.names:
+        for level in other.levels(n):
+            width = other.width(n, level)
+            same = level + other.start[n] - ladder.start[n]
+            assert torch.equal(again.weight(n, level), database.weight(n, same)), (n, width)
+
+
+def test_width_mutation_stays_within_the_average():
+    from prunella.methods.allocation.evopress import mutate_widths
+    from prunella.methods.search.levels import WidthLadder
+
+    sizes = {f"l{i}": (64 if i % 3 else 192) * 64 for i in range(12)}
+    ladder = WidthLadder(target=1 - 3.2 / 16, average=3.2, widths=[2, 3, 4, 8], size=sizes,
+                         group=dict.fromkeys(sizes, 64), start=dict.fromkeys(sizes, 1))  # fmt: skip
+    units = {n: [n] for n in sizes}
+    ranges = unit_levels(ladder, units)
+    rng = random.Random(0)
+    parent, moved = dict.fromkeys(sizes, 0), 0
+    for _ in range(300):
+        child = mutate_widths(parent, ranges, ladder.cost, ladder.total, rng)
+        if child is None:
+            continue
+        spent = sum(ladder.cost(n, v) for n, v in child.items())
+        assert spent <= ladder.total * (1 + 1e-12)
+        assert all(ranges[n][0] <= v <= ranges[n][1] for n, v in child.items())
+        assert sum(child[n] != parent[n] for n in sizes) <= 10
+        moved += child != parent
+        parent = child
+    assert moved > 50  # it does move
+    assert len({ladder.width(n, v) for n, v in parent.items()}) > 2
+
+
+@pytest.mark.parametrize("method", ["evopress", "tpe", "dsa"])
+def test_a_search_over_widths_meets_the_average(tiny_llama, method):
+    """``--bits 3 --allocation METHOD``: widths of the bits axis, mixed, at most 3 bits
+    per weight with the scales counted, and the search's curve in the plan."""
+    model, _, _, adapter = load(tiny_llama)
+    options = {
+        "evopress": SMALL | {"evaluations": 20},
+        "tpe": {"evaluations": 8, "tokens": 64, "startup": 3},
+        "dsa": {"evaluations": 8, "population": 4, "tokens": 64},
+    }[method]
+    plan = prunella.allocate(
+        model, calibration=windows_for(model), bits=3.0, quantizer="gptq", group_size=32,
+        allocation={"name": method, "options": options}, device="cpu",
+        compute_dtype="float32", progress=False, batch_size=2,
+    )["bits"]  # fmt: skip
+    shapes = adapter.layers(model)
+    assert set(plan.values.values()) <= {2.0, 3.0, 4.0, 8.0}
+    assert len(set(plan.values.values())) > 1
+    assert widths_average(plan.values, shapes) <= 3.0 + 1e-12
+    assert plan.detail["group"] == dict.fromkeys(shapes, 32)
+    search = plan.params.get("search") or plan.params["facts"]["search"]
+    assert search["evaluations"] >= options["evaluations"] and search["curve"]
+
+
+def test_a_width_search_with_sparsity_is_one_line(tiny_llama, tmp_path, capsys):
+    from prunella.cli import main
+
+    out = tmp_path / "out"
+    code = main(["prune", str(tiny_llama), "--out", str(out), "--sparsity", "0.5", "--bits",
+                 "3", "--allocation", "evopress", "--nsamples", "6", "--seqlen", "32",
+                 "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert "allocates one axis at a time; the recipe asks for sparsity, bits" in err
+    assert not out.exists()

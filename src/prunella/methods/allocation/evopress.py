@@ -16,6 +16,16 @@ uniform allocation (every level 0) and, each generation:
    ``survivors[k]`` with the lowest KL to the dense model; before the last stage
    the parent joins them (elitism). The last survivor is the next parent.
 
+Bit widths (``--bits B --allocation evopress``) follow ``evo_quant_search.py``: level
+``l`` of a layer is its ``l``-th width from the start (a :class:`width ladder
+<prunella.methods.search.levels.WidthLadder>`), and since our widths (2, 3, 4, 8) are
+not one bit apart, no switch keeps the bits exactly; mutation is the reference's rule for
+layers of different sizes (``--group_rule none``): ``min(U{1,3}, U{1,3})`` units a width
+up, then random units a width down until the candidate is within the average; a child of
+more than 10 changes, or one that adds less than 0.8 of the bits it removes, is drawn
+again. The search starts from the fitter's widths at equal ratios (the reference, for a
+fractional average, from the best of random mixes).
+
 Defaults are the paper's (``run_prune_search.sh``): 64 offspring, survivors
 8, 2, 1 on 2048, 16384 and 65536 tokens; EvoPress runs 400 generations, we run
 as many as the budget (``minutes``, ``evaluations``) allows. Where we differ:
@@ -76,14 +86,53 @@ def mutate(parent: dict[str, int], ranges: dict, rng: random.Random) -> dict[str
     return child
 
 
+def mutate_widths(parent: dict[str, int], ranges: dict, cost, total: float, rng: random.Random):
+    """The parent with ``min(U{1,3}, U{1,3})`` units a level up and then random units a
+    level down until its bits (``cost(unit, level)``) are at most ``total``; ``None``
+    for a child of more than 10 changes or one adding less than 0.8 of what it removes."""
+    child = dict(parent)
+    spent = sum(cost(u, level) for u, level in child.items())
+    added = removed = 0.0
+    changes = min(rng.randint(1, 3), rng.randint(1, 3))
+    for _ in range(changes):
+        up = [u for u in child if child[u] + 1 <= ranges[u][1]]
+        if not up:
+            return None
+        u = rng.choice(up)
+        step = cost(u, child[u] + 1) - cost(u, child[u])
+        child[u], spent, added = child[u] + 1, spent + step, added + step
+    while spent > total * (1 + 1e-12):
+        down = [u for u in child if child[u] - 1 >= ranges[u][0]]
+        changes += 1
+        if not down or changes > 10:
+            return None
+        u = rng.choice(down)
+        step = cost(u, child[u]) - cost(u, child[u] - 1)
+        child[u], spent, removed = child[u] - 1, spent - step, removed + step
+    return None if added < 0.8 * removed else child
+
+
 def allocate(run: AllocationRun, **options) -> Assignment:
     """The allocation EvoPress finds within the budget."""
     survivors, tokens = _ints(options["survivors"]), _ints(options["tokens"])
     if len(survivors) != len(tokens):
         raise PrunellaError("evopress: survivors and tokens need one value per stage each")
     session = start(run, options, {})
-    ranges = unit_levels(session.ladder, run.units)
-    names = session.ladder.names
+    ladder = session.ladder
+    ranges = unit_levels(ladder, run.units)
+    names = ladder.names
+    if ladder.kind == "widths":
+
+        def unit_cost(unit: str, level: int) -> float:
+            return sum(ladder.cost(n, level) for n in run.units[unit])
+
+        def child_of(parent: dict[str, int]) -> dict[str, int] | None:
+            return mutate_widths(parent, ranges, unit_cost, ladder.total, rng)
+    else:
+
+        def child_of(parent: dict[str, int]) -> dict[str, int] | None:
+            return mutate(parent, ranges, rng)
+
     rng = random.Random(options["seed"])
     parent = dict.fromkeys(run.units, 0)
     best = None
@@ -95,8 +144,8 @@ def allocate(run: AllocationRun, **options) -> Assignment:
             tries = 0
             while len(children) < options["offspring"] and tries < 100 * options["offspring"]:
                 tries += 1
-                child = mutate(parent, ranges, rng)
-                if child != parent and child not in children:
+                child = child_of(parent)
+                if child is not None and child != parent and child not in children:
                     children.append(child)
             candidates = children or [parent]
             for stage, (keep, count) in enumerate(zip(survivors, tokens, strict=True)):

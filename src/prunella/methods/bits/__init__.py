@@ -213,9 +213,20 @@ def _fit_average(raw: dict, shapes: dict, budget: Budget, widths: tuple[int, ...
             f"narrowest width ({smallest:.4g} bits per weight, scales counted)"
         )
 
+    index = fit_widths(r, cost, w, total)
+    return {name: float(widths[k]) for name, k in zip(names, index.tolist(), strict=True)}
+
+
+def fit_widths(
+    raw: torch.Tensor, cost: torch.Tensor, widths: torch.Tensor, total: float
+) -> torch.Tensor:
+    """The width index of each layer (see :func:`fit`): ``raw`` the layers' ratios,
+    ``cost[l, k]`` layer ``l``'s bits at width ``widths[k]``, at most ``total`` bits in
+    all (the narrowest widths must fit)."""
+
     def chosen(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-        wanted = DENSE_BITS * (1 - r - shift)
-        index = (wanted.unsqueeze(1) - w).abs().argmin(1)
+        wanted = DENSE_BITS * (1 - raw - shift)
+        index = (wanted.unsqueeze(1) - widths).abs().argmin(1)
         return index, wanted
 
     def spent(index: torch.Tensor) -> float:
@@ -231,13 +242,13 @@ def _fit_average(raw: dict, shapes: dict, budget: Budget, widths: tuple[int, ...
         a, b = (a, mid) if spent(chosen(mid)[0]) <= total else (mid, b)
     index, wanted = chosen(b)
     left = total - spent(index)
-    for i in (wanted - w[index]).argsort(descending=True).tolist():
+    for i in (wanted - widths[index]).argsort(descending=True, stable=True).tolist():
         if index[i] + 1 < len(widths):
             step = (cost[i, index[i] + 1] - cost[i, index[i]]).item()
             if step <= left:
                 index[i] += 1
                 left -= step
-    return {name: float(widths[k]) for name, k in zip(names, index.tolist(), strict=True)}
+    return index
 
 
 def levels(plan: AxisPlan, shapes: dict[str, tuple[int, int]]) -> dict[str, Grid]:
@@ -353,6 +364,59 @@ class Quantizer:
 
 def compressor(recipe) -> Quantizer:
     return Quantizer(QUANTIZERS.get(recipe.quantizer.name), recipe.quantizer.options)
+
+
+@dataclass
+class LevelQuantizer:
+    """What fills the searches' level database on this axis: the quantizer at every
+    width of every layer, from the dense weight and the dense model's statistics."""
+
+    method: Method
+    options: dict
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.method.needs
+
+    @property
+    def key(self) -> dict:
+        return {"quantizer": self.method.name, "options": self.options}
+
+    def __call__(self, weight: torch.Tensor, level: Grid, stats) -> torch.Tensor:
+        return self.method.quantize(weight, level, stats, **self.options)[0]
+
+
+def level_solver(recipe) -> LevelQuantizer:
+    return LevelQuantizer(QUANTIZERS.get(recipe.quantizer.name), recipe.quantizer.options)
+
+
+def ladder(shapes: dict[str, tuple[int, int]], budget: Budget, hidden_size: int, levels: int):
+    """EvoPress's quantization levels: every width for every layer (``levels`` and the
+    hidden size do not apply), level 0 the fitter's widths at equal ratios."""
+    from ..search.levels import WidthLadder
+
+    if not budget.spec.average:
+        raise PrunellaError("a search over bits needs an average (--bits with --allocation)")
+    spec: Spec = budget.spec
+    widths = axis_widths(spec.ggml)
+    start, _ = fit(dict.fromkeys(shapes, budget.fraction), shapes, budget)
+    return WidthLadder(
+        target=budget.fraction,
+        average=budget.target,
+        widths=list(widths),
+        size={n: rows * cols for n, (rows, cols) in shapes.items()},
+        group={
+            n: GGML_BLOCK if spec.ggml else layer_group(cols, spec.group)
+            for n, (_, cols) in shapes.items()
+        },
+        start={n: widths.index(int(bits)) for n, bits in start.items()},
+        symmetric=spec.symmetric,
+        ggml=spec.ggml,
+    )
 
 
 def report(recipe, plan: AxisPlan, results: list[dict]) -> dict:

@@ -24,7 +24,15 @@ from safetensors.torch import load_file, save_file
 
 from ...errors import PrunellaError
 from ...registry import Option
-from .levels import NUM_LEVELS, Ladder, LevelDatabase, build_database, database_key
+from .levels import (
+    NUM_LEVELS,
+    Ladder,
+    LevelDatabase,
+    WidthLadder,
+    build_database,
+    database_key,
+    ladder_from_json,
+)
 from .urls import hide_password, public_url, storage_url
 
 SEARCH_OPTIONS = (
@@ -60,7 +68,7 @@ def search_folder(given: str = "") -> Path:
     return Path(given) if given else cache_home() / "search"
 
 
-def search_ladder(run, levels: int) -> Ladder:
+def search_ladder(run, levels: int) -> Ladder | WidthLadder:
     """The ladder of the one axis ``run`` allocates (its ``ladder`` hook)."""
     budget = run.budget()
     axis = run.axes.get(budget.axis)
@@ -70,7 +78,7 @@ def search_ladder(run, levels: int) -> Ladder:
     hidden = getattr(run.store.model.config, "hidden_size", None) or int(
         math.sqrt(sorted(sizes.values())[len(sizes) // 2])
     )
-    return axis.ladder(sizes, budget, hidden, levels)
+    return axis.ladder(run.store.layers(), budget, hidden, levels)
 
 
 def model_identity(store) -> str:
@@ -99,7 +107,7 @@ def open_database(run, ladder: Ladder, folder: Path) -> tuple[LevelDatabase, str
         model=model_identity(run.store),
         windows=database_key(data=run.windows.flatten().tolist()),
         **solve.key,
-        ladder=ladder.to_json(),
+        ladder=ladder.content(),
         dtype=str(run.dtype),
     )
     db_folder = folder / "levels" / key
@@ -116,14 +124,17 @@ def open_database(run, ladder: Ladder, folder: Path) -> tuple[LevelDatabase, str
     return database, key
 
 
-def unit_levels(ladder: Ladder, units: dict[str, list[str]]) -> dict[str, tuple[int, int, int]]:
-    """Per unit: (lowest level, highest level, weights per step) when all its layers
-    move together (the intersection of its layers' ranges)."""
+def unit_levels(ladder, units: dict[str, list[str]]) -> dict[str, tuple[int, int, int]]:
+    """Per unit: (lowest level, highest level, weights per step; 0 for a width ladder,
+    whose steps differ) when all its layers move together (the intersection of its
+    layers' ranges)."""
+    low, high = ladder.low, ladder.high
+    step = getattr(ladder, "step", None)
     return {
         u: (
-            max(ladder.low[n] for n in layers),
-            min(ladder.high[n] for n in layers),
-            sum(ladder.step[n] for n in layers),
+            max(low[n] for n in layers),
+            min(high[n] for n in layers),
+            sum(step[n] for n in layers) if step else 0,
         )
         for u, layers in units.items()
     }
@@ -134,42 +145,10 @@ def expand(units: dict[str, list[str]], levels: dict[str, int]) -> dict[str, int
     return {n: levels[u] for u, layers in units.items() for n in layers}
 
 
-def levels_for_ratios(
-    ladder: Ladder, units: dict[str, list[str]], ratio: dict[str, float]
-) -> dict[str, int]:
-    """The layer levels nearest to per-unit ``ratio`` with the budget kept: each layer
-    gets the real level ``x_l = (s_u n_l - base_l) / step_l + c`` (clipped to its range,
-    ``c`` one shift making ``sum_l step_l x_l = 0``), rounded down, and the remaining
-    steps go to the layers with the largest remainders."""
-    names = ladder.names
-    step = torch.tensor([ladder.step[n] for n in names], dtype=torch.float64)
-    low = torch.tensor([ladder.low[n] for n in names], dtype=torch.float64)
-    high = torch.tensor([ladder.high[n] for n in names], dtype=torch.float64)
-    raw = torch.tensor(
-        [
-            (ratio[u] * ladder.size[n] - ladder.base[n]) / ladder.step[n]
-            for u, layers in units.items()
-            for n in layers
-        ],
-        dtype=torch.float64,
-    )
-    order = [n for layers in units.values() for n in layers]
-    index = {n: i for i, n in enumerate(order)}
-    raw = raw[[index[n] for n in names]]
-    a, b = (low - raw).min().item() - 1, (high - raw).max().item() + 1
-    for _ in range(100):
-        mid = (a + b) / 2
-        a, b = (mid, b) if (step * (raw + mid).clamp(low, high)).sum() < 0 else (a, mid)
-    exact = (raw + (a + b) / 2).clamp(low, high)
-    levels = exact.floor()
-    deficit = -(step * levels).sum().item()
-    for i in (exact - levels).argsort(descending=True, stable=True).tolist():
-        if deficit <= 0:
-            break
-        if levels[i] < high[i] and step[i] <= deficit:
-            levels[i] += 1
-            deficit -= step[i].item()
-    return {n: int(v) for n, v in zip(names, levels.tolist(), strict=True)}
+def levels_for_ratios(ladder, units: dict[str, list[str]], ratio: dict[str, float]):
+    """The layer levels nearest to per-unit ``ratio`` (the fraction of a unit's cost
+    removed) within the budget: the ladder's own rule (``Ladder.for_ratios``)."""
+    return ladder.for_ratios(units, ratio)
 
 
 @dataclass
@@ -258,12 +237,15 @@ def start(run, options: dict, setup: dict, sampler=None, propose=None) -> Sessio
         options={k: v for k, v in options.items() if k not in budget},
         setup=setup,
         units=run.units,
+        # what the database key leaves out (a width ladder's average and start)
+        **({} if ladder.content() == ladder.to_json() else {"ladder": ladder.to_json()}),
     )
     setup = {
         "method": method.name,
         "model": str(run.store.path) if run.store.path is not None else None,
         "offload": run.store.offload,
         "database": str(database.folder),
+        "ladder": ladder.to_json(),
         "dtype": str(run.dtype).removeprefix("torch."),
         "batch_size": run.batch_size,
         "units": run.units,
@@ -322,6 +304,8 @@ def run_worker(
         raise PrunellaError("the search's model is not a checkpoint: give --model")
     store, _ = open_store(where, setup["offload"])
     database = LevelDatabase(folder or setup["database"])
+    if "ladder" in setup:  # the search's own (a width ladder's start is its average's)
+        database = LevelDatabase(database.folder, ladder_from_json(setup["ladder"]))
     windows = load_file(database.folder / "windows.safetensors")["windows"]
     dev = pick_device(device)
     dtype = resolve_compute_dtype(next(store.model.parameters()).dtype, dev, setup["dtype"])

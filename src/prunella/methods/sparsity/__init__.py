@@ -320,8 +320,9 @@ def level_solver(recipe) -> LevelSolver:
     return LevelSolver(SOLVERS.get(recipe.solver.name), recipe.solver.options)
 
 
-def ladder(sizes: dict[str, int], budget: Budget, hidden_size: int, levels: int):
+def ladder(shapes: dict[str, tuple[int, int]], budget: Budget, hidden_size: int, levels: int):
     """EvoPress's ladder of sparsity levels around the target (or of ``N:M`` levels)."""
     from ..search.levels import make_ladder
 
+    sizes = {name: rows * cols for name, (rows, cols) in shapes.items()}
     return make_ladder(sizes, budget.spec, hidden_size, levels, lo=budget.lo, hi=budget.hi)
