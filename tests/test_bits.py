@@ -187,6 +187,17 @@ def test_a_compressed_tensors_checkpoint_loads_with_the_same_logits(tiny_llama, 
     packed = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     dense = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
     assert packed < dense
+    # a float32 checkpoint: its scales in bfloat16, which holds them exactly (the logits
+    # above are the model's), and the plan's bytes count them so
+    from safetensors import safe_open
+
+    layers = tuple(layer["name"] + "." for layer in report["layers"])
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(layers)}  # noqa: SIM118
+    scales = [t for k, t in tensors.items() if k.endswith("weight_scale")]
+    assert len(scales) == len(layers) and all(s.dtype == torch.bfloat16 for s in scales)
+    written = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert report["plan"]["cost"]["layer_bytes"] == written
 
 
 def test_joint_sparsity_and_bits_keep_the_zeros(tiny_llama):

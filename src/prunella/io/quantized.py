@@ -7,7 +7,8 @@ From a dense checkpoint whose quantized layers hold their dequantized weights
 zero points) kept beside them: one config group per grid (bits, group size, symmetry),
 each listing its layers by name; every layer's codes are recovered as
 ``q = round(w_hat / s) + z`` and checked to give back ``w_hat`` exactly, then the library
-packs them (``weight_packed``: int32 words; ``weight_scale`` in the checkpoint's dtype;
+packs them (``weight_packed``: int32 words; ``weight_scale`` in the checkpoint's dtype,
+or bfloat16 for a float32 checkpoint, since every scale is a bfloat16 value;
 ``weight_zero_point`` when asymmetric) and writes the ``quantization_config``.
 """
 
@@ -125,8 +126,15 @@ def write_compressed_tensors(
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     with _no_library_bars():
         compressor.compress_model(model)
-    for name in grids:  # scales in the checkpoint's dtype (they are bfloat16 values)
+    for name in grids:  # scales are bfloat16 values: 16 bits hold them exactly
         module = model.get_submodule(name)
-        module.weight_scale.data = module.weight_scale.data.to(dtypes[name])
+        module.weight_scale.data = module.weight_scale.data.to(scale_dtype(dtypes[name]))
     model.save_pretrained(folder)
     compressor.update_config(folder)
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales are written in: the checkpoint's, but 16 bits for float32 (every
+    scale is a bfloat16 value, so bfloat16 holds it exactly and the loader's cast back to
+    float32 gives the same number)."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype

@@ -309,16 +309,16 @@ def mean_bits_per_weight(grids: dict[str, Grid], shapes: dict[str, tuple[int, in
 
 def layer_bytes(shape: tuple[int, int], level: Grid, nbytes: int, fmt: str) -> int:
     """The layer's bytes once quantized: in a compressed-tensors checkpoint, its packed
-    codes (int32 words), a scale per group (the checkpoint's dtype) and, when asymmetric,
-    packed zero points; in any other format, unchanged (the weights stay dense)."""
+    codes (int32 words), a 16-bit scale per group (:func:`prunella.io.quantized.scale_dtype`)
+    and, when asymmetric, packed zero points; in any other format, unchanged (the weights
+    stay dense)."""
     rows, cols = shape
     if fmt == "gguf" and level.ggml:  # a float16 scale per block of 32
         return rows * cols // GGML_BLOCK * (2 + GGML_BLOCK * level.bits // 8)
     if fmt != "compressed-tensors":
         return nbytes
-    element = nbytes // (rows * cols)
     groups = cols // level.group
-    size = rows * math.ceil(cols * level.bits / 32) * 4 + rows * groups * element + 16
+    size = rows * math.ceil(cols * level.bits / 32) * 4 + rows * groups * SCALE_BITS // 8 + 16
     if not level.symmetric:
         size += math.ceil(rows * level.bits / 32) * 4 * groups
     return size
