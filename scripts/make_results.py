@@ -104,6 +104,19 @@ def vs_llmcompressor(run: dict) -> str:
     return f"{sparsegpt}; {wanda} (one pass)"
 
 
+def vs_llmcompressor_gptq(run: dict) -> str:
+    row = _find(_rows(run), config="gptq-w4a16-g64")
+    ours, theirs = row["prunella"], row["llm-compressor"]
+    if not (ours["ok"] and theirs["ok"]):
+        raise SystemExit("gptq-w4a16-g64: a run failed")
+    return (
+        f"GPTQ 4 bits, group 64: {ours['prune_seconds'] / theirs['prune_seconds']:.2f} × "
+        f"llm-compressor's time, {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} × its peak "
+        f"RSS, perplexity {ours['ppl']:.2f} vs {theirs['ppl']:.2f}, checkpoints "
+        f"{ours['checkpoint_bytes'] / theirs['checkpoint_bytes']:.3f} × its bytes"
+    )
+
+
 def high_sparsity(run: dict) -> str:
     rows = _rows(run)
     parts = []
@@ -165,6 +178,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("pack_sizes.json", packing, "[packing](packing.md)"),
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
+    ("vs_llmcompressor_gptq.json", vs_llmcompressor_gptq, "[bits](bits.md)"),
     ("calibration_scale.json", calibration, "[calibration data](calibration-data.md)"),
     ("high_sparsity_smollm2.json", high_sparsity, "[high sparsity](high-sparsity.md)"),
     ("search_smollm2.json", search, "[search](search.md)"),
