@@ -19,6 +19,7 @@ from prunella.methods import AXES
 from prunella.methods.bits import Spec, bits_per_weight, fit, gptq, rtn
 from prunella.methods.bits.grid import Grid, layer_group, qparams
 from prunella.methods.plan import Budget
+from prunella.methods.sparsity.patterns import Unstructured
 from prunella.recipe import build
 
 
@@ -416,3 +417,90 @@ def test_lwq_scores_each_block_by_how_much_it_modifies_its_input(tiny_llama):
     mean = {i: sum(w) / len(w) for i, w in width.items()}
     assert set(width[order[-1]]) == {3.0} and 2.0 in width[order[0]], width
     assert mean[order[0]] == min(mean.values()), width
+
+
+# --- SparseGPT's joint sparsification and quantization ------------------------------------
+
+
+def plain_joint(W, H, grid, sparsity, percdamp=0.01):
+    """The paper's joint sweep written out column by column (one block: the mask from
+    the OBS saliency at the start), in float64."""
+    W = W.double().clone()
+    H = H.double().clone()
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    scale, zero = qparams(W.float(), grid)
+    saliency = W.square() / U.diagonal().square()
+    k = round(sparsity * W.numel())
+    mask = torch.zeros(W.numel(), dtype=torch.bool)
+    mask[saliency.flatten().argsort()[:k]] = True
+    mask = mask.view_as(W)
+    Q = torch.zeros_like(W)
+    for j in range(W.shape[1]):
+        s, z = scale[:, j // grid.group].double(), zero[:, j // grid.group].double()
+        q = (((W[:, j] / s).round() + z).clamp(grid.qmin, grid.qmax) - z) * s
+        Q[:, j] = q.masked_fill(mask[:, j], 0.0)
+        err = (W[:, j] - Q[:, j]) / U[j, j]
+        W[:, j:] -= torch.outer(err, U[j, j:])
+    return Q
+
+
+def test_the_joint_sweep_is_the_papers_algorithm():
+    from prunella.methods.sparsity import sparsegpt
+
+    W, X, stats = layer_problem(cols=64)
+    grid = Grid(4, 32)
+    new, facts = sparsegpt.prune(W, Unstructured(0.5), stats, blocksize=64, percdamp=0.01,
+                                 grid=grid)  # fmt: skip
+    expected = plain_joint(W, stats.hessian, grid, 0.5)
+    torch.testing.assert_close(new.double(), expected, rtol=0, atol=1e-4)
+    # half pruned, and a few kept weights that round to zero
+    assert W.numel() // 2 < (new == 0).sum().item() < W.numel() // 2 + W.numel() // 20
+    codes(new, facts["scale"], facts["zero"], grid)  # every weight on its grid
+    # at 2 bits, where rounding matters: below pruning and then quantizing with feedback
+    # (SparseGPT, then GPTQ; at 3-4 bits the two are within 2% here), and below rounding
+    # the pruned weights without it
+    grid = Grid(2, 32)
+    new, _ = sparsegpt.prune(W, Unstructured(0.5), stats, blocksize=64, percdamp=0.01,
+                             grid=grid)  # fmt: skip
+    pruned, _ = sparsegpt.prune(W, Unstructured(0.5), stats, blocksize=64, percdamp=0.01)
+    two_step = gptq.quantize(pruned, grid, stats, blocksize=64, percdamp=0.01, actorder=False)
+    rounded = rtn.quantize(pruned, grid)[0]
+    assert output_error(W, new, X) < output_error(W, two_step[0], X)
+    assert output_error(W, new, X) < 0.95 * output_error(W, rounded, X)
+
+
+def test_the_sparsegpt_quantizer_alone_is_gptq_in_column_order():
+    from prunella.methods.bits import sparsegpt as joint
+
+    W, _X, stats = layer_problem()
+    grid = Grid(3, 32)
+    Q, scale, zero, _ = joint.quantize(W, grid, stats, blocksize=16, percdamp=0.01)
+    torch.testing.assert_close(Q.double(), plain_gptq(W, stats.hessian, grid), rtol=0,
+                               atol=1e-4)  # fmt: skip
+    W[torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5] = 0.0
+    Q, scale, zero, _ = joint.quantize(W, grid, stats, blocksize=16, percdamp=0.01)
+    assert (Q[W == 0] == 0).all()  # after another solver: its zeros kept
+    codes(Q, scale, zero, grid)
+
+
+def test_sparsity_and_sparsegpt_quantizer_run_one_sweep_and_load(tiny_llama, tmp_path):
+    """``--sparsity 0.5 --bits 4 --quantizer sparsegpt``: each layer pruned and quantized
+    in SparseGPT's one sweep (the weights are the joint sweep's, not those of pruning
+    then quantizing), 50% zeros, and the checkpoint loads with the in-memory logits."""
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_llama), "--out", str(out), "--sparsity", "0.5", "--bits", "4",
+            "--quantizer", "sparsegpt", "--nsamples", "8", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["axes"]["bits"]["quantizer"] == "sparsegpt"
+    for layer in report["layers"]:
+        assert layer["bits"] == 4 and layer["target_sparsity"] == 0.5
+        assert layer["sparsity"] >= 0.5 and layer["sweep"] == "joint"
+    common = dict(sparsity=0.5, bits=4, nsamples=8, seqlen=32, progress=False)
+    joint, _ = prunella.prune(tiny_llama, quantizer="sparsegpt", **common)
+    _, apart = prunella.prune(tiny_llama, quantizer="sparsegpt", solver="wanda", **common)
+    assert all("sweep" not in layer for layer in apart["layers"])  # Wanda, then the sweep
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded, ids), logits(joint, ids), rtol=1e-4, atol=1e-4)

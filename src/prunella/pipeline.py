@@ -27,7 +27,7 @@ from .data import GIVEN_WINDOWS, calibration, check_token_ids, describe
 from .engine.adapters import block_index
 from .engine.device import pick_device, resolve_compute_dtype
 from .engine.heap import limit_heap_growth
-from .engine.prune import choose_passes, default_batch_size, prune_blocks
+from .engine.prune import choose_passes, default_batch_size, level_of, prune_blocks
 from .engine.store import Store, WorkDir, open_store
 from .errors import PrunellaError, warn
 from .io.checkpoint import assert_finite, check_checkpoint, check_dense, scan
@@ -43,6 +43,7 @@ from .io.gguf_file import check_gguf_source
 from .io.quantized import check_quantizable
 from .io.safetensors_io import model_nbytes
 from .methods import AXES
+from .methods import compressors as axis_compressors
 from .methods.allocation import ALLOCATIONS
 from .methods.allocation.run import AllocationRun, allocate
 from .methods.plan import Plan, check_plan, load_plan, plan_cost
@@ -230,9 +231,9 @@ def _run(
     shapes = store.layers()
     per_axis = {name: AXES.get(name).levels(axis, shapes) for name, axis in plan.axes.items()}
     levels = {layer: {name: per_axis[name][layer] for name in per_axis} for layer in shapes}
-    compressors = [AXES.get(name).compressor(recipe) for name in plan.axes]
+    compressors = axis_compressors(recipe, plan.axes)
     first = next(iter(levels.values()))
-    level_keys = [k for c in compressors for k in c.describe(first[c.axis])]
+    level_keys = [k for c in compressors for k in c.describe(level_of(first, c))]
     try:
         _, phase_times = prune_blocks(
             store,

@@ -146,6 +146,13 @@ class LayerResult:
         }
 
 
+def level_of(levels: dict, compressor):
+    """A layer's level for ``compressor`` (``levels``: axis -> level): its axis's, or for a
+    compressor of several axes (``axes``: SparseGPT's joint sweep) each of theirs."""
+    axes = getattr(compressor, "axes", None)
+    return {a: levels[a] for a in axes} if axes else levels[compressor.axis]
+
+
 @dataclass
 class BlockPruner:
     """Compresses the linear layers of one block at a time, in one or two passes:
@@ -189,7 +196,7 @@ class BlockPruner:
         new, info = dense.clone(), {}
         with exact(dense):
             for compressor in self.compressors:
-                new, facts = compressor(new, self.levels[name][compressor.axis], stats, few)
+                new, facts = compressor(new, level_of(self.levels[name], compressor), stats, few)
                 info["tensors"] = info.get("tensors", {}) | facts.pop("tensors", {})
                 info |= facts
         if few:
@@ -277,7 +284,7 @@ class BlockPruner:
                 levels={
                     k: v
                     for c in self.compressors
-                    for k, v in c.describe(self.levels[prefix + local][c.axis]).items()
+                    for k, v in c.describe(level_of(self.levels[prefix + local], c)).items()
                 },
                 sparsity=(weight == 0).sum().item() / weight.numel(),
                 rel_error=probe.relative_error(local),

@@ -141,3 +141,21 @@ class Axes:
 
 
 AXES = Axes({sparsity.NAME: sparsity, bits.NAME: bits})
+
+
+def compressors(recipe, names) -> list:
+    """The compressors of the axes ``names`` (in axis order), one per axis; SparseGPT's
+    joint sweep in place of the sparsity and bits ones when the recipe prunes with
+    SparseGPT (uniform rows) and quantizes with ``--quantizer sparsegpt``
+    (:class:`prunella.methods.bits.sparsegpt.JointSweep`)."""
+    made = {name: AXES.get(name).compressor(recipe) for name in names}
+    joint = (
+        {"sparsity", "bits"} <= set(made)
+        and recipe.quantizer.name == "sparsegpt"
+        and recipe.solver.name == "sparsegpt"
+        and recipe.rows.name == "uniform"
+    )
+    if not joint:
+        return list(made.values())
+    made["sparsity"] = bits.sparsegpt.JointSweep(made["sparsity"], made.pop("bits"))
+    return list(made.values())

@@ -4,7 +4,11 @@ third-party quantizers register through the ``prunella.quantizers`` entry point 
 from __future__ import annotations
 
 from ...registry import Registry
-from . import gptq, rtn
+from . import gptq, rtn, sparsegpt
 
-QUANTIZERS = Registry("quantizer", "prunella.quantizers", {"rtn": rtn, "gptq": gptq},
-                      hooks=("quantize",))  # fmt: skip
+QUANTIZERS = Registry(
+    "quantizer",
+    "prunella.quantizers",
+    {"rtn": rtn, "gptq": gptq, "sparsegpt": sparsegpt},
+    hooks=("quantize",),
+)

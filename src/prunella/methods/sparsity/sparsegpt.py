@@ -31,6 +31,13 @@ reference code:
 * if ``H`` is not positive definite after dampening (few tokens, collinear
   features), the dampening is multiplied by 10 until the Cholesky succeeds,
   and the value used is reported.
+
+Joint sparsification and quantization (the paper's section 3.5, ``grid`` given): in the
+same sweep, column ``j``'s kept weights are rounded to the grid, ``q_j = Q(w_j)`` where
+unmasked and 0 where masked, and the whole error ``(w_j - q_j) / U_jj`` is spread over
+the later columns, so that later masks and roundings see it. Each group's scale is
+computed once from the weights before the sweep, as our GPTQ does (the reference
+computes it when the sweep reaches the group).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import torch
 
 from ...engine.stats import HESSIAN, LayerStats
 from ...registry import Option
+from ..bits.grid import Grid, dequantize, qparams
+from ..bits.grid import quantize as to_codes
 from .patterns import NM, Pattern, RowBudget, lowest_k_mask, nm_mask, pruned_count, row_counts_mask
 
 PAPER = (
@@ -91,13 +100,22 @@ def prune(
     *,
     blocksize: int,
     percdamp: float,
+    grid: Grid | None = None,
 ) -> tuple[torch.Tensor, dict]:
+    """The pruned weight (float32) and facts; with ``grid``, its kept weights quantized in
+    the same sweep, and the facts hold the grid's ``scale`` and ``zero``."""
     # Work on W^T so that column j of W is the contiguous row Wt[j]: the column sweep then
     # touches contiguous memory, and each step is one multiply and one outer-product update.
     Wt = weight.float().t().contiguous()
     cols = Wt.shape[0]
     U, damp, dead = _factor(stats, percdamp)
     U_diag = U.diagonal()
+    if grid is not None:  # every group's scale once, from the weights before the sweep
+        Wt[dead] = 0.0
+        fixed = Wt == 0  # weights already zero (pruned by another solver) stay zero
+        grid_scale, grid_zero = qparams(Wt.t(), grid)
+        St = grid_scale.t().repeat_interleave(grid.group, 0).contiguous()  # row j: column j's
+        Zt = grid_zero.t().float().repeat_interleave(grid.group, 0).contiguous()
 
     nm = pattern if isinstance(pattern, NM) else None
     if nm is not None:
@@ -135,8 +153,19 @@ def prune(
                 group = nm_mask(saliency(j, j + nm.m).t(), nm.n, nm.m).t()
                 mask1[i : i + nm.m] = group
                 scale[i : i + nm.m] = group / U1.diagonal()[i : i + nm.m].unsqueeze(1)
-            torch.mul(W1[i], scale[i], out=err[i])
+            if grid is None:
+                torch.mul(W1[i], scale[i], out=err[i])
+            else:  # q_j: the kept weights on the grid, the masked ones 0
+                j = i1 + i
+                q = dequantize(to_codes(W1[i], St[j], Zt[j], grid), St[j], Zt[j])
+                q.masked_fill_(mask1[i] | fixed[j], 0.0)
+                torch.div(W1[i] - q, U1[i, i], out=err[i])
             W1[i:].addr_(U1[i, i:], err[i], alpha=-1.0)  # W[:, j:] -= err_j U[j, j:]
+            if grid is not None:
+                W1[i] = q
         W1.masked_fill_(mask1, 0.0)  # exact zeros where pruned
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1.0)  # lazy batch update
-    return Wt.t(), {"damp": damp, "damp_raised": damp > percdamp * 1.0000001}
+    facts = {"damp": damp, "damp_raised": damp > percdamp * 1.0000001}
+    if grid is not None:
+        facts |= {"scale": grid_scale, "zero": grid_zero}
+    return Wt.t(), facts
