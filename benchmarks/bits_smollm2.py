@@ -90,6 +90,8 @@ def main() -> None:
                 "quantizer": quantizer, "bits": bits, "sparsity": sparsity,
                 "allocation": allocation, "group_size": a.group_size,
                 "bits_per_weight": report["axes"]["bits"]["bits_per_weight"],
+                "zeros": report["sparsity"],
+                "bits_per_weight_bitmask": bitmask_bits(report, bits) if sparsity else None,
                 "widths": report["axes"]["bits"]["widths"],
                 "ppl_in_memory": report["evaluation"]["perplexity"],
                 "ppl_checkpoint": loaded["perplexity"],
@@ -102,12 +104,14 @@ def main() -> None:
     print(f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}), "
           f"perplexity on {a.data}; dense {dense['perplexity']:.3f}\n")  # fmt: skip
     print("| quantizer | bits | allocation | bits per weight (scales) | sparsity | "
+          "bits per weight, sparse codes + bitmask | "
           "ppl (in memory) | ppl (checkpoint) | block layers vs bf16 | checkpoint MiB | "
           "time (s) | peak RSS (MiB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['quantizer']} | {r['bits']:g} | {r['allocation']} | "
               f"{r['bits_per_weight']:.3f} | {r['sparsity'] or 0:.0%} | "
+              f"{'' if r['sparsity'] is None else format(r['bits_per_weight_bitmask'], '.3f')} | "
               f"{r['ppl_in_memory']:.3f} | {r['ppl_checkpoint']:.3f} | "
               f"{r['block_layer_bytes'] / r['block_layer_bf16_bytes']:.3f}x | "
               f"{r['checkpoint_bytes'] / 2**20:.1f} | {r['seconds']:.1f} | "
@@ -115,6 +119,14 @@ def main() -> None:
     for line in against_uniform(rows):
         print(line)
     record.write(a.json, {"dense_perplexity": dense["perplexity"], "rows": rows})
+
+
+def bitmask_bits(report: dict, bits: float) -> float:
+    """What a weight would cost if a sparse quantized layer kept only its non-zero codes
+    and a one-bit mask (compressed-tensors' sparse-bitmask idea on codes; no engine
+    serves it): ``bits (1 - zeros) + 1`` plus the scales."""
+    with_scales = report["axes"]["bits"]["bits_per_weight"]
+    return bits * (1 - report["sparsity"]) + 1 + (with_scales - bits)
 
 
 def allocation_opts(given: list[str], method: str) -> list[str]:
