@@ -366,21 +366,9 @@ def compressor(recipe) -> Quantizer:
     return Quantizer(QUANTIZERS.get(recipe.quantizer.name), recipe.quantizer.options)
 
 
-@dataclass
-class LevelQuantizer:
+class LevelQuantizer(Quantizer):
     """What fills the searches' level database on this axis: the quantizer at every
     width of every layer, from the dense weight and the dense model's statistics."""
-
-    method: Method
-    options: dict
-
-    @property
-    def name(self) -> str:
-        return self.method.name
-
-    @property
-    def needs(self) -> frozenset[str]:
-        return self.method.needs
 
     @property
     def key(self) -> dict:

@@ -18,20 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ...engine.stats import HESSIAN, LayerStats
-from ...registry import Option
+from ...engine.stats import LayerStats
+from ..sparsity import sparsegpt as solver
 from ..sparsity.patterns import Unstructured
 from .grid import Grid
 
-PAPER = (
-    "Frantar & Alistarh, SparseGPT: Massive Language Models Can Be Accurately Pruned in "
-    "One-Shot, ICML 2023 (joint sparsification and quantization)"
-)
-NEEDS = frozenset({HESSIAN})
-OPTIONS = (
-    Option("blocksize", int, 128, "columns per block of the lazy batch update", low=1),
-    Option("percdamp", float, 0.01, "dampening, as a fraction of mean diag(H)", low=0.0),
-)
+PAPER = f"{solver.PAPER} (joint sparsification and quantization)"
+NEEDS = solver.NEEDS
+OPTIONS = solver.OPTIONS  # the sweep's own: block 128, dampening 1%
 
 
 def quantize(
@@ -39,10 +33,8 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """The quantized weight (float32), its scales and zero points, and facts: the joint
     sweep at 0% sparsity, the zeros already there (pruned weights) kept zero."""
-    from ..sparsity.sparsegpt import prune
-
-    new, facts = prune(weight, Unstructured(0.0), stats, blocksize=blocksize,
-                       percdamp=percdamp, grid=grid)  # fmt: skip
+    new, facts = solver.prune(weight, Unstructured(0.0), stats, blocksize=blocksize,
+                              percdamp=percdamp, grid=grid)  # fmt: skip
     return new, facts.pop("scale"), facts.pop("zero"), facts
 
 
@@ -74,9 +66,7 @@ class JointSweep:
             weight, facts = self.pruner(weight, pattern, stats, True)
             new, more = self.quantizer(weight, grid, stats, True)
             return new, facts | more
-        from ..sparsity.sparsegpt import prune
-
-        new, facts = prune(weight, pattern, stats, grid=grid, **self.pruner.solver_options)
+        new, facts = solver.prune(weight, pattern, stats, grid=grid, **self.pruner.solver_options)
         tensors = {"weight_scale": facts.pop("scale")}
         zero = facts.pop("zero")
         if not grid.symmetric:
