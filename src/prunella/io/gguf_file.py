@@ -268,16 +268,23 @@ def _pack_ggml(q: torch.Tensor, scale: torch.Tensor, kind: str) -> np.ndarray:
     """Codes ``q`` (``[rows, cols]``) and their float16 scales (``[rows, cols / 32]``) in
     GGML's block layout: per block of 32, the scale ``d`` (2 bytes), then the codes:
     ``q8_0`` one int8 each; ``q4_0`` ``q + 8`` in nibbles, byte ``j`` holding code ``j``
-    low and code ``j + 16`` high."""
+    low and code ``j + 16`` high; ``q5_0`` ``q + 16``, its fifth bits first (bit ``j`` of
+    a little-endian 32-bit word for code ``j``), then its low nibbles as ``q4_0``'s."""
     rows, cols = q.shape
     blocks = cols // 32
     d = scale.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(rows, blocks, 2)
     q = q.to(torch.int8).numpy().reshape(rows, blocks, 32)
     if kind == "q8_0":
         body = q.view(np.uint8)
-    else:
+    elif kind == "q4_0":
         u = (q + 8).astype(np.uint8)
         body = u[..., :16] | (u[..., 16:] << 4)
+    else:  # q5_0
+        u = (q + 16).astype(np.uint8)
+        high = ((u >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+        qh = high.sum(-1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(rows, blocks, 4)
+        low = u & 0x0F
+        body = np.concatenate([qh, low[..., :16] | (low[..., 16:] << 4)], axis=-1)
     return np.ascontiguousarray(np.concatenate([d, body], axis=-1).reshape(rows, -1))
 
 

@@ -19,7 +19,7 @@ the report says so (SmolLM2's 576-wide layers take 64). The axis runs after spar
 a pruned weight stays exactly zero. The scales and zero points leave each layer beside
 its weight (the compressor's ``tensors``), for the compressed-tensors checkpoint
 (:mod:`prunella.io.quantized`). Written as GGUF (``--format gguf``), a layer takes
-GGML's grid of its width (8 bits: ``q8_0``, 4 bits: ``q4_0``; blocks of 32 weights,
+GGML's grid of its width (8 bits: ``q8_0``, 5: ``q5_0``, 4: ``q4_0``; blocks of 32 weights,
 float16 scales) in place of ``--group-size``, so that its codes and scales are written
 unchanged (:mod:`prunella.io.gguf_file`).
 """
@@ -115,7 +115,7 @@ def budget(recipe, default: bool = False) -> Budget | None:
     average = "an average of widths needs an --allocation to place them (owl, ...)"
     if ggml and (not recipe.symmetric or (not allocated and bits not in widths)):
         raise PrunellaError(
-            f"--format gguf holds {' and '.join(f'{b} bits ({GGML[b]})' for b in GGML)}"
+            f"--format gguf holds {', '.join(f'{b} bits ({GGML[b]})' for b in GGML)}"
             f", symmetric; got {bits:g} bits{'' if recipe.symmetric else ', asymmetric'}"
             f"{'' if allocated else f' ({average})'}"
         )
@@ -148,7 +148,7 @@ def budget(recipe, default: bool = False) -> Budget | None:
 
 
 def axis_widths(ggml: bool) -> tuple[int, ...]:
-    """The widths a layer can take, narrowest first: GGML's (4, 8) for GGUF, else all."""
+    """The widths a layer can take, narrowest first: GGML's (4, 5, 8) for GGUF, else all."""
     return tuple(sorted(GGML)) if ggml else WIDTHS
 
 
@@ -275,10 +275,12 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
                 f"{where}: the ggml type of {name!r} must be that of its width "
                 f"({', '.join(f'{b}: {k}' for b, k in GGML.items())}), got {kind!r}"
             )
+    ggml_types = plan.detail.get("ggml", {})
     for name, bits in plan.values.items():
-        if bits not in WIDTHS:
+        allowed = sorted(GGML) if name in ggml_types else WIDTHS
+        if bits not in allowed:
             raise PrunellaError(
-                f"{where}: bits of {name!r} must be one of {', '.join(map(str, WIDTHS))}, "
+                f"{where}: bits of {name!r} must be one of {', '.join(map(str, allowed))}, "
                 f"got {bits:g}"
             )
     for key, kind in (("group", int), ("symmetric", bool)):

@@ -21,7 +21,8 @@ quantizers):
 
 * ``q8_0``: ``d = max|w| / 127``, int8 codes;
 * ``q4_0``: ``d = m / -8`` with ``m`` the block's weight of largest magnitude, sign
-  kept, so that ``m`` itself is the code ``-8``; codes in ``[-8, 7]``.
+  kept, so that ``m`` itself is the code ``-8``; codes in ``[-8, 7]``;
+* ``q5_0``: the same with 5 bits, ``d = m / -16``, codes in ``[-16, 15]``.
 
 A weight quantized on one of them is written to GGUF as its codes and ``d`` unchanged.
 """
@@ -61,7 +62,7 @@ class Grid:
         return f"int{self.bits} g{self.group} {'sym' if self.symmetric else 'asym'}"
 
 
-GGML = {8: "q8_0", 4: "q4_0"}  # the widths a GGML grid serves, and its type
+GGML = {8: "q8_0", 5: "q5_0", 4: "q4_0"}  # the widths a GGML grid serves, and its type
 GGML_BLOCK = 32
 
 
@@ -104,9 +105,9 @@ def _ggml_qparams(groups: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch
     largest weight is positive), no zero point."""
     if grid.ggml == "q8_0":
         scale = groups.abs().amax(-1) / 127
-    else:  # q4_0: the weight of largest magnitude, sign kept, is the code -8
+    else:  # q4_0, q5_0: the weight of largest magnitude, sign kept, is the code qmin
         m = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        scale = m / -8
+        scale = m / grid.qmin
     scale = scale.to(torch.float16).float()
     scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
     return scale, torch.zeros_like(scale, dtype=torch.int8)
