@@ -414,10 +414,10 @@ def report(recipe, plan: AxisPlan, results: list[dict]) -> dict:
     and its summary line."""
     sizes = [r["shape"][0] * r["shape"][1] for r in results]
     mean = sum(r["bits"] * n for r, n in zip(results, sizes, strict=True)) / sum(sizes)
-    with_scales = sum(
-        bits_per_weight(r["bits"], r["group"], r["symmetric"], bool(r.get("ggml"))) * n
-        for r, n in zip(results, sizes, strict=True)
-    ) / sum(sizes)
+    with_scales = mean_bits_per_weight(
+        {r["name"]: Grid(r["bits"], r["group"], r["symmetric"], r.get("ggml")) for r in results},
+        {r["name"]: tuple(r["shape"]) for r in results},
+    )
     widths: dict[int, int] = {}
     for r in results:
         widths[r["bits"]] = widths.get(r["bits"], 0) + 1
