@@ -180,7 +180,7 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
                 line += f"  {sum(values_) / len(values_):>14.4f}"
             click.echo(line)
         mean = axis.mean(sizes)  # a fraction (sparsity), or the axis's own unit (bits)
-        shown = f"{mean:.4%}" if axis.target is not None and axis.target < 1 else f"{mean:.4g}"
+        shown = f"{mean:.4%}" if name == "sparsity" else f"{mean:.4g}"
         click.echo(f"overall {shown} of {sum(sizes.values()):,} prunable weights")
     cost = plan.cost
     click.echo(
