@@ -504,3 +504,14 @@ def test_sparsity_and_sparsegpt_quantizer_run_one_sweep_and_load(tiny_llama, tmp
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(loaded, ids), logits(joint, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_the_joint_sweeps_options_are_the_solvers(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["prune", str(tiny_llama), "--out", str(out), "--sparsity", "0.5", "--bits",
+                 "4", "--quantizer", "sparsegpt", "--quantizer-opt", "percdamp=0.1",
+                 "--nsamples", "8", "--seqlen", "32", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert "runs inside --solver sparsegpt's sweep" in err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()

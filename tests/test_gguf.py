@@ -195,3 +195,19 @@ def test_allocated_widths_mix_ggml_types_in_one_file(tiny_llama, tmp_path):
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(logits(gguf_model(out / "model.gguf"), ids), logits(model, ids),
                                rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_a_plan_of_ggml_types_needs_gguf_output(tiny_llama, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", str(tiny_llama), "--bits", "6", "--allocation", "owl", "--format",
+                 "gguf", "--nsamples", "8", "--seqlen", "32", "--json", str(plan),
+                 "--quiet"]) == 0  # fmt: skip
+    assert "q5_0" in plan.read_text() or "q4_0" in plan.read_text()
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code = main(["prune", str(tiny_llama), "--out", str(out), "--bits", "6",
+                 "--allocation-file", str(plan), "--nsamples", "8", "--seqlen", "32",
+                 "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert "its GGML types need --format gguf" in err and not out.exists()

@@ -126,7 +126,7 @@ def write_compressed_tensors(
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     with _no_library_bars():
         compressor.compress_model(model)
-    for name in grids:  # scales are bfloat16 values: 16 bits hold them exactly
+    for name in grids:  # scales are bfloat16 values (see scale_dtype)
         module = model.get_submodule(name)
         module.weight_scale.data = module.weight_scale.data.to(scale_dtype(dtypes[name]))
     model.save_pretrained(folder)
@@ -134,7 +134,8 @@ def write_compressed_tensors(
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype scales are written in: the checkpoint's, but 16 bits for float32 (every
+    """The dtype scales are written in: the checkpoint's, but bfloat16 for float32 (every
     scale is a bfloat16 value, so bfloat16 holds it exactly and the loader's cast back to
-    float32 gives the same number)."""
+    float32 gives the same number). float16 holds them exactly within its normal range
+    (scales above 2^-14)."""
     return torch.bfloat16 if dtype == torch.float32 else dtype

@@ -38,6 +38,7 @@ from ...registry import Method, method_field
 from ..plan import AxisPlan, Budget
 from .grid import GGML, GGML_BLOCK, WIDTHS, Grid, layer_group
 from .quantizers import QUANTIZERS
+from .sparsegpt import check_joint
 
 NAME = "bits"
 ORDER = 30  # last: structure, then sparsity, then bits
@@ -130,6 +131,8 @@ def budget(recipe, default: bool = False) -> Budget | None:
             f"smallest width's {smallest:g} bits per weight "
             f"{'in GGML blocks' if ggml else f'at group {recipe.group_size}'}"
         )
+    if recipe.quantizer.name == "sparsegpt":
+        check_joint(recipe)
     if not recipe.symmetric and recipe.format in ("auto", "compressed-tensors"):
         raise PrunellaError(
             "asymmetric grids written as compressed-tensors do not load in transformers "
@@ -276,6 +279,8 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
                 f"({', '.join(f'{b}: {k}' for b, k in GGML.items())}), got {kind!r}"
             )
     ggml_types = plan.detail.get("ggml", {})
+    if ggml_types and budget is not None and not budget.spec.ggml:
+        raise PrunellaError(f"{where}: its GGML types need --format gguf")
     for name, bits in plan.values.items():
         allowed = sorted(GGML) if name in ggml_types else WIDTHS
         if bits not in allowed:
@@ -386,7 +391,8 @@ def level_solver(recipe) -> LevelQuantizer:
 
 def ladder(shapes: dict[str, tuple[int, int]], budget: Budget, hidden_size: int, levels: int):
     """EvoPress's quantization levels: every width for every layer (``levels`` and the
-    hidden size do not apply), level 0 the fitter's widths at equal ratios."""
+    hidden size do not apply), level 0 the fitter's widths at equal ratios (the fewest
+    layers away from the average's width; ties go to the earlier layers)."""
     from ..search.levels import WidthLadder
 
     if not budget.spec.average:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.stats import LayerStats
+from ...errors import PrunellaError
 from ..sparsity import sparsegpt as solver
 from ..sparsity.patterns import Unstructured
 from .grid import Grid
@@ -36,6 +37,19 @@ def quantize(
     new, facts = solver.prune(weight, Unstructured(0.0), stats, blocksize=blocksize,
                               percdamp=percdamp, grid=grid)  # fmt: skip
     return new, facts.pop("scale"), facts.pop("zero"), facts
+
+
+def check_joint(recipe) -> None:
+    """One line before any work: pruned by SparseGPT in the same sweep, the quantizer's
+    options must be the solver's (the sweep takes the solver's)."""
+    pruned = recipe.sparsity is not None or ":" in str(recipe.pattern)
+    joint = pruned and recipe.solver.name == "sparsegpt" and recipe.rows.name == "uniform"
+    if joint and recipe.quantizer.options != recipe.solver.options:
+        raise PrunellaError(
+            "--quantizer sparsegpt runs inside --solver sparsegpt's sweep, which takes the "
+            f"solver's options: {recipe.solver.options} differ from the quantizer's "
+            f"{recipe.quantizer.options} (set them with --solver-opt)"
+        )
 
 
 @dataclass

@@ -177,7 +177,10 @@ class WidthLadder:
         return range(self.low[name], self.high[name] + 1)
 
     def width(self, name: str, level: int) -> int:
-        return self.widths[self.start[name] + level]
+        index = self.start[name] + level
+        if not 0 <= index < len(self.widths):
+            raise PrunellaError(f"level {level} of {name!r} is outside its widths")
+        return self.widths[index]
 
     def pattern(self, name: str, level: int) -> Grid:
         """The grid the level's layer is quantized on."""
