@@ -64,6 +64,22 @@ def bits(run: dict) -> str:
     )
 
 
+def bits_curve(run: dict) -> str:
+    rows = _rows(run)
+    three = _find(rows, allocation="uniform", bits=3)
+
+    def ppl(allocation: str, bits: float) -> str:
+        row = _find(rows, allocation=allocation, bits=bits)
+        ratio = row["ppl_in_memory"] / three["ppl_in_memory"]
+        return f"{row['ppl_in_memory']:.2f} ({ratio:.2f} × uniform 3-bit)"
+
+    return (
+        f"mixed widths, GPTQ group 64, bits per weight with scales: at 3.0 LWQ "
+        f"{ppl('lwq', 3)}, EvoPress {ppl('evopress', 3)}; at 3.5 LWQ {ppl('lwq', 3.5)}; "
+        f"uniform 3 bits (3.25) {three['ppl_in_memory']:.2f}"
+    )
+
+
 def packing(run: dict) -> str:
     rows = _rows(run)
     row = _find(rows, dtype="float32", sparsity="70%")
@@ -175,6 +191,7 @@ def allocation(run: dict) -> str:
 HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("prune_smollm2.json", solvers, "[solvers](solvers.md)"),
     ("bits_smollm2.json", bits, "[bits](bits.md)"),
+    ("bits_curve.json", bits_curve, "[bits](bits.md#allocated-widths-perplexity-against-bytes)"),
     ("pack_sizes.json", packing, "[packing](packing.md)"),
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
