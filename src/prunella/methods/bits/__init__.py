@@ -204,10 +204,7 @@ def _fit_average(raw: dict, shapes: dict, budget: Budget, widths: tuple[int, ...
     n = torch.tensor([shapes[m][0] * shapes[m][1] for m in names], dtype=torch.float64)
     w = torch.tensor(widths, dtype=torch.float64)
     groups = [1 if spec.ggml else layer_group(shapes[m][1], spec.group) for m in names]
-    cost = torch.tensor(  # bits of each layer at each width
-        [[bits_per_weight(int(x), g, spec.symmetric, spec.ggml) for x in widths] for g in groups],
-        dtype=torch.float64,
-    ) * n.unsqueeze(1)
+    cost = width_costs(n, groups, widths, spec.symmetric, spec.ggml)
     total = budget.target * n.sum().item()
     if cost[:, 0].sum().item() > total * (1 + 1e-12):
         smallest = cost[:, 0].sum().item() / n.sum().item()
@@ -218,6 +215,15 @@ def _fit_average(raw: dict, shapes: dict, budget: Budget, widths: tuple[int, ...
 
     index = fit_widths(r, cost, w, total)
     return {name: float(widths[k]) for name, k in zip(names, index.tolist(), strict=True)}
+
+
+def width_costs(
+    sizes: torch.Tensor, groups: list[int], widths, symmetric: bool, ggml: bool
+) -> torch.Tensor:
+    """``cost[l, k]``: the bits of layer ``l`` (``sizes[l]`` weights, group ``groups[l]``)
+    at width ``widths[k]``, scales counted (:func:`bits_per_weight`)."""
+    per_weight = [[bits_per_weight(int(x), g, symmetric, ggml) for x in widths] for g in groups]
+    return torch.tensor(per_weight, dtype=torch.float64) * sizes.unsqueeze(1)
 
 
 def fit_widths(

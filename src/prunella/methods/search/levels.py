@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from ...engine.forward import visit_blocks
 from ...engine.stats import exact
 from ...errors import PrunellaError
-from ..bits import bits_per_weight, fit_widths
+from ..bits import bits_per_weight, fit_widths, width_costs
 from ..bits.grid import GGML, Grid
 from ..sparsity.patterns import NM, Pattern, Unstructured
 
@@ -229,10 +229,9 @@ class WidthLadder:
         names = self.names
         unit_of = {n: u for u, layers in units.items() for n in layers}
         raw = torch.tensor([ratio[unit_of[n]] for n in names], dtype=torch.float64)
-        cost = torch.tensor(
-            [[self.cost(n, k - self.start[n]) for k in range(len(self.widths))] for n in names],
-            dtype=torch.float64,
-        )
+        sizes = torch.tensor([self.size[n] for n in names], dtype=torch.float64)
+        groups = [self.group[n] for n in names]
+        cost = width_costs(sizes, groups, self.widths, self.symmetric, self.ggml)
         widths = torch.tensor(self.widths, dtype=torch.float64)
         index = fit_widths(raw, cost, widths, self.total)
         return {n: k - self.start[n] for n, k in zip(names, index.tolist(), strict=True)}
