@@ -157,7 +157,14 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
 
     options = _build_recipe(recipe, model=model, **values)
     _check_early(options, overwrite=False)
+    if options.params is not None and json_out is not None:
+        raise PrunellaError(
+            "--json with --params: a plan file cannot hold a structure cut yet; run "
+            "'prunella prune --params' (its prune_report.json says what was cut)"
+        )
     plan, store = allocate_only(options, progress=not quiet)
+    if plan.structure is not None:
+        _echo_structure(plan.structure)
     sizes = {n: r * c for n, (r, c) in store.layers().items()}
     for name, axis in plan.axes.items():
         per_block: dict[int, list[float]] = {}
@@ -183,12 +190,26 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
         shown = f"{mean:.4%}" if name == "sparsity" else f"{mean:.4g}"
         click.echo(f"overall {shown} of {sum(sizes.values()):,} prunable weights")
     cost = plan.cost
-    click.echo(
-        f"checkpoint: {cost['bytes']:,} bytes ({cost['format']}), dense {cost['dense_bytes']:,}"
-    )
+    if cost:  # (a structure cut alone has no plan of layers)
+        click.echo(
+            f"checkpoint: {cost['bytes']:,} bytes ({cost['format']}), "
+            f"dense {cost['dense_bytes']:,}"
+        )
     if json_out is not None:
         plan.save(json_out)
         click.echo(f"plan written to {json_out}")
+
+
+def _echo_structure(report: dict) -> None:
+    """The structure candidates compared (depth, width, KL) and the one chosen."""
+    click.echo(f"{'removed blocks':<28}  {'MLP':>6}  {'KV':>3}  {'params':>12}  {'KL':>8}")
+    for c in report["candidates"]:
+        removed = ",".join(map(str, c["removed_blocks"])) or "-"
+        click.echo(
+            f"{removed:<28}  {c['intermediate_size']:>6}  {c['kv_groups']:>3}  "
+            f"{c['params']:>12,}  {c['kl']:>8.4f}"
+        )
+    click.echo(report["summary"])
 
 
 def methods_command(as_json: bool) -> None:

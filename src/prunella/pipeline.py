@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .data import GIVEN_WINDOWS, calibration, check_token_ids, describe
-from .engine.adapters import block_index
+from .engine.adapters import adapter_for, block_index
 from .engine.device import pick_device, resolve_compute_dtype
 from .engine.heap import limit_heap_growth
 from .engine.prune import choose_passes, default_batch_size, level_of, prune_blocks
-from .engine.store import Store, WorkDir, open_store
+from .engine.store import MemoryStore, Store, WorkDir, open_store
 from .errors import PrunellaError, warn
 from .io.checkpoint import assert_finite, check_checkpoint, check_dense, scan
 from .io.export import save_store
@@ -42,7 +42,7 @@ from .io.folders import (
 from .io.gguf_file import check_gguf_source
 from .io.quantized import check_quantizable
 from .io.safetensors_io import model_nbytes
-from .methods import AXES
+from .methods import AXES, structure
 from .methods import compressors as axis_compressors
 from .methods.allocation import ALLOCATIONS
 from .methods.allocation.run import AllocationRun, allocate
@@ -89,7 +89,8 @@ class Setting:
         self.dtype = resolve_compute_dtype(model_dtype, self.device, recipe.compute_dtype)
         self.batch_size = recipe.batch_size or default_batch_size(seqlen, self.device)
         self.passes = choose_passes(recipe.passes, store.model.config, nsamples, seqlen)
-        self.budgets = AXES.budgets(recipe)
+        # a structure-only run (--params alone) compresses no layer afterwards
+        self.budgets = AXES.asked(recipe) if recipe.params is not None else AXES.budgets(recipe)
 
     def model_fingerprint(self) -> str | None:
         """The digest of the model's weights (:func:`scan`, read once), or ``None`` for a
@@ -141,6 +142,9 @@ def _run(
     pick_device(recipe.device)
     if model is not None and recipe.out is not None:
         raise PrunellaError("a loaded model is pruned in memory: save it with prunella.save")
+    shrinking = recipe.params is not None
+    if shrinking:
+        check_structure_recipe(recipe)
     out = work = weights_digest = None
     if recipe.out is not None:
         path, _ = check_checkpoint(recipe.model)
@@ -155,13 +159,28 @@ def _run(
     tick = time.perf_counter()
     store, tokenizer = open_store(
         model if model is not None else recipe.model,
-        recipe.offload if out is not None else "none",  # nowhere to stream to
+        # nowhere to stream to; a structure cut holds the whole model
+        recipe.offload if out is not None and not shrinking else "none",
         whole_model=recipe.eval_data is not None,
         tokenizer=tokenizer,
     )
     if model is not None:
         assert_finite(model)
     timings["load"] = time.perf_counter() - tick
+    calib_info = {"source": describe(recipe.calib) if windows is None else GIVEN_WINDOWS}
+    dense_store = structure_report = None
+    if shrinking:  # first: the other axes compress the smaller model
+        tick = time.perf_counter()
+        windows, calib_info = calibrate(recipe, store, tokenizer, windows)
+        timings["calibration_data"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        dense_store, (store, structure_report) = (
+            store,
+            shrink_store(recipe, store, windows, progress),
+        )
+        if recipe.eval_data is None:
+            dense_store = None  # nothing reads the dense model again
+        timings["structure"] = time.perf_counter() - tick
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
     setting = Setting(recipe, store, tokenizer, nsamples, seqlen, weights_digest)
     if recipe.format == "compressed-tensors" and out is not None:
@@ -185,7 +204,6 @@ def _run(
             raise PrunellaError(f"nothing to resume: {work.path} does not exist")
         check_disk_space(out.resolve().parent, store.run_bytes())
     source = str(store.path) if store.path is not None else "model object"
-    calib_info = {"source": describe(recipe.calib) if windows is None else GIVEN_WINDOWS}
 
     if resuming:
         work.check(stamp)
@@ -202,16 +220,17 @@ def _run(
         if progress:
             print(f"resuming {work.path} at block {start}", file=sys.stderr)
     else:
-        tick = time.perf_counter()
-        windows, calib_info = calibrate(recipe, store, tokenizer, windows)
-        timings["calibration_data"] = time.perf_counter() - tick
+        if not shrinking:
+            tick = time.perf_counter()
+            windows, calib_info = calibrate(recipe, store, tokenizer, windows)
+            timings["calibration_data"] = time.perf_counter() - tick
         tick = time.perf_counter()
         plan = make_plan(recipe, setting, windows, progress, given=plan)
         timings["allocation"] = time.perf_counter() - tick
         start, hidden, results = 0, None, []
         if recipe.eval_data is not None:  # before anything is written: bad eval data stops here
             tick = time.perf_counter()
-            dense_eval = _evaluate(store, tokenizer, recipe, dev, progress)
+            dense_eval = _evaluate(dense_store or store, tokenizer, recipe, dev, progress)
             timings["evaluation"] = time.perf_counter() - tick
         if work is not None:
             work.start(stamp, windows, plan.to_json())
@@ -234,22 +253,24 @@ def _run(
     compressors = axis_compressors(recipe, plan.axes)
     first = next(iter(levels.values()))
     level_keys = [k for c in compressors for k in c.describe(level_of(first, c))]
+    phase_times = {}
     try:
-        _, phase_times = prune_blocks(
-            store,
-            windows,
-            levels,
-            compressors,
-            device=dev,
-            dtype=dtype,
-            batch_size=setting.batch_size,
-            one_pass=recipe.passes == 1,
-            expert_min_tokens=recipe.expert_min_tokens,
-            progress=progress,
-            start=start,
-            hidden=hidden,
-            after_block=finish_block,
-        )
+        if plan.axes:  # else a structure-only run: nothing more to compress
+            _, phase_times = prune_blocks(
+                store,
+                windows,
+                levels,
+                compressors,
+                device=dev,
+                dtype=dtype,
+                batch_size=setting.batch_size,
+                one_pass=recipe.passes == 1,
+                expert_min_tokens=recipe.expert_min_tokens,
+                progress=progress,
+                start=start,
+                hidden=hidden,
+                after_block=finish_block,
+            )
     except PrunellaError:
         # A PrunellaError here is a fault of the model itself (NaN or Inf activations):
         # re-running cannot finish it, so a fresh run leaves nothing behind. A resumed
@@ -260,6 +281,8 @@ def _run(
     timings.update(phase_times)
 
     extra = {"offload": store.offload, "resumed_from_block": start}
+    if structure_report is not None:
+        extra["structure"] = structure_report
     if recipe.eval_data is not None:
         tick = time.perf_counter()
         if resuming:
@@ -272,7 +295,8 @@ def _run(
         source=source,
         recipe=recipe,
         axes={
-            name: AXES.get(name).report(recipe, axis, results) for name, axis in plan.axes.items()
+            **({"structure": {"summary": structure_report["summary"]}} if shrinking else {}),
+            **{n: AXES.get(n).report(recipe, axis, results) for n, axis in plan.axes.items()},
         },
         plan=plan,
         calibration=calib_info,
@@ -296,6 +320,38 @@ def _run(
             ) from None
         work.discard()
     return store, report
+
+
+def shrink_store(
+    recipe: Recipe, store: Store, windows: torch.Tensor, progress: bool
+) -> tuple[MemoryStore, dict]:
+    """The store of the smaller model ``recipe.params`` asks for (its ``path`` the
+    source's, for the report and the output checks), and the structure's report."""
+    device = pick_device(recipe.device)
+    batch = recipe.batch_size or default_batch_size(windows.shape[1], device)
+    smaller, report = structure.shrink(store.model, windows, recipe, device, batch, progress)
+    cut = MemoryStore(smaller, adapter_for(smaller))
+    cut.path = store.path
+    return cut, report
+
+
+def check_structure_recipe(recipe: Recipe) -> None:
+    """One line for what a structure cut (``--params``) cannot be combined with."""
+    if recipe.offload == "disk":
+        raise PrunellaError(
+            "--params cuts the whole model in memory; it cannot run with --offload disk"
+        )
+    if recipe.allocation_file is not None:
+        raise PrunellaError(
+            "--params with --allocation-file: a plan names the dense model's layers, and the "
+            "structure cut renames them; allocate the other axes in the same run instead"
+        )
+    if recipe.allocation.name != "uniform" and not AXES.asked(recipe):
+        raise PrunellaError(
+            f"--allocation {recipe.allocation.name} has nothing to allocate: the structure "
+            "axis chooses its depth and width by its own candidate search (KL to the dense "
+            "model); a search over per-block structured variants is not implemented yet"
+        )
 
 
 def calibrate(
@@ -325,6 +381,8 @@ def make_plan(
     protocol, :mod:`prunella.methods.allocation.run`); checked, and with its cost."""
     store = setting.store
     shapes = store.layers()
+    if not setting.budgets:  # a structure-only run
+        return Plan({})
     if given is not None:
         plan = given
         check_plan(plan, shapes, AXES.asked(recipe), AXES, "the plan given")
@@ -375,7 +433,15 @@ def allocate_only(
         raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
     AXES.budgets(recipe)
     source = model if model is not None else recipe.model
-    store, tokenizer = open_store(source, recipe.offload, tokenizer=tokenizer)
+    shrinking = recipe.params is not None
+    if shrinking:
+        check_structure_recipe(recipe)
+    offload = "none" if shrinking else recipe.offload
+    store, tokenizer = open_store(source, offload, tokenizer=tokenizer)
+    structure_report = None
+    if shrinking:  # the other axes are allocated on the smaller model
+        windows = calibrate(recipe, store, tokenizer, windows)[0]
+        store, structure_report = shrink_store(recipe, store, windows, progress)
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
     setting = Setting(recipe, store, tokenizer, nsamples, seqlen)
     method = ALLOCATIONS.get(recipe.allocation.name)
@@ -383,6 +449,7 @@ def allocate_only(
         windows = calibrate(recipe, store, tokenizer)[0]
     plan = make_plan(recipe, setting, windows, progress)
     plan.model_fingerprint = setting.model_fingerprint()  # the model the plan is for
+    plan.structure = structure_report
     return plan, store
 
 

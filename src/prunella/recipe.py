@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import PrunellaError
-from .methods import AXES
+from .methods import AXES, structure
 from .methods.allocation import ALLOCATIONS
 from .registry import MethodChoice, Registry, method_field
 
@@ -170,7 +170,7 @@ GENERAL = {
 }
 # the recipe fields that name a method, with the registry each is looked up in
 METHOD_FIELDS: dict[str, Registry] = {"allocation": ALLOCATIONS, **AXES.method_registries()}
-_AXIS_FIELDS = AXES.fields()
+_AXIS_FIELDS = {**structure.FIELDS, **AXES.fields()}
 _CLASH = sorted(set(_AXIS_FIELDS) & (set(FRONT) | set(GENERAL)))
 if _CLASH:
     raise PrunellaError(f"an axis declares the recipe field {_CLASH[0]!r}, a general option")

@@ -135,6 +135,7 @@ class Plan:
     axes: dict[str, AxisPlan]
     cost: dict = field(default_factory=dict)
     model_fingerprint: str | None = None  # the digest of the weights it was made for
+    structure: dict | None = None  # a structure cut before it (not written to plan files)
 
     def __getitem__(self, axis: str) -> AxisPlan:
         return self.axes[axis]

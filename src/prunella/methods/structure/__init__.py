@@ -1,0 +1,258 @@
+"""The structure axis: whole blocks removed, MLP channels and KV groups cut, for real.
+
+The budget is the fraction of the decoder blocks' parameters kept (``--params 0.8``).
+A structured model is a smaller dense model that every engine runs as it is: its
+config says ``num_hidden_layers``, ``intermediate_size`` and ``num_key_value_heads``.
+The families supported here (Llama, Mistral, Qwen 2/3, Gemma, OLMo, Granite, ...) hold
+*one* MLP width and one number of KV groups for all blocks, so the allocation chooses
+the depth (which blocks go) and one width for the blocks that stay.
+
+How (each step its paper's module):
+
+1. one pass of the dense model over the calibration windows gathers ShortGPT's block
+   influence (:mod:`.shortgpt`) and the Gram matrices of the inputs of ``down_proj``
+   and ``o_proj`` (:func:`.cut.gather`);
+2. every block's channels and KV groups are ranked once, by SlimGPT's structured OBS
+   (:mod:`.slimgpt`, the default) or by activation-weighted magnitude
+   (:mod:`.magnitude`, the baseline, no reconstruction);
+3. the candidates (:func:`candidates`): for every depth ``d`` from 0 to the depth that
+   alone meets the budget, the ``d`` blocks of least influence removed and, for each
+   number of KV groups from all down to half, the widest MLP that meets the budget
+   (exactly, to one channel per block); ``--cut depth`` keeps only the depth-only
+   candidate (ShortGPT), ``--cut width`` only those at full depth;
+4. each candidate is built from those one-pass statistics (:func:`.cut.build`:
+   consumers refit by least squares) and scored by its KL divergence to the dense model
+   on the first ``--fitness-tokens`` calibration tokens, the fitness of EvoPress; the
+   lowest wins;
+5. with SlimGPT, the winner is cut again block by block (:func:`.cut.build_sequential`:
+   each block ranked and refit on the activations of the blocks before it as cut, the
+   paper's order), which the one-pass statistics stand in for while comparing.
+
+This is Minitron's recipe without the retraining (Sreenivas et al., "LLM Pruning and
+Distillation in Practice: The Minitron Approach", 2024: depth and width candidates
+pruned and compared on a calibration loss), with ShortGPT's order for depth and
+SlimGPT's for width. The structure runs first, on the whole model in memory; the other
+axes (``--sparsity``, ``--bits``) then compress the smaller model in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import torch
+from pydantic import AfterValidator, Field
+from tqdm.auto import tqdm
+
+from ...engine.adapters import adapter_for
+from ...errors import PrunellaError
+from . import shortgpt
+from .cut import (
+    WIDTH_METHODS,
+    Shape,
+    block_params,
+    build,
+    build_sequential,
+    checked_layout,
+    gather,
+    removal_orders,
+)
+from .layout import Layout
+
+NAME = "structure"
+
+
+def check_params(params: float | None) -> float | None:
+    if params is not None and not 0.0 < params <= 1.0:
+        raise PrunellaError(
+            f"params is the fraction of the decoder blocks' parameters kept, in (0, 1], "
+            f"got {params:g}"
+        )
+    return params
+
+
+FIELDS = {
+    "params": (
+        Annotated[float | None, AfterValidator(check_params)],
+        Field(
+            None,
+            description="Fraction of the decoder blocks' parameters kept, in (0, 1]: blocks "
+            "removed, MLP channels and KV groups cut (a smaller model).",
+        ),
+    ),
+    "cut": (
+        Literal["auto", "depth", "width"],
+        Field(
+            "auto",
+            description="With --params: auto (depth and width, the candidate of least KL), "
+            "depth (whole blocks only, ShortGPT) or width (channels and KV groups only).",
+        ),
+    ),
+    "width_method": (
+        Literal["slimgpt", "magnitude"],
+        Field(
+            "slimgpt",
+            description="With --params: which channels and KV groups go, slimgpt (structured "
+            "OBS, consumers refit) or magnitude (activation-weighted, no refit).",
+        ),
+    ),
+    "fitness_tokens": (
+        int,
+        Field(
+            4096,
+            ge=1,
+            description="With --params: calibration tokens on which each candidate "
+            "structure's KL to the dense model is measured.",
+        ),
+    ),
+}
+
+
+def candidates(
+    sizes: list[int],
+    influence: torch.Tensor,
+    layout: Layout | None,
+    per_unit: tuple[int, int],
+    params: float,
+    cut: str,
+) -> list[Shape]:
+    """Every shape the search compares: per depth, per number of KV groups, the widest
+    MLP whose blocks' parameters are at most ``params`` of the dense ones."""
+    target = params * sum(sizes)
+    per_channel, per_group = per_unit
+    shapes = []
+    for depth in range(len(sizes)):
+        removed = tuple(shortgpt.lowest_influence(influence, depth))
+        kept = sum(sizes) - sum(sizes[i] for i in removed)
+        full = (layout.width, layout.kv_groups) if layout is not None else (0, 0)
+        if kept <= target + 1e-9:  # depth alone meets the budget
+            if cut != "width":
+                shapes.append(Shape(removed, *full))
+            break
+        if cut == "width" and depth > 0:
+            break
+        if cut == "depth" or layout is None:
+            continue
+        blocks = len(sizes) - depth
+        fewest = math.ceil(layout.kv_groups / 2) if layout.heads else layout.kv_groups
+        for kv in range(layout.kv_groups, fewest - 1, -1):
+            rest = kept - blocks * (layout.kv_groups - kv) * per_group
+            channels = max(0, math.ceil((rest - target) / (blocks * per_channel) - 1e-12))
+            if channels < layout.width:
+                shapes.append(Shape(removed, layout.width - channels, kv))
+    if not shapes:
+        raise PrunellaError(
+            f"--params {params:g}: no structure keeps at most {params:.1%} of the blocks' "
+            f"parameters with --cut {cut} (every block or every channel would go)"
+        )
+    return shapes
+
+
+def kept_params(shape: Shape, sizes: list[int], layout: Layout | None, per_unit) -> int:
+    """Parameters of the decoder blocks a shape keeps."""
+    blocks = [s for i, s in enumerate(sizes) if i not in set(shape.removed)]
+    if layout is None:
+        return sum(blocks)
+    cut = (layout.width - shape.width) * per_unit[0] + (
+        layout.kv_groups - shape.kv_groups
+    ) * per_unit[1]
+    return sum(blocks) - len(blocks) * cut
+
+
+@torch.no_grad()
+def kl_to_dense(model, reference: list[torch.Tensor], windows: torch.Tensor, device) -> float:
+    """Mean KL (nats per token) from the dense log-probabilities ``reference`` (one per
+    window) to ``model``'s."""
+    total, tokens = 0.0, 0
+    for ids, dense in zip(windows, reference, strict=True):
+        logp = torch.log_softmax(model(ids[None].to(device), use_cache=False).logits[0].float(), -1)
+        total += float((dense.exp() * (dense - logp)).sum())
+        tokens += ids.numel()
+    return total / tokens
+
+
+@torch.no_grad()
+def shrink(
+    model, windows: torch.Tensor, recipe, device, batch_size: int, progress: bool = True
+) -> tuple[torch.nn.Module, dict]:
+    """The smaller model ``recipe.params`` asks for (``model`` is left as it is), and the
+    structure's part of the report."""
+    blocks = adapter_for(model).blocks(model)
+    layout = None
+    if recipe.cut != "depth":
+        try:
+            layout = checked_layout(model)
+        except PrunellaError:
+            if recipe.cut == "width":
+                raise
+    sizes = block_params(model)
+    per_unit = layout.per_unit(blocks[0]) if layout is not None else (0, 0)
+    stats = gather(model, windows, layout, device, batch_size, progress)
+    shapes = candidates(sizes, stats.influence, layout, per_unit, recipe.params, recipe.cut)
+    orders = None
+    if layout is not None:
+        width, kv = min(s.width for s in shapes), min(s.kv_groups for s in shapes)
+        orders = removal_orders(model, layout, stats, recipe.width_method, width, kv)
+    reconstruct = recipe.width_method == "slimgpt"
+    fitness = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
+    dense = [torch.log_softmax(model(w[None].to(device), use_cache=False).logits[0].float(), -1)
+             for w in fitness]  # fmt: skip
+    scored = []
+    for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False):
+        smaller = build(model, shape, layout, stats, orders, reconstruct)
+        scored.append((kl_to_dense(smaller, dense, fitness, device), shape, smaller))
+        if len(scored) > 1:  # keep only the best model so far
+            scored.sort(key=lambda s: s[0])
+            scored[1] = (*scored[1][:2], None)
+    best_kl, best, smaller = min(scored, key=lambda s: s[0])
+    candidate_kl = best_kl
+    full = layout is not None and (best.width, best.kv_groups) == (layout.width, layout.kv_groups)
+    if reconstruct and layout is not None and not full:
+        del smaller  # the winner, cut again block by block, as its paper does
+        smaller = build_sequential(
+            model, best, layout, recipe.width_method, windows, device, batch_size, progress
+        )
+        best_kl = kl_to_dense(smaller, dense, fitness, device)
+    total = sum(sizes)
+    kept = kept_params(best, sizes, layout, per_unit)
+    report = {
+        "params_target": recipe.params,
+        "block_params": total,
+        "kept_params": kept,
+        "kept_fraction": kept / total,
+        "removed_blocks": list(best.removed),
+        "blocks": len(sizes) - len(best.removed),
+        "dense_blocks": len(sizes),
+        "intermediate_size": best.width if layout is not None else None,
+        "dense_intermediate_size": layout.width if layout is not None else None,
+        "kv_groups": best.kv_groups if layout is not None else None,
+        "dense_kv_groups": layout.kv_groups if layout is not None else None,
+        "cut": recipe.cut,
+        "width_method": recipe.width_method,
+        "paper": WIDTH_METHODS[recipe.width_method].PAPER,
+        "fitness_tokens": fitness.numel(),
+        "kl": best_kl,
+        "candidate_kl": candidate_kl,
+        "block_influence": [round(float(x), 6) for x in stats.influence],
+        "candidates": [
+            {
+                "removed_blocks": list(s.removed),
+                "intermediate_size": s.width,
+                "kv_groups": s.kv_groups,
+                "params": kept_params(s, sizes, layout, per_unit),
+                "kl": kl,
+            }
+            for kl, s, _ in sorted(scored, key=lambda s: (len(s[1].removed), -s[1].kv_groups))
+        ],
+    }
+    widths = (
+        f", MLP {best.width}/{layout.width}, KV groups {best.kv_groups}/{layout.kv_groups}"
+        if layout is not None
+        else ""
+    )
+    report["summary"] = (
+        f"structure: {kept / total:.2%} of the blocks' parameters kept (target "
+        f"{recipe.params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks{widths}; "
+        f"KL {best_kl:.4f} (best of {len(shapes)})"
+    )
+    return smaller, report

@@ -1,0 +1,262 @@
+"""The structure axis: blocks removed, MLP channels and KV groups cut, a smaller model
+that transformers loads; each step checked against what it claims to compute."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import build_checkpoint, tiny_config
+from transformers import AutoModelForCausalLM
+
+from prunella.cli import main
+from prunella.errors import PrunellaError
+from prunella.methods import structure
+from prunella.methods.structure import cut, layout, shortgpt, slimgpt
+
+CPU = torch.device("cpu")
+
+
+def tiny(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+def windows(n: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 384, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def recipe(**kw):
+    base = dict(params=0.7, cut="auto", width_method="slimgpt", fitness_tokens=64)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def ls_error(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor) -> float:
+    """The least-squares error of reproducing ``w @ x`` from the rows ``keep`` of ``x``."""
+    solution = torch.linalg.lstsq(x[keep].T, (w @ x).T).solution.T
+    return float(((w @ x - solution @ x[keep]) ** 2).sum())
+
+
+def test_obs_removes_the_column_whose_loss_least_squares_can_best_make_up():
+    """SlimGPT's first removal is the column whose removal, with the others refit, costs
+    least (exact OBS), and the refit is the least-squares solution."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 400, dtype=torch.float64)
+    x[3] = x[5] * 0.9 + 0.01 * x[3]  # a nearly redundant column: cheap to remove
+    w = torch.randn(7, 12, dtype=torch.float64)
+    h = x @ x.T
+    errors = [ls_error(w, x, torch.tensor([c for c in range(12) if c != j])) for j in range(12)]
+    first = slimgpt.removal_order(w, h, group=1, stop=11)
+    assert first == [min(range(12), key=errors.__getitem__)]
+    keep = torch.tensor([c for c in range(12) if c not in first])
+    direct = torch.linalg.lstsq(x[keep].T, (w @ x).T).solution.T
+    assert torch.allclose(slimgpt.refit(w, h, keep, percdamp=1e-12).double(), direct, atol=1e-4)
+    # with the paper's 1% dampening: between the exact refit and no refit at all
+    damped = slimgpt.refit(w, h, keep).double()
+    error = float(((w @ x - damped @ x[keep]) ** 2).sum())
+    assert errors[first[0]] < error < float(((w @ x - w[:, keep] @ x[keep]) ** 2).sum())
+
+
+def test_obs_groups_remove_whole_heads_and_beat_magnitude_on_correlated_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(16, 600, dtype=torch.float64)
+    x[8:12] = x[0:4] + 0.05 * torch.randn(4, 600, dtype=torch.float64)  # group 2 ~ group 0
+    w = torch.randn(6, 16, dtype=torch.float64)
+    w[:, 8:12] *= 3  # and it is large: magnitude keeps it
+    h = x @ x.T
+    obs = slimgpt.removal_order(w, h, group=4, stop=3)
+    mag = structure.magnitude.removal_order(w, h, group=4, stop=3)
+
+    def error(order):
+        keep = layout.Layout(0, 4, 1, 4, ()).keep_index("kv", cut.kept_units(order, 4, 3))
+        return ls_error(w, x, keep)
+
+    assert obs == [min(range(4), key=lambda g: error([g]))]  # the exact best group
+    assert obs[0] in (0, 2) and error(obs) < 0.2 * error(mag)
+
+
+def test_block_influence_is_one_minus_the_mean_cosine():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    sums = shortgpt.token_cosines(x, y)
+    assert float(sums) == pytest.approx(2**-0.5 - 1.0)
+    assert float(shortgpt.block_influence(sums, 2)) == pytest.approx(1 - (2**-0.5 - 1) / 2)
+    assert shortgpt.lowest_influence(torch.tensor([0.3, 0.1, 0.2, 0.1]), 2) == [1, 3]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_cut_without_refit_is_the_dense_model_with_those_units_zeroed(family):
+    """Removing channels and a KV group (magnitude, no refit) gives the logits of the
+    dense model whose down_proj / o_proj columns of those units are zero; removing a
+    block gives the logits of the dense model that skips it."""
+    model = tiny(family)
+    ids = windows(2)
+    lay = layout.layout_of(model, model.model.layers[0])
+    stats = cut.gather(model, windows(), lay, CPU, 4, progress=False)
+    orders = cut.removal_orders(model, lay, stats, "magnitude", 100, 1)
+    shape = cut.Shape((1,), 100, 1)
+    smaller = cut.build(model, shape, lay, stats, orders, reconstruct=False)
+    assert smaller.config.num_hidden_layers == 2
+    assert smaller.config.intermediate_size == 100 and smaller.config.num_key_value_heads == 1
+    assert smaller.config.num_attention_heads == 2
+
+    dense = tiny(family)
+    for i, block in enumerate(dense.model.layers):
+        removed = torch.ones(lay.width, dtype=torch.bool)
+        removed[cut.kept_units(orders[i]["channel"], lay.width, 100)] = False
+        block.mlp.down_proj.weight.data[:, removed] = 0
+        kept_kv = cut.kept_units(orders[i]["kv"], lay.kv_groups, 1)
+        columns = lay.keep_index("query", kept_kv)
+        keep_cols = torch.zeros(block.self_attn.o_proj.in_features, dtype=torch.bool)
+        keep_cols[columns] = True
+        block.self_attn.o_proj.weight.data[:, ~keep_cols] = 0
+    dense.model.layers[1].forward = lambda hidden_states, *a, **k: hidden_states
+    with torch.no_grad():
+        assert torch.allclose(smaller(ids).logits, dense(ids).logits, atol=1e-5)
+
+
+def test_refit_brings_the_cut_model_closer_to_the_dense_one():
+    model = tiny()
+    calib = windows(16)
+    kl = {}
+    for method in ("slimgpt", "magnitude"):
+        asked = recipe(cut="width", width_method=method)
+        _, report = structure.shrink(model, calib, asked, CPU, 4, progress=False)
+        kl[method] = report["kl"]
+    assert kl["slimgpt"] < 0.7 * kl["magnitude"]
+
+
+@pytest.mark.parametrize("params", [0.9, 0.7, 0.45])
+def test_the_budget_is_met_from_below_to_one_channel_per_block(params):
+    model = tiny()
+    sizes = cut.block_params(model)
+    lay = layout.layout_of(model, model.model.layers[0])
+    per_unit = lay.per_unit(model.model.layers[0])
+    influence = torch.tensor([0.5, 0.2, 0.3])
+    shapes = structure.candidates(sizes, influence, lay, per_unit, params, "auto")
+    target = params * sum(sizes)
+    for shape in shapes:
+        kept = structure.kept_params(shape, sizes, lay, per_unit)
+        assert kept <= target
+        blocks = len(sizes) - len(shape.removed)
+        if shape.width < lay.width:  # a width cut: within one channel per block
+            assert kept > target - blocks * per_unit[0]
+        smaller = cut.build(model, shape, lay, None, _no_orders(model, lay), False)
+        assert sum(cut.block_params(smaller)) == kept
+    assert [s.removed for s in shapes][:1] == [()]
+    deepest = shapes[-1].removed
+    assert deepest == tuple(shortgpt.lowest_influence(influence, len(deepest)))
+
+
+def _no_orders(model, lay):
+    n = model.config.num_hidden_layers
+    return [{"channel": list(range(lay.width)), "kv": list(range(lay.kv_groups))}] * n
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo2", "helium"]
+)
+def test_families_cut_save_and_reload_with_the_same_logits(family, tmp_path):
+    model = tiny(family)
+    smaller, report = structure.shrink(model, windows(), recipe(params=0.6), CPU, 4, False)
+    assert report["kept_params"] <= 0.6 * report["block_params"]
+    smaller.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = windows(2)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, smaller(ids).logits, atol=1e-5)
+    assert loaded.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "phi3", "mixtral"])
+def test_depth_only_families_remove_blocks_and_refuse_a_width_cut(family, tmp_path):
+    model = tiny(family)
+    with pytest.raises(PrunellaError, match="cannot be cut"):
+        structure.shrink(model, windows(), recipe(cut="width"), CPU, 4, False)
+    smaller, report = structure.shrink(model, windows(), recipe(cut="auto"), CPU, 4, False)
+    assert report["blocks"] == 2 and report["intermediate_size"] is None
+    smaller.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = windows(2)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, smaller(ids).logits, atol=1e-5)
+
+
+def test_prune_params_writes_a_smaller_checkpoint(tmp_path, tokenizer_dir, capsys):
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    out = tmp_path / "out"
+    flags = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "64", "--quiet"]
+    assert main(["prune", str(source), "--out", str(out), "--params", "0.7", *flags]) == 0
+    assert "structure: " in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["structure"]["kept_fraction"] <= 0.7
+    assert config["intermediate_size"] == report["structure"]["intermediate_size"]
+    assert config["num_hidden_layers"] == report["structure"]["blocks"]
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(cut.block_params(loaded)) == report["structure"]["kept_params"]
+    # composed: the smaller model is then pruned to 50%
+    both = tmp_path / "both"
+    assert main(["prune", str(source), "--out", str(both), "--params", "0.9",
+                 "--sparsity", "0.5", *flags]) == 0  # fmt: skip
+    report = json.loads((both / "prune_report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    loaded = AutoModelForCausalLM.from_pretrained(both)
+    assert loaded.config.intermediate_size == report["structure"]["intermediate_size"] < 128
+    weight = loaded.model.layers[0].mlp.down_proj.weight
+    assert weight.shape[1] == loaded.config.intermediate_size
+    assert 0.3 < float((weight == 0).float().mean()) < 0.7
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--params", "0"], "--params: params is the fraction"),
+        (["--params", "1.5"], "--params: params is the fraction"),
+        (["--params", "0.8", "--offload", "disk"], "cannot run with --offload disk"),
+        (["--params", "0.8", "--allocation", "owl"], "has nothing to allocate"),
+        (["--params", "0.01", "--cut", "width"], "no structure keeps"),
+    ],
+)
+def test_bad_structure_input_is_one_line_and_writes_nothing(
+    flags, message, tmp_path, tokenizer_dir, capsys
+):
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    out = tmp_path / "out"
+    code = main(["prune", str(source), "--out", str(out), *flags, "--nsamples", "4",
+                 "--seqlen", "32", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_block_by_block_cut_matches_the_one_pass_cut_where_their_inputs_agree():
+    """SlimGPT's sequential cut sees the dense model's activations in block 0 (so it cuts
+    it exactly as the one-pass cut does) and the cut blocks' activations after it."""
+    model = tiny()
+    calib = windows(16)
+    lay = layout.layout_of(model, model.model.layers[0])
+    shape = cut.Shape((), 80, lay.kv_groups)
+    stats = cut.gather(model, calib, lay, CPU, 4, progress=False)
+    orders = cut.removal_orders(model, lay, stats, "slimgpt", 80, lay.kv_groups)
+    one_pass = cut.build(model, shape, lay, stats, orders, reconstruct=True)
+    sequential = cut.build_sequential(model, shape, lay, "slimgpt", calib, CPU, 4, False)
+    first = (one_pass.model.layers[0], sequential.model.layers[0])
+    pairs = zip(first[0].parameters(), first[1].parameters(), strict=True)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs)
+    later = sequential.model.layers[2].mlp.down_proj.weight
+    assert not torch.allclose(one_pass.model.layers[2].mlp.down_proj.weight, later, atol=1e-4)
+
+
+def test_allocate_prints_the_structure_candidates_and_the_choice(tmp_path, tokenizer_dir, capsys):
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    flags = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "64", "--quiet"]
+    assert main(["allocate", str(source), "--params", "0.7", *flags]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["removed", "blocks"] and len(out) >= 4
+    assert out[-1].startswith("structure: ") and "of the blocks' parameters kept" in out[-1]
+    code = main(["allocate", str(source), "--params", "0.7", "--json", str(tmp_path / "p.json"),
+                 *flags])  # fmt: skip
+    assert code != 0 and "--json with --params" in capsys.readouterr().err
