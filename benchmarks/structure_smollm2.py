@@ -8,8 +8,9 @@ per model: perplexity and KL to the dense model on the held-out shipped text
 (``prunella eval --reference``), parameters, bytes on disk, prefill tokens/s (one
 ``--prompt``-token forward), decode tokens/s (greedy ``generate`` with the KV cache, batch
 1: ``(new - 1) / (t(new) - t(1))``, so the prompt's prefill is not counted), each the
-median of ``--repeats``, and that process's peak RSS. Prints a Markdown table;
-``--json PATH`` also writes the raw numbers.
+median of ``--repeats``, and that process's peak RSS. The speeds are timed last, one
+checkpoint after the other, the dense model first and last (its row gives their mean;
+the JSON both). Prints a Markdown table; ``--json PATH`` also writes the raw numbers.
 
     python benchmarks/structure_smollm2.py --params 0.8,0.7 --json structure.json
 """
@@ -17,6 +18,7 @@ median of ``--repeats``, and that process's peak RSS. Prints a Markdown table;
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,8 +92,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     a = parser.parse_args()
 
-    dense = {**evaluate(a.model, a), **speed(a.model, a)}
-    rows = []
+    dense = evaluate(a.model, a)
+    rows, outs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for params in (float(p) for p in a.params.split(",")):
             for variant in a.variants.split(","):
@@ -103,7 +105,6 @@ def main() -> None:
                 report = json.loads((out / "prune_report.json").read_text())["structure"]
                 rows.append({
                     "params": params, "variant": variant, **evaluate(str(out), a),
-                    **speed(str(out), a),
                     "kept_fraction": report["kept_fraction"],
                     "removed_blocks": report["removed_blocks"],
                     "fitness_kl": report["kl"], "candidates": report["candidates"],
@@ -111,6 +112,19 @@ def main() -> None:
                     "prune_seconds": pruned["wall_seconds"],
                     "prune_peak_rss_mb": pruned["peak_rss_mb"],
                 })  # fmt: skip
+                outs.append(str(out))
+                print(f"pruned {variant} at {params:g}", file=sys.stderr, flush=True)
+        # the speeds last, one after the other, the dense model first and last (its figure
+        # is their mean; their spread says how steady the machine was)
+        print("timing decode and prefill", file=sys.stderr, flush=True)
+        first = speed(a.model, a)
+        for row, out in zip(rows, outs, strict=True):
+            row.update(speed(out, a))
+        last = speed(a.model, a)
+        dense.update(first)
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb"):
+            dense[key] = (first[key] + last[key]) / 2
+            dense[f"{key}_first_last"] = [first[key], last[key]]
         dense["checkpoint_bytes"] = None
 
     print(f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}), "

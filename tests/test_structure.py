@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from prunella.cli import main
 from prunella.errors import PrunellaError
 from prunella.methods import structure
-from prunella.methods.structure import cut, layout, shortgpt, slimgpt
+from prunella.methods.structure import cut, layout, reap, shortgpt, slimgpt
 
 CPU = torch.device("cpu")
 
@@ -172,10 +172,12 @@ def test_families_cut_save_and_reload_with_the_same_logits(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["opt", "gpt2", "phi3", "mixtral"])
 def test_depth_only_families_remove_blocks_and_refuse_a_width_cut(family, tmp_path):
+    """Blocks without separate q/k/v/o and MLP projections (a mixture of experts: its
+    experts go instead, below) lose whole blocks."""
     model = tiny(family)
     with pytest.raises(PrunellaError, match="cannot be cut"):
         structure.shrink(model, windows(), recipe(cut="width"), CPU, 4, False)
-    smaller, report = structure.shrink(model, windows(), recipe(cut="auto"), CPU, 4, False)
+    smaller, report = structure.shrink(model, windows(), recipe(cut="depth"), CPU, 4, False)
     assert report["blocks"] == 2 and report["intermediate_size"] is None
     smaller.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -260,3 +262,66 @@ def test_allocate_prints_the_structure_candidates_and_the_choice(tmp_path, token
     code = main(["allocate", str(source), "--params", "0.7", "--json", str(tmp_path / "p.json"),
                  *flags])  # fmt: skip
     assert code != 0 and "--json with --params" in capsys.readouterr().err
+
+
+def test_reap_saliency_is_the_router_weight_times_the_expert_output_norm():
+    """REAP's S_j on Mixtral's first block, written out from the router's top-k weights
+    and the fused expert matrices: mean over the tokens routed to j of g_tj ||f_j(x_t)||."""
+    model = tiny("mixtral")
+    calib = windows(4)
+    moe = model.model.layers[0].mlp
+    seen = []
+    handle = moe.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, 64)))
+    experts = {0: reap.experts_of(model, model.model.layers[0])}
+    stats = cut.gather(model, calib, None, CPU, 4, progress=False, experts=experts)
+    handle.remove()
+    x = torch.cat(seen)
+    probs = torch.softmax(x @ moe.gate.weight.T, -1)
+    top, index = torch.topk(probs, 2, dim=-1)
+    top = top / top.sum(-1, keepdim=True)
+    expected = []
+    for j in range(4):
+        token, slot = (index == j).nonzero(as_tuple=True)
+        gate, up = (x[token] @ moe.experts.gate_up_proj[j].T).chunk(2, dim=-1)
+        out = (torch.nn.functional.silu(gate) * up) @ moe.experts.down_proj[j].T
+        expected.append(float((top[token, slot] * out.norm(dim=-1)).mean()))
+    assert stats.saliency[0].tolist() == pytest.approx(expected, rel=1e-4)
+    assert reap.removal_order(torch.tensor(expected), 3) == [
+        min(range(4), key=expected.__getitem__)
+    ]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"])
+def test_experts_removed_with_their_router_rows_and_the_config_count(family, tmp_path):
+    model = tiny(family)
+    calib = windows()
+    smaller, report = structure.shrink(model, calib, recipe(params=0.75, cut="experts"), CPU,
+                                       4, False)  # fmt: skip
+    assert report["experts"] == 2 and report["dense_experts"] == 4
+    assert report["kept_params"] <= 0.75 * report["block_params"]
+    assert sum(cut.block_params(smaller)) == report["kept_params"]
+    assert (
+        smaller.config.to_dict()[reap.experts_of(model, model.model.layers[0]).config_keys[0]] == 2
+    )
+    retained = report["retained_experts"]
+    for i, block in enumerate(smaller.model.layers):
+        kept = torch.tensor(
+            next(v for k, v in retained.items() if k.startswith(f"model.layers.{i}."))
+        )
+        dense = model.model.layers[i]
+        moe = reap.experts_of(model, dense)
+        held = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+        for name, tensor in moe.tensors(dense).items():
+            assert torch.equal(held[name], tensor.index_select(0, kept))
+    smaller.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(calib[:2]).logits, smaller(calib[:2]).logits, atol=1e-5)
+
+
+def test_experts_that_a_token_needs_are_never_removed():
+    model = tiny("mixtral")
+    with pytest.raises(PrunellaError, match="more experts than a token is routed to"):
+        structure.shrink(model, windows(), recipe(params=0.2, cut="experts"), CPU, 4, False)
+    with pytest.raises(PrunellaError, match="has no routed experts"):
+        structure.shrink(tiny(), windows(), recipe(cut="experts"), CPU, 4, False)

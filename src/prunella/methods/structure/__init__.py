@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ...engine.adapters import adapter_for
 from ...errors import PrunellaError
-from . import shortgpt
+from . import reap, shortgpt
 from .cut import (
     WIDTH_METHODS,
     Shape,
@@ -54,6 +54,7 @@ from .cut import (
     build,
     build_sequential,
     checked_layout,
+    depth_keeps_blocks,
     gather,
     removal_orders,
 )
@@ -81,11 +82,12 @@ FIELDS = {
         ),
     ),
     "cut": (
-        Literal["auto", "depth", "width"],
+        Literal["auto", "depth", "width", "experts"],
         Field(
             "auto",
-            description="With --params: auto (depth and width, the candidate of least KL), "
-            "depth (whole blocks only, ShortGPT) or width (channels and KV groups only).",
+            description="With --params: auto (depth and width or experts, the candidate of "
+            "least KL), depth (whole blocks only, ShortGPT), width (channels and KV groups "
+            "only) or experts (whole experts only, REAP).",
         ),
     ),
     "width_method": (
@@ -115,22 +117,31 @@ def candidates(
     per_unit: tuple[int, int],
     params: float,
     cut: str,
+    experts: dict[int, reap.Experts] | None = None,
 ) -> list[Shape]:
     """Every shape the search compares: per depth, per number of KV groups, the widest
-    MLP whose blocks' parameters are at most ``params`` of the dense ones."""
+    MLP (or, in a mixture of experts, the most experts) whose blocks' parameters are at
+    most ``params`` of the dense ones."""
     target = params * sum(sizes)
     per_channel, per_group = per_unit
+    experts = experts or {}
     shapes = []
     for depth in range(len(sizes)):
         removed = tuple(shortgpt.lowest_influence(influence, depth))
         kept = sum(sizes) - sum(sizes[i] for i in removed)
         full = (layout.width, layout.kv_groups) if layout is not None else (0, 0)
         if kept <= target + 1e-9:  # depth alone meets the budget
-            if cut != "width":
+            if cut not in ("width", "experts"):
                 shapes.append(Shape(removed, *full))
             break
-        if cut == "width" and depth > 0:
+        if cut in ("width", "experts") and depth > 0:
             break
+        moe = [e for i, e in experts.items() if i not in removed]
+        if moe and cut in ("auto", "experts"):
+            each = len(moe) * moe[0].per_expert
+            count = moe[0].count - max(1, math.ceil((kept - target) / each - 1e-12))
+            if count >= moe[0].top_k:
+                shapes.append(Shape(removed, *full, experts=count))
         if cut == "depth" or layout is None:
             continue
         blocks = len(sizes) - depth
@@ -143,14 +154,24 @@ def candidates(
     if not shapes:
         raise PrunellaError(
             f"--params {params:g}: no structure keeps at most {params:.1%} of the blocks' "
-            f"parameters with --cut {cut} (every block or every channel would go)"
+            f"parameters with --cut {cut} (every block, every channel or more experts than "
+            "a token is routed to would go)"
         )
     return shapes
 
 
-def kept_params(shape: Shape, sizes: list[int], layout: Layout | None, per_unit) -> int:
+def kept_params(
+    shape: Shape,
+    sizes: list[int],
+    layout: Layout | None,
+    per_unit,
+    experts: dict[int, reap.Experts] | None = None,
+) -> int:
     """Parameters of the decoder blocks a shape keeps."""
     blocks = [s for i, s in enumerate(sizes) if i not in set(shape.removed)]
+    moe = [e for i, e in (experts or {}).items() if i not in set(shape.removed)]
+    if shape.experts:
+        return sum(blocks) - sum((e.count - shape.experts) * e.per_expert for e in moe)
     if layout is None:
         return sum(blocks)
     cut = (layout.width - shape.width) * per_unit[0] + (
@@ -178,17 +199,38 @@ def shrink(
     """The smaller model ``recipe.params`` asks for (``model`` is left as it is), and the
     structure's part of the report."""
     blocks = adapter_for(model).blocks(model)
-    layout = None
-    if recipe.cut != "depth":
+    layout, experts = None, {}
+    if recipe.cut in ("auto", "width"):
         try:
             layout = checked_layout(model)
         except PrunellaError:
             if recipe.cut == "width":
                 raise
+    if recipe.cut in ("auto", "experts"):
+        try:
+            found = {i: reap.experts_of(model, b) for i, b in enumerate(blocks)}
+        except PrunellaError:
+            if recipe.cut == "experts":
+                raise
+            found = {}
+        experts = {i: e for i, e in found.items() if e is not None}
+        if recipe.cut == "experts" and not experts:
+            raise PrunellaError(
+                f"--cut experts: {model.config.model_type} has no routed experts to remove"
+            )
     sizes = block_params(model)
     per_unit = layout.per_unit(blocks[0]) if layout is not None else (0, 0)
-    stats = gather(model, windows, layout, device, batch_size, progress)
-    shapes = candidates(sizes, stats.influence, layout, per_unit, recipe.params, recipe.cut)
+    stats = gather(model, windows, layout, device, batch_size, progress, experts)
+    shapes = candidates(
+        sizes, stats.influence, layout, per_unit, recipe.params, recipe.cut, experts
+    )
+    shapes = [s for s in shapes if depth_keeps_blocks(model, s.removed)]
+    if not shapes:
+        raise PrunellaError(
+            f"--params {recipe.params:g}: {model.config.model_type}'s config places block "
+            "kinds by index, so removing blocks would change the others; only --cut "
+            "width or experts can meet this budget, if any"
+        )
     orders = None
     if layout is not None:
         width, kv = min(s.width for s in shapes), min(s.kv_groups for s in shapes)
@@ -199,22 +241,28 @@ def shrink(
              for w in fitness]  # fmt: skip
     scored = []
     for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False):
-        smaller = build(model, shape, layout, stats, orders, reconstruct)
+        smaller = build(model, shape, layout, stats, orders, reconstruct, experts)
         scored.append((kl_to_dense(smaller, dense, fitness, device), shape, smaller))
         if len(scored) > 1:  # keep only the best model so far
             scored.sort(key=lambda s: s[0])
             scored[1] = (*scored[1][:2], None)
     best_kl, best, smaller = min(scored, key=lambda s: s[0])
     candidate_kl = best_kl
-    full = layout is not None and (best.width, best.kv_groups) == (layout.width, layout.kv_groups)
-    if reconstruct and layout is not None and not full:
-        del smaller  # the winner, cut again block by block, as its paper does
+    width_cut = layout is not None and (best.width, best.kv_groups) != (
+        layout.width,
+        layout.kv_groups,
+    )
+    retained: dict[int, list[int]] = {}
+    if (reconstruct and width_cut) or best.experts:
+        del smaller  # the winner, cut again block by block, as its papers do
         smaller = build_sequential(
-            model, best, layout, recipe.width_method, windows, device, batch_size, progress
-        )
+            model, best, layout, recipe.width_method, windows, device, batch_size, progress,
+            experts, retained,
+        )  # fmt: skip
         best_kl = kl_to_dense(smaller, dense, fitness, device)
     total = sum(sizes)
-    kept = kept_params(best, sizes, layout, per_unit)
+    kept = kept_params(best, sizes, layout, per_unit, experts)
+    moe = next(iter(experts.values()), None)
     report = {
         "params_target": recipe.params,
         "block_params": total,
@@ -227,9 +275,13 @@ def shrink(
         "dense_intermediate_size": layout.width if layout is not None else None,
         "kv_groups": best.kv_groups if layout is not None else None,
         "dense_kv_groups": layout.kv_groups if layout is not None else None,
+        "experts": best.experts or (moe.count if moe else None),
+        "dense_experts": moe.count if moe else None,
         "cut": recipe.cut,
         "width_method": recipe.width_method,
-        "paper": WIDTH_METHODS[recipe.width_method].PAPER,
+        "papers": [shortgpt.PAPER]
+        + ([WIDTH_METHODS[recipe.width_method].PAPER] if layout is not None else [])
+        + ([reap.PAPER] if experts else []),
         "fitness_tokens": fitness.numel(),
         "kl": best_kl,
         "candidate_kl": candidate_kl,
@@ -239,20 +291,30 @@ def shrink(
                 "removed_blocks": list(s.removed),
                 "intermediate_size": s.width,
                 "kv_groups": s.kv_groups,
-                "params": kept_params(s, sizes, layout, per_unit),
+                "experts": s.experts,
+                "params": kept_params(s, sizes, layout, per_unit, experts),
                 "kl": kl,
             }
-            for kl, s, _ in sorted(scored, key=lambda s: (len(s[1].removed), -s[1].kv_groups))
+            for kl, s, _ in sorted(
+                scored, key=lambda s: (len(s[1].removed), -s[1].kv_groups, -s[1].experts)
+            )
         ],
     }
-    widths = (
-        f", MLP {best.width}/{layout.width}, KV groups {best.kv_groups}/{layout.kv_groups}"
-        if layout is not None
-        else ""
-    )
+    if retained:  # by the dense model's names of the mixture-of-experts modules
+        prefix = adapter_for(model).blocks_path
+        report["retained_experts"] = {
+            f"{prefix}.{i}.{experts[i].path}": kept for i, kept in retained.items()
+        }
+    shown = []
+    if layout is not None:
+        shown.append(f"MLP {best.width}/{layout.width}")
+        shown.append(f"KV groups {best.kv_groups}/{layout.kv_groups}")
+    if moe is not None:
+        shown.append(f"experts {best.experts or moe.count}/{moe.count}")
     report["summary"] = (
         f"structure: {kept / total:.2%} of the blocks' parameters kept (target "
-        f"{recipe.params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks{widths}; "
-        f"KL {best_kl:.4f} (best of {len(shapes)})"
+        f"{recipe.params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks"
+        + "".join(f", {x}" for x in shown)
+        + f"; KL {best_kl:.4f} (best of {len(shapes)})"
     )
     return smaller, report

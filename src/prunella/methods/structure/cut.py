@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ...engine.adapters import adapter_for
 from ...engine.forward import Activations, capture
 from ...errors import PrunellaError
-from . import magnitude, shortgpt, slimgpt
+from . import magnitude, reap, shortgpt, slimgpt
 from .layout import Layout, layout_of
 
 WIDTH_METHODS = {"slimgpt": slimgpt, "magnitude": magnitude}
@@ -35,17 +35,20 @@ class Statistics:
     influence: torch.Tensor  # ShortGPT's BI per block
     mlp: list[torch.Tensor] = field(default_factory=list)  # Gram of down_proj's input
     attention: list[torch.Tensor] = field(default_factory=list)  # Gram of o_proj's input
+    saliency: dict[int, torch.Tensor] = field(default_factory=dict)  # REAP's, per MoE block
     tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Shape:
     """One structure: the blocks removed (indices of the dense model), the MLP width and
-    the KV groups every kept block keeps."""
+    the KV groups every kept block keeps, and the routed experts every mixture-of-experts
+    block keeps (0: not cut)."""
 
     removed: tuple[int, ...]
     width: int
     kv_groups: int
+    experts: int = 0
 
 
 def _inputs(args, kwargs) -> torch.Tensor:
@@ -64,10 +67,15 @@ def gather(
     device: torch.device,
     batch_size: int,
     progress: bool = True,
+    experts: dict[int, reap.Experts] | None = None,
 ) -> Statistics:
     """One forward of ``model`` over ``windows``; per block the summed input/output cosine
-    (for :func:`shortgpt.block_influence`) and, with a ``layout``, ``X^T X`` of the
-    inputs of ``down_proj`` and ``o_proj`` (float32)."""
+    (for :func:`shortgpt.block_influence`), with a ``layout`` ``X^T X`` of the inputs of
+    ``down_proj`` and ``o_proj`` (float32), and with ``experts`` (block -> its routed
+    experts) REAP's saliency of each expert."""
+    experts = experts or {}
+    sums = {i: torch.zeros(e.count, dtype=torch.float64) for i, e in experts.items()}
+    counts = {i: torch.zeros(e.count, dtype=torch.float64) for i, e in experts.items()}
     blocks = adapter_for(model).blocks(model)
     cos = torch.zeros(len(blocks), dtype=torch.float64)
     grams: dict[tuple[str, int], torch.Tensor] = {}
@@ -101,6 +109,10 @@ def gather(
         if layout is not None:
             hooks.append(block.mlp.down_proj.register_forward_pre_hook(gram(("mlp", i))))
             hooks.append(block.self_attn.o_proj.register_forward_pre_hook(gram(("attn", i))))
+        if i in experts:
+            moe = block.get_submodule(experts[i].path).experts
+            hook = reap.saliency_hook(sums[i], counts[i])
+            hooks.append(moe.register_forward_pre_hook(hook, with_kwargs=True))
     was_training = model.training
     model.eval()
     try:
@@ -116,6 +128,7 @@ def gather(
     if layout is not None:
         stats.mlp = [grams[("mlp", i)].cpu() for i in range(len(blocks))]
         stats.attention = [grams[("attn", i)].cpu() for i in range(len(blocks))]
+    stats.saliency = {i: reap.mean_saliency(sums[i], counts[i]) for i in experts}
     return stats
 
 
@@ -160,6 +173,10 @@ def smaller_config(config, shape: Shape, layout: Layout | None):
         values["num_key_value_heads"] = shape.kv_groups
         values["num_attention_heads"] = shape.kv_groups * layout.n_rep
         values["head_dim"] = layout.head_dim
+    if shape.experts:
+        for key in reap.COUNT_KEYS:
+            if key in values:
+                values[key] = shape.experts
     values.pop("transformers_version", None)
     return type(config).from_dict(values)
 
@@ -241,12 +258,20 @@ def build(
     stats: Statistics | None,
     orders: list[dict[str, list[int]]] | None,
     reconstruct: bool,
+    experts: dict[int, reap.Experts] | None = None,
 ) -> nn.Module:
     """The model of ``shape`` from the dense model's one-pass statistics and the units'
-    removal ``orders`` (a new model; ``model`` is left as it is)."""
-    replaced = {}
+    removal ``orders`` (a new model; ``model`` is left as it is); a mixture of experts'
+    blocks (``experts``) keep their ``shape.experts`` of highest REAP saliency."""
+    replaced: dict[int, dict[str, torch.Tensor]] = {}
+    blocks = adapter_for(model).blocks(model)
+    for i, moe in (experts or {}).items() if shape.experts else ():
+        if i not in shape.removed:
+            order = reap.removal_order(stats.saliency[i], shape.experts)
+            kept = kept_units(order, moe.count, shape.experts)
+            replaced[i] = {n: t.detach().index_select(0, kept.to(t.device))
+                           for n, t in moe.tensors(blocks[i]).items()}  # fmt: skip
     if layout is not None:
-        blocks = adapter_for(model).blocks(model)
         for i in range(len(blocks)):
             if i in shape.removed:
                 continue
@@ -273,21 +298,28 @@ def build_sequential(
     device: torch.device,
     batch_size: int,
     progress: bool = True,
+    experts: dict[int, reap.Experts] | None = None,
+    retained: dict[int, list[int]] | None = None,
 ) -> nn.Module:
     """The model of ``shape`` cut block by block as SlimGPT does: each block's units
     ranked and its consumers refit on the activations of the blocks before it *as cut*
-    (attention first, then the MLP on the cut attention's outputs); a new model."""
+    (attention first, then the MLP on the cut attention's outputs); a mixture of
+    experts' blocks (``experts``) lose their experts of least REAP saliency, measured
+    on the same activations (llm-compressor's sequential REAP; ``retained`` gets each
+    block's kept experts); a new model."""
     work = copy.deepcopy(model)
     blocks = adapter_for(work).blocks(work)
     acts = capture(work, blocks, windows, batch_size, device, torch.float32)
     rank = WIDTH_METHODS[method].removal_order
     refit = method == "slimgpt"
-    keep = {"channel": torch.arange(layout.width), "kv": torch.arange(layout.kv_groups)}
-    steps = (
-        ("self_attn.o_proj", "kv", layout.n_rep * layout.head_dim, shape.kv_groups,
-         layout.kv_groups),
-        ("mlp.down_proj", "channel", 1, shape.width, layout.width),
-    )  # fmt: skip
+    steps = ()
+    if layout is not None:
+        keep = {"channel": torch.arange(layout.width), "kv": torch.arange(layout.kv_groups)}
+        steps = (
+            ("self_attn.o_proj", "kv", layout.n_rep * layout.head_dim, shape.kv_groups,
+             layout.kv_groups),
+            ("mlp.down_proj", "channel", 1, shape.width, layout.width),
+        )  # fmt: skip
     for i in tqdm(range(len(blocks)), desc="structure, block by block", disable=not progress,
                   leave=False):  # fmt: skip
         if i in shape.removed:
@@ -304,6 +336,21 @@ def build_sequential(
             cut = cut_tensors(block, layout, units, {name: gram} if refit else {}, half)
             for local, tensor in cut.items():
                 block.get_parameter(local).data = tensor
+        moe = (experts or {}).get(i)
+        if shape.experts and moe is not None:
+            sums, counts = (torch.zeros(moe.count, dtype=torch.float64) for _ in range(2))
+            module = block.get_submodule(moe.path).experts
+            hook = reap.saliency_hook(sums, counts)
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                acts.forward(block, i, update=False)
+            finally:
+                handle.remove()
+            order = reap.removal_order(reap.mean_saliency(sums, counts), shape.experts)
+            kept = kept_units(order, moe.count, shape.experts)
+            reap.cut_experts(block, moe, kept)
+            if retained is not None:
+                retained[i] = kept.tolist()
         acts.forward(block, i, update=True)
     return assemble(work, shape, layout, {})
 
@@ -340,6 +387,27 @@ def _tied(model: nn.Module) -> set[str]:
 def block_params(model: nn.Module) -> list[int]:
     """Parameters of each decoder block."""
     return [sum(p.numel() for p in b.parameters()) for b in adapter_for(model).blocks(model)]
+
+
+def depth_keeps_blocks(model: nn.Module, removed: tuple[int, ...]) -> bool:
+    """Whether the config with the blocks ``removed`` describes the kept blocks as they
+    are: a model of it built on the meta device has, block for block, the same
+    parameters (a config that places block kinds by index, as DeepSeek-V3's
+    ``first_k_dense_replace`` or Llama 4's interleaving, may not)."""
+    from transformers import AutoModelForCausalLM
+
+    if not removed:
+        return True
+    shape = Shape(removed, 0, 0)
+    with torch.device("meta"):
+        probe = AutoModelForCausalLM.from_config(smaller_config(model.config, shape, None))
+    kept = [b for i, b in enumerate(adapter_for(model).blocks(model)) if i not in removed]
+    built = adapter_for(probe).blocks(probe)
+    return len(kept) == len(built) and all(
+        {n: p.shape for n, p in a.named_parameters()}
+        == {n: p.shape for n, p in b.named_parameters()}
+        for a, b in zip(kept, built, strict=True)
+    )
 
 
 def checked_layout(model: nn.Module) -> Layout:

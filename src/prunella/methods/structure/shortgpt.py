@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import torch
 
+PAPER = (
+    "Men et al., ShortGPT: Layers in Large Language Models are More Redundant Than You Expect, 2024"
+)
+
 
 def block_influence(cosine_sums: torch.Tensor, tokens: int) -> torch.Tensor:
     """``BI`` per block from the summed per-token cosines of its input and output."""
