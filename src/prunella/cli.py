@@ -192,8 +192,7 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
     cost = plan.cost
     if cost:  # (a structure cut alone has no plan of layers)
         click.echo(
-            f"checkpoint: {cost['bytes']:,} bytes ({cost['format']}), "
-            f"dense {cost['dense_bytes']:,}"
+            f"checkpoint: {cost['bytes']:,} bytes ({cost['format']}), dense {cost['dense_bytes']:,}"
         )
     if json_out is not None:
         plan.save(json_out)
