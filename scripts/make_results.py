@@ -133,6 +133,35 @@ def vs_llmcompressor_gptq(run: dict) -> str:
     )
 
 
+def structure(run: dict) -> str:
+    results = run["results"]
+    dense, rows = results["dense"], results["rows"]
+    parts = []
+    for params in sorted({r["params"] for r in rows}, reverse=True):
+        ours = _find(rows, params=params, variant="prunella")
+        depth = _find(rows, params=params, variant="shortgpt")
+        channels = _find(rows, params=params, variant="channels")
+        better = min(depth["perplexity"], channels["perplexity"])
+        parts.append(
+            f"{params:.0%} of the blocks' parameters: Prunella {ours['perplexity']:.2f} "
+            f"({ours['perplexity'] / better:.3f} × the better baseline), ShortGPT "
+            f"{depth['perplexity']:.2f}, uniform channels {channels['perplexity']:.2f}; decode "
+            f"{ours['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f} × dense"
+        )
+    return f"dense {dense['perplexity']:.2f}; " + "; ".join(parts)
+
+
+def vs_llmcompressor_reap(run: dict) -> str:
+    results = run["results"]
+    families = sorted({r["family"] for r in results["rows"]})
+    return (
+        f"REAP's experts, tiny {', '.join(families)}: the same as llm-compressor's in "
+        f"{results['matched_same_attention']} of {results['blocks']} blocks on the attention "
+        f"it ran ({results['matched']} of {results['blocks']} with causal attention: "
+        "llm-compressor 0.14 ran some of them without the causal mask)"
+    )
+
+
 def high_sparsity(run: dict) -> str:
     rows = _rows(run)
     parts = []
@@ -196,6 +225,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
     ("vs_llmcompressor_gptq.json", vs_llmcompressor_gptq, "[bits](bits.md)"),
+    ("vs_llmcompressor_reap.json", vs_llmcompressor_reap, "[structure](structure.md#experts)"),
     ("calibration_scale.json", calibration, "[calibration data](calibration-data.md)"),
     ("high_sparsity_smollm2.json", high_sparsity, "[high sparsity](high-sparsity.md)"),
     ("search_smollm2.json", search, "[search](search.md)"),

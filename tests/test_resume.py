@@ -509,3 +509,19 @@ def test_recipe_round_trip(deep_llama, tmp_path):
     )
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_structure_cut_then_pruned_resumes_to_the_same_model(deep_llama, tmp_path):
+    """--params cuts the model before the block loop; a killed run re-cuts it (the same
+    cut: same windows, same statistics) and resumes the pruning of the smaller blocks."""
+    extra = ("--params", "0.8", "--fitness-tokens", "96")
+    reference = tmp_path / "reference"
+    assert main(args(deep_llama, reference, *extra)) == 0
+    out = tmp_path / "out"
+    killed = run_killed(args(deep_llama, out, *extra), block=2)
+    assert killed.returncode == -9, killed.stderr
+    assert main(args(deep_llama, out, *extra, "--resume")) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["resumed_from_block"] == 3
+    assert report["structure"]["kept_fraction"] <= 0.8
+    assert_weights_equal(out, weights(reference))

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from prunella.cli import main
 from prunella.errors import PrunellaError
 from prunella.methods import structure
-from prunella.methods.structure import cut, layout, reap, shortgpt, slimgpt
+from prunella.methods.structure import cut, evopress, layout, reap, shortgpt, slimgpt
 
 CPU = torch.device("cpu")
 
@@ -325,3 +325,35 @@ def test_experts_that_a_token_needs_are_never_removed():
         structure.shrink(model, windows(), recipe(params=0.2, cut="experts"), CPU, 4, False)
     with pytest.raises(PrunellaError, match="has no routed experts"):
         structure.shrink(tiny(), windows(), recipe(cut="experts"), CPU, 4, False)
+
+
+def test_evopress_finds_the_blocks_whose_removal_costs_least():
+    """On a fitness that is the sum of known per-block costs, EvoPress's depth search,
+    started from the worst set, ends at the cheapest set; every child keeps the size."""
+    costs = [5.0, 0.3, 4.0, 0.1, 6.0, 3.0, 0.2, 7.0, 2.5, 8.0, 4.5, 9.0]
+    rng = __import__("random").Random(1)
+    for _ in range(50):
+        assert len(evopress.mutate((0, 4, 7), 12, rng)) == 3
+    seen = []
+
+    def fitness(removed, count):
+        seen.append(count)
+        return sum(costs[i] for i in removed)
+
+    worst = (7, 9, 11)
+    found, facts = evopress.search(fitness, worst, 12, (1, 4), minutes=1.0, evaluations=400)
+    assert found == (1, 3, 6) and facts["kl"] == pytest.approx(0.6)
+    assert set(seen) == {1, 4} and facts["evaluations"] >= 400
+
+
+def test_prune_params_with_evopress_searches_which_blocks_go(tmp_path, tokenizer_dir, capsys):
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    out = tmp_path / "out"
+    flags = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "128", "--quiet"]
+    assert main(["prune", str(source), "--out", str(out), "--params", "0.6", "--cut", "depth",
+                 "--allocation", "evopress", "--allocation-opt", "evaluations=30",
+                 *flags]) == 0  # fmt: skip
+    assert "then EvoPress" in capsys.readouterr().out
+    report = json.loads((out / "prune_report.json").read_text())["structure"]
+    assert report["search"]["evaluations"] >= 30 and len(report["removed_blocks"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1

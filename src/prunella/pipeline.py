@@ -329,7 +329,12 @@ def shrink_store(
     source's, for the report and the output checks), and the structure's report."""
     device = pick_device(recipe.device)
     batch = recipe.batch_size or default_batch_size(windows.shape[1], device)
-    smaller, report = structure.shrink(store.model, windows, recipe, device, batch, progress)
+    search = None
+    if recipe.allocation.name == "evopress" and not AXES.asked(recipe):  # else the others'
+        search = {k: recipe.allocation.options[k] for k in ("minutes", "evaluations")}
+    smaller, report = structure.shrink(
+        store.model, windows, recipe, device, batch, progress, search
+    )
     cut = MemoryStore(smaller, adapter_for(smaller))
     cut.path = store.path
     return cut, report
@@ -346,11 +351,11 @@ def check_structure_recipe(recipe: Recipe) -> None:
             "--params with --allocation-file: a plan names the dense model's layers, and the "
             "structure cut renames them; allocate the other axes in the same run instead"
         )
-    if recipe.allocation.name != "uniform" and not AXES.asked(recipe):
+    if recipe.allocation.name not in ("uniform", "evopress") and not AXES.asked(recipe):
         raise PrunellaError(
             f"--allocation {recipe.allocation.name} has nothing to allocate: the structure "
             "axis chooses its depth and width by its own candidate search (KL to the dense "
-            "model); a search over per-block structured variants is not implemented yet"
+            "model), and EvoPress (--allocation evopress) which blocks go"
         )
 
 

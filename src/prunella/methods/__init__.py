@@ -1,8 +1,8 @@
 """Compression axes and the methods that serve them.
 
 An *axis* is one way of compressing a linear layer: sparsity (``sparsity/``, with its
-solvers and ``rows/``) and bits (``bits/``, with its quantizers); structure is next.
-Each is one package, a module that declares:
+solvers and ``rows/``) and bits (``bits/``, with its quantizers). Each is one package, a
+module that declares:
 
 * ``NAME``, ``ORDER`` (where it applies within a layer: structure, then sparsity,
   then bits) and ``DEFAULT`` (whether it applies when a recipe asks for no axis);
@@ -28,6 +28,12 @@ Each is one package, a module that declares:
 A compressor's facts may hold ``tensors``: what the layer keeps beside its weight (the
 bits axis's ``weight_scale``), kept apart from the report, saved with the block in the
 resume folder and handed to the writer of the checkpoint.
+
+The structure axis (``structure/``: blocks, MLP channels, KV groups and experts removed,
+``--params``) is a package too, but not one of these: it changes the model's shapes and
+config rather than one layer's weights, so it runs once, before the block loop, on the
+whole model (:func:`prunella.methods.structure.shrink`), and the axes here then compress
+the smaller model; it brings its recipe fields the same way (``structure.FIELDS``).
 
 Every score-based allocation (:mod:`prunella.methods.allocation`) maps its scores to
 raw ratios, which any axis's ``fit`` turns into levels: adding an axis touches its

@@ -38,6 +38,7 @@ axes (``--sparsity``, ``--bits``) then compress the smaller model in the same ru
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Annotated, Literal
 
 import torch
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ...engine.adapters import adapter_for
 from ...errors import PrunellaError
-from . import reap, shortgpt
+from . import evopress, reap, shortgpt
 from .cut import (
     WIDTH_METHODS,
     Shape,
@@ -194,10 +195,17 @@ def kl_to_dense(model, reference: list[torch.Tensor], windows: torch.Tensor, dev
 
 @torch.no_grad()
 def shrink(
-    model, windows: torch.Tensor, recipe, device, batch_size: int, progress: bool = True
+    model,
+    windows: torch.Tensor,
+    recipe,
+    device,
+    batch_size: int,
+    progress: bool = True,
+    search: dict | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """The smaller model ``recipe.params`` asks for (``model`` is left as it is), and the
-    structure's part of the report."""
+    structure's part of the report. With ``search`` (EvoPress's ``minutes`` and
+    ``evaluations``), EvoPress chooses which blocks the winning depth removes."""
     blocks = adapter_for(model).blocks(model)
     layout, experts = None, {}
     if recipe.cut in ("auto", "width"):
@@ -236,18 +244,39 @@ def shrink(
         width, kv = min(s.width for s in shapes), min(s.kv_groups for s in shapes)
         orders = removal_orders(model, layout, stats, recipe.width_method, width, kv)
     reconstruct = recipe.width_method == "slimgpt"
-    fitness = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
+    scoring = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
     dense = [torch.log_softmax(model(w[None].to(device), use_cache=False).logits[0].float(), -1)
-             for w in fitness]  # fmt: skip
+             for w in scoring]  # fmt: skip
     scored = []
     for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False):
         smaller = build(model, shape, layout, stats, orders, reconstruct, experts)
-        scored.append((kl_to_dense(smaller, dense, fitness, device), shape, smaller))
+        scored.append((kl_to_dense(smaller, dense, scoring, device), shape, smaller))
         if len(scored) > 1:  # keep only the best model so far
             scored.sort(key=lambda s: s[0])
             scored[1] = (*scored[1][:2], None)
     best_kl, best, smaller = min(scored, key=lambda s: s[0])
     candidate_kl = best_kl
+    searched = None
+    if search is not None and best.removed:
+        target = recipe.params * sum(sizes)
+
+        def kl_of(removed: tuple[int, ...], count: int) -> float:
+            shape = replace(best, removed=removed)
+            if kept_params(shape, sizes, layout, per_unit, experts) > target + 1e-9:
+                return math.inf  # (a mixture of experts' dense block kept instead)
+            if not depth_keeps_blocks(model, removed):
+                return math.inf
+            built = build(model, shape, layout, stats, orders, reconstruct, experts)
+            return kl_to_dense(built, dense[:count], scoring[:count], device)
+
+        stages = (max(1, len(dense) // 4), len(dense))
+        removed, searched = evopress.search(
+            kl_of, best.removed, len(sizes), stages, search["minutes"], search["evaluations"]
+        )
+        best = replace(best, removed=removed)
+        del smaller
+        smaller = build(model, best, layout, stats, orders, reconstruct, experts)
+        best_kl = candidate_kl = searched["kl"]
     width_cut = layout is not None and (best.width, best.kv_groups) != (
         layout.width,
         layout.kv_groups,
@@ -259,7 +288,7 @@ def shrink(
             model, best, layout, recipe.width_method, windows, device, batch_size, progress,
             experts, retained,
         )  # fmt: skip
-        best_kl = kl_to_dense(smaller, dense, fitness, device)
+        best_kl = kl_to_dense(smaller, dense, scoring, device)
     total = sum(sizes)
     kept = kept_params(best, sizes, layout, per_unit, experts)
     moe = next(iter(experts.values()), None)
@@ -282,9 +311,10 @@ def shrink(
         "papers": [shortgpt.PAPER]
         + ([WIDTH_METHODS[recipe.width_method].PAPER] if layout is not None else [])
         + ([reap.PAPER] if experts else []),
-        "fitness_tokens": fitness.numel(),
+        "fitness_tokens": scoring.numel(),
         "kl": best_kl,
         "candidate_kl": candidate_kl,
+        "search": searched,
         "block_influence": [round(float(x), 6) for x in stats.influence],
         "candidates": [
             {
@@ -315,6 +345,7 @@ def shrink(
         f"structure: {kept / total:.2%} of the blocks' parameters kept (target "
         f"{recipe.params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks"
         + "".join(f", {x}" for x in shown)
-        + f"; KL {best_kl:.4f} (best of {len(shapes)})"
+        + f"; KL {best_kl:.4f} (best of {len(shapes)}"
+        + (f", then EvoPress: {searched['evaluations']} evaluations)" if searched else ")")
     )
     return smaller, report
