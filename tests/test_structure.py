@@ -275,15 +275,15 @@ def test_reap_saliency_is_the_router_weight_times_the_expert_output_norm():
     experts = {0: reap.experts_of(model, model.model.layers[0])}
     stats = cut.gather(model, calib, None, CPU, 4, progress=False, experts=experts)
     handle.remove()
-    x = torch.cat(seen)
-    probs = torch.softmax(x @ moe.gate.weight.T, -1)
+    x = torch.cat(seen).detach()
+    probs = torch.softmax(x @ moe.gate.weight.detach().T, -1)
     top, index = torch.topk(probs, 2, dim=-1)
     top = top / top.sum(-1, keepdim=True)
     expected = []
     for j in range(4):
         token, slot = (index == j).nonzero(as_tuple=True)
-        gate, up = (x[token] @ moe.experts.gate_up_proj[j].T).chunk(2, dim=-1)
-        out = (torch.nn.functional.silu(gate) * up) @ moe.experts.down_proj[j].T
+        gate, up = (x[token] @ moe.experts.gate_up_proj[j].detach().T).chunk(2, dim=-1)
+        out = (torch.nn.functional.silu(gate) * up) @ moe.experts.down_proj[j].detach().T
         expected.append(float((top[token, slot] * out.norm(dim=-1)).mean()))
     assert stats.saliency[0].tolist() == pytest.approx(expected, rel=1e-4)
     assert reap.removal_order(torch.tensor(expected), 3) == [

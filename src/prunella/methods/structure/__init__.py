@@ -251,9 +251,8 @@ def shrink(
     for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False):
         smaller = build(model, shape, layout, stats, orders, reconstruct, experts)
         scored.append((kl_to_dense(smaller, dense, scoring, device), shape, smaller))
-        if len(scored) > 1:  # keep only the best model so far
-            scored.sort(key=lambda s: s[0])
-            scored[1] = (*scored[1][:2], None)
+        scored.sort(key=lambda s: s[0])  # keep only the best model so far
+        scored[1:] = [(kl, shape, None) for kl, shape, _ in scored[1:]]
     best_kl, best, smaller = min(scored, key=lambda s: s[0])
     candidate_kl = best_kl
     searched = None
