@@ -82,6 +82,32 @@ def evaluate(model: str, a) -> dict:
     return json.loads(out)
 
 
+def table(dense: dict, rows: list[dict], a) -> None:
+    """The Markdown table of a run (``a``: its arguments), and the ratio to the better
+    baseline per budget."""
+    print(f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}), "
+          f"perplexity and KL on {a.data} at {a.seqlen}; decode: {a.new} tokens after a "
+          f"{a.prompt}-token prompt, batch 1, median of {a.repeats}\n")  # fmt: skip
+    print("| params kept | variant | blocks | MLP | KV heads | block params | ppl | KL | "
+          "MiB | prefill tok/s | decode tok/s | decode vs dense | peak RSS MiB | "
+          "prune s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in [{"params": 1.0, "variant": "dense", **dense}, *rows]:
+        mib = f"{r['checkpoint_bytes'] / 2**20:.1f}" if r.get("checkpoint_bytes") else "-"
+        print(f"| {r['params']:.0%} | {r['variant']} | {r['blocks']} | "
+              f"{r['intermediate_size']} | {r['kv_heads']} | {r['block_parameters']:,} | "
+              f"{r['perplexity']:.3f} | {r.get('kl_to_reference', 0.0):.4f} | {mib} | "
+              f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+              f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.3f}x | "
+              f"{r['peak_rss_mb']:.0f} | {r.get('prune_seconds', 0):.0f} |")  # fmt: skip
+    for params in sorted({r["params"] for r in rows}, reverse=True):
+        same = {r["variant"]: r for r in rows if r["params"] == params}
+        baselines = [same[v]["perplexity"] for v in ("shortgpt", "channels") if v in same]
+        if "prunella" in same and baselines:
+            ratio = same["prunella"]["perplexity"] / min(baselines)
+            print(f"\n{params:.0%}: Prunella's perplexity is {ratio:.3f}x the better baseline's")
+
+
 def main() -> None:
     parser = smollm2_parser(__doc__)
     parser.add_argument("--params", default="0.8,0.7", help="fractions kept, comma-separated")
@@ -90,7 +116,13 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="tokens decoded")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--print", type=Path, help="only print the table of a JSON written before")
     a = parser.parse_args()
+    if a.print is not None:
+        run = json.loads(a.print.read_text())
+        argv = run["command"].split()[2:]
+        table(**run["results"], a=parser.parse_args(argv))
+        return
 
     dense = evaluate(a.model, a)
     rows, outs = [], []
@@ -127,27 +159,7 @@ def main() -> None:
             dense[f"{key}_first_last"] = [first[key], last[key]]
         dense["checkpoint_bytes"] = None
 
-    print(f"SmolLM2-135M, {a.nsamples} x {a.seqlen} calibration tokens ({a.calib}), "
-          f"perplexity and KL on {a.data} at {a.seqlen}; decode: {a.new} tokens after a "
-          f"{a.prompt}-token prompt, batch 1, median of {a.repeats}\n")  # fmt: skip
-    print("| params kept | variant | blocks | MLP | KV heads | block params | ppl | KL | "
-          "MiB | prefill tok/s | decode tok/s | decode vs dense | peak RSS MiB | "
-          "prune s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in [{"params": 1.0, "variant": "dense", **dense}, *rows]:
-        mib = f"{r['checkpoint_bytes'] / 2**20:.1f}" if r.get("checkpoint_bytes") else "-"
-        print(f"| {r['params']:.0%} | {r['variant']} | {r['blocks']} | "
-              f"{r['intermediate_size']} | {r['kv_heads']} | {r['block_parameters']:,} | "
-              f"{r['perplexity']:.3f} | {r.get('kl', 0.0):.4f} | {mib} | "
-              f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-              f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.3f}x | "
-              f"{r['peak_rss_mb']:.0f} | {r.get('prune_seconds', 0):.0f} |")  # fmt: skip
-    for params in sorted({r["params"] for r in rows}, reverse=True):
-        same = {r["variant"]: r for r in rows if r["params"] == params}
-        baselines = [same[v]["perplexity"] for v in ("shortgpt", "channels") if v in same]
-        if "prunella" in same and baselines:
-            ratio = same["prunella"]["perplexity"] / min(baselines)
-            print(f"\n{params:.0%}: Prunella's perplexity is {ratio:.3f}x the better baseline's")
+    table(dense, rows, a)
     record.write(a.json, {"dense": dense, "rows": rows})
 
 

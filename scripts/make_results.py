@@ -225,6 +225,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
     ("vs_llmcompressor_gptq.json", vs_llmcompressor_gptq, "[bits](bits.md)"),
+    ("structure_smollm2.json", structure, "[structure](structure.md#results)"),
     ("vs_llmcompressor_reap.json", vs_llmcompressor_reap, "[structure](structure.md#experts)"),
     ("calibration_scale.json", calibration, "[calibration data](calibration-data.md)"),
     ("high_sparsity_smollm2.json", high_sparsity, "[high sparsity](high-sparsity.md)"),
