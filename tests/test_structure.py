@@ -199,6 +199,12 @@ def test_prune_params_writes_a_smaller_checkpoint(tmp_path, tokenizer_dir, capsy
     assert config["num_hidden_layers"] == report["structure"]["blocks"]
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert sum(cut.block_params(loaded)) == report["structure"]["kept_params"]
+    # evaluated in the same run: the dense model before the cut, the smaller one after
+    evaluated = tmp_path / "evaluated"
+    assert main(["prune", str(source), "--out", str(evaluated), "--params", "0.7", *flags,
+                 "--eval-data", "sample-eval", "--eval-max-windows", "2"]) == 0  # fmt: skip
+    evaluation = json.loads((evaluated / "prune_report.json").read_text())["evaluation"]
+    assert evaluation["perplexity"] != evaluation["dense_perplexity"]
     # composed: the smaller model is then pruned to 50%
     both = tmp_path / "both"
     assert main(["prune", str(source), "--out", str(both), "--params", "0.9",
