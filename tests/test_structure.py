@@ -363,3 +363,18 @@ def test_prune_params_with_evopress_searches_which_blocks_go(tmp_path, tokenizer
     report = json.loads((out / "prune_report.json").read_text())["structure"]
     assert report["search"]["evaluations"] >= 30 and len(report["removed_blocks"]) == 2
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_a_cut_then_quantized_keeps_a_width_that_a_group_divides(tmp_path, tokenizer_dir):
+    """With --bits the MLP width is a multiple of 32 (128 * 0.7 would leave 70 channels,
+    which no quantization group divides), and the compressed-tensors checkpoint loads."""
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    out = tmp_path / "out"
+    flags = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "64", "--quiet"]
+    assert main(["prune", str(source), "--out", str(out), "--params", "0.7", "--cut", "width",
+                 "--bits", "4", "--group-size", "32", *flags]) == 0  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["structure"]["intermediate_size"] == 64
+    assert report["structure"]["kept_fraction"] <= 0.7
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.intermediate_size == 64

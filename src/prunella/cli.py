@@ -129,11 +129,12 @@ def prune_command(model, recipe, resume, restart, overwrite, quiet, **values) ->
     _, report = run(
         options, overwrite=overwrite, resume=resume, restart=restart, progress=not quiet
     )
-    click.echo(
-        f"compressed {report['prunable_parameters']:,} weights to "
-        + "; ".join(axis["summary"] for axis in report["axes"].values())
-        + f" in {report['wall_seconds']:.1f}s -> {options.out}"
-    )
+    axes = dict(report["axes"])
+    done = [axes.pop("structure")["summary"]] if "structure" in axes else []  # a cut first
+    if axes:
+        summaries = "; ".join(axis["summary"] for axis in axes.values())
+        done.append(f"compressed {report['prunable_parameters']:,} weights to {summaries}")
+    click.echo("; then ".join(done) + f" in {report['wall_seconds']:.1f}s -> {options.out}")
     notes = report["notes"]
     for note in notes[:5]:
         click.echo(f"note: {note}", err=True)

@@ -18,7 +18,8 @@ How (each step its paper's module):
 3. the candidates (:func:`candidates`): for every depth ``d`` from 0 to the depth that
    alone meets the budget, the ``d`` blocks of least influence removed and, for each
    number of KV groups from all down to half, the widest MLP that meets the budget
-   (exactly, to one channel per block); ``--cut depth`` keeps only the depth-only
+   (exactly, to one channel per block; with ``--bits``, to a multiple of 32 channels,
+   so that a quantization group divides it); ``--cut depth`` keeps only the depth-only
    candidate (ShortGPT), ``--cut width`` only those at full depth;
 4. each candidate is built from those one-pass statistics (:func:`.cut.build`:
    consumers refit by least squares) and scored by its KL divergence to the dense model
@@ -62,6 +63,7 @@ from .cut import (
 from .layout import Layout
 
 NAME = "structure"
+WIDTH_MULTIPLE = 32  # with --bits: the narrowest group the bits axis takes, and GGML's block
 
 
 def check_params(params: float | None) -> float | None:
@@ -119,10 +121,11 @@ def candidates(
     params: float,
     cut: str,
     experts: dict[int, reap.Experts] | None = None,
+    multiple: int = 1,
 ) -> list[Shape]:
     """Every shape the search compares: per depth, per number of KV groups, the widest
-    MLP (or, in a mixture of experts, the most experts) whose blocks' parameters are at
-    most ``params`` of the dense ones."""
+    MLP (a multiple of ``multiple`` channels; or, in a mixture of experts, the most
+    experts) whose blocks' parameters are at most ``params`` of the dense ones."""
     target = params * sum(sizes)
     per_channel, per_group = per_unit
     experts = experts or {}
@@ -150,8 +153,9 @@ def candidates(
         for kv in range(layout.kv_groups, fewest - 1, -1):
             rest = kept - blocks * (layout.kv_groups - kv) * per_group
             channels = max(0, math.ceil((rest - target) / (blocks * per_channel) - 1e-12))
-            if channels < layout.width:
-                shapes.append(Shape(removed, layout.width - channels, kv))
+            width = (layout.width - channels) // multiple * multiple
+            if width > 0:
+                shapes.append(Shape(removed, width, kv))
     if not shapes:
         raise PrunellaError(
             f"--params {params:g}: no structure keeps at most {params:.1%} of the blocks' "
@@ -229,8 +233,10 @@ def shrink(
     sizes = block_params(model)
     per_unit = layout.per_unit(blocks[0]) if layout is not None else (0, 0)
     stats = gather(model, windows, layout, device, batch_size, progress, experts)
+    # quantized after the cut: an MLP width that a quantization group (32) divides
+    multiple = WIDTH_MULTIPLE if getattr(recipe, "bits", None) is not None else 1
     shapes = candidates(
-        sizes, stats.influence, layout, per_unit, recipe.params, recipe.cut, experts
+        sizes, stats.influence, layout, per_unit, recipe.params, recipe.cut, experts, multiple
     )
     shapes = [s for s in shapes if depth_keeps_blocks(model, s.removed)]
     if not shapes:
