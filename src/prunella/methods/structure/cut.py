@@ -95,13 +95,7 @@ def gather(
         return hook
 
     def gram(key):
-        def hook(module, args):
-            x = args[0].detach().flatten(0, -2).float()
-            if key not in grams:
-                grams[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            grams[key].addmm_(x.T, x)
-
-        return hook
+        return lambda module, args: add_gram(grams, key, args[0])
 
     for i, block in enumerate(blocks):
         hooks.append(block.register_forward_pre_hook(before(i), with_kwargs=True))
@@ -358,20 +352,21 @@ def build_sequential(
 def input_gram(layer: nn.Module, acts: Activations, block: nn.Module, i: int) -> torch.Tensor:
     """``sum_t x_t x_t^T`` of ``layer``'s inputs while ``acts`` run through ``block`` (block
     ``i``), float32 on CPU."""
-    gram = []
-
-    def hook(module, args):
-        x = args[0].detach().flatten(0, -2).float()
-        if not gram:
-            gram.append(torch.zeros(x.shape[1], x.shape[1], device=x.device))
-        gram[0].addmm_(x.T, x)
-
-    handle = layer.register_forward_pre_hook(hook)
+    gram: dict[str, torch.Tensor] = {}
+    handle = layer.register_forward_pre_hook(lambda module, args: add_gram(gram, "x", args[0]))
     try:
         acts.forward(block, i, update=False)
     finally:
         handle.remove()
-    return gram[0].cpu()
+    return gram["x"].cpu()
+
+
+def add_gram(sums: dict, key, inputs: torch.Tensor) -> None:
+    """``sums[key] += X^T X`` for the inputs ``X`` (``[..., in]``, float32), started at zero."""
+    x = inputs.detach().flatten(0, -2).float()
+    if key not in sums:
+        sums[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    sums[key].addmm_(x.T, x)
 
 
 def _tied(model: nn.Module) -> set[str]:
