@@ -4,6 +4,7 @@ that transformers loads; each step checked against what it claims to compute."""
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -347,7 +348,7 @@ def test_evopress_finds_the_blocks_whose_removal_costs_least():
         return sum(costs[i] for i in removed)
 
     worst = (7, 9, 11)
-    found, facts = evopress.search(fitness, worst, 12, (1, 4), minutes=1.0, evaluations=400)
+    found, facts = evopress.depth_search(fitness, worst, 12, (1, 4), minutes=1.0, evaluations=400)
     assert found == (1, 3, 6) and facts["kl"] == pytest.approx(0.6)
     assert set(seen) == {1, 4} and facts["evaluations"] >= 400
 
@@ -378,3 +379,99 @@ def test_a_cut_then_quantized_keeps_a_width_that_a_group_divides(tmp_path, token
     assert report["structure"]["kept_fraction"] <= 0.7
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.config.intermediate_size == 64
+
+
+def test_the_joint_search_trades_depth_for_width_and_stays_in_range():
+    """Depth and width together: from the full-depth start the joint search finds the
+    one block whose removal (with the wider MLP it buys) costs least, and the best KV
+    count; every mutation keeps at least one block and the KV groups in range."""
+    rng = __import__("random").Random(3)
+    genome = ((), 4)
+    for _ in range(300):
+        genome = evopress.mutate_joint(genome, 6, (2, 4), rng)
+        assert len(genome[0]) < 6 and 2 <= genome[1] <= 4
+        assert list(genome[0]) == sorted(set(genome[0]))
+    costs = [5.0, 3.0, 0.5, 4.0, 6.0, 2.0]
+
+    def fitness(genome, count):
+        removed, kv = genome
+        width_cost = 10.0 if not removed else 0.0  # a block removed buys back the width
+        return sum(costs[i] for i in removed) + width_cost + abs(kv - 3)
+
+    found, facts = evopress.joint_search(fitness, ((), 4), 6, (2, 4), 2, (1, 4), 1.0, 300)
+    assert found == ((2,), 3) and facts["kl"] == pytest.approx(0.5)
+    assert facts["started_from"] == {"removed_blocks": [], "kv_groups": 4}
+
+
+def test_evopress_on_a_width_cut_searches_depth_and_width_together():
+    """With --cut auto and --allocation evopress the search may change the depth; its
+    choice meets the budget, and its KL is at most the best candidate's."""
+    model, calib = tiny(), windows(8)
+    asked = recipe(params=0.75, fitness_tokens=128)
+    search = {"minutes": 1.0, "evaluations": 40}
+    smaller, report = structure.shrink(model, calib, asked, CPU, 4, False, search)
+    assert report["search"]["joint"] and report["search"]["evaluations"] >= 40
+    best_candidate = min(c["kl"] for c in report["candidates"])
+    assert report["candidate_kl"] <= best_candidate + 1e-9
+    assert report["kept_fraction"] <= 0.75
+    assert sum(cut.block_params(smaller)) == report["kept_params"]
+    assert smaller.config.intermediate_size == report["intermediate_size"]
+
+
+def tensor_bytes(folder) -> int:
+    """The bytes of every tensor in the folder's safetensors files."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                tensor = f.get_slice(name)
+                size = torch.tensor([], dtype=getattr(torch, _dtype(tensor.get_dtype())))
+                total += math.prod(tensor.get_shape()) * size.element_size()
+    return total
+
+
+def _dtype(name: str) -> str:
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I32": "int32",
+            "I64": "int64", "I8": "int8", "U8": "uint8"}[name]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fraction, flags",
+    [(0.8, []), (0.9, ["--bits", "4", "--group-size", "32"])],
+    ids=["hf", "compressed-tensors"],
+)
+def test_params_as_a_size_keeps_the_weights_within_it(tmp_path, tokenizer_dir, fraction, flags):
+    """--params 300KB: the checkpoint's tensors take at most that (plain float32 weights,
+    or 4-bit codes with their scales), the report's count is the file's, and the cut is
+    no deeper than the size needs (one more unit of width would not fit)."""
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    common = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "64", "--quiet"]
+    dense_out = tmp_path / "dense"
+    assert main(["prune", str(source), "--out", str(dense_out), *flags, *common,
+                 *(["--sparsity", "0"] if not flags else [])]) == 0  # fmt: skip
+    size = int(fraction * tensor_bytes(dense_out))
+    out = tmp_path / "out"
+    assert main(["prune", str(source), "--out", str(out), "--params", f"{size}B", "--cut",
+                 "width", *flags, *common]) == 0  # fmt: skip
+    written = tensor_bytes(out)
+    report = json.loads((out / "prune_report.json").read_text())["structure"]
+    assert written <= size and report["weight_bytes"] == written
+    assert report["size_target"] == size and report["params_target"] < 1
+    step = 32 if flags else 1  # channels: with --bits a group's worth
+    per_channel = 3 * 64 * (0.5625 if flags else 4)  # gate and up rows, a down column
+    assert written > size - 3 * step * per_channel - 3 * 2 * 16 * 64 * (0.5625 if flags else 4)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.intermediate_size == report["intermediate_size"]
+
+
+def test_a_size_that_cannot_be_met_or_needs_nothing_is_one_line(tmp_path, tokenizer_dir, capsys):
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    common = ["--nsamples", "8", "--seqlen", "32", "--quiet"]
+    for size, problem in [("1GB", "nothing to cut"), ("100KB", "outside the blocks' linear"),
+                          ("12XB", "a size with its unit")]:  # fmt: skip
+        out = tmp_path / "out"
+        assert main(["prune", str(source), "--out", str(out), "--params", size, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert problem in err and len(err.splitlines()) == 1 and not out.exists()

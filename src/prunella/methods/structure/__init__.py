@@ -25,7 +25,10 @@ How (each step its paper's module):
    consumers refit by least squares) and scored by its KL divergence to the dense model
    on the first ``--fitness-tokens`` calibration tokens, the fitness of EvoPress; the
    lowest wins;
-5. with SlimGPT, the winner is cut again block by block (:func:`.cut.build_sequential`:
+5. with ``--allocation evopress``, EvoPress searches on from the winner
+   (:mod:`.evopress`): which blocks go and, with ``--cut auto``, how many, with the KV
+   groups, the MLP width following from the budget (depth and width together);
+6. with SlimGPT, the winner is cut again block by block (:func:`.cut.build_sequential`:
    each block ranked and refit on the activations of the blocks before it as cut, the
    paper's order), which the one-pass statistics stand in for while comparing.
 
@@ -66,7 +69,18 @@ NAME = "structure"
 WIDTH_MULTIPLE = 32  # with --bits: the narrowest group the bits axis takes, and GGML's block
 
 
-def check_params(params: float | None) -> float | None:
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def check_params(params: float | str | None) -> float | str | None:
+    """``--params``: a fraction in (0, 1] (a float), or a size of the checkpoint's
+    weights with its unit (``400MB``, ``0.4GB``, ``380MiB``: kept as written)."""
+    if isinstance(params, str):
+        try:
+            params = float(params)
+        except ValueError:
+            size_bytes(params)  # a size, or one line
+            return params.strip()
     if params is not None and not 0.0 < params <= 1.0:
         raise PrunellaError(
             f"params is the fraction of the decoder blocks' parameters kept, in (0, 1], "
@@ -75,13 +89,30 @@ def check_params(params: float | None) -> float | None:
     return params
 
 
+def size_bytes(size: str) -> int:
+    """The bytes of a size such as ``400MB``, ``0.4GB``, ``380MiB`` or ``1000000B``."""
+    text = size.strip().upper().replace(" ", "")
+    unit = next((u for u in sorted(UNITS, key=len, reverse=True) if text.endswith(u)), None)
+    try:
+        number = float(text.removesuffix(unit)) if unit else math.nan
+    except ValueError:
+        number = math.nan
+    if not number > 0 or not math.isfinite(number):
+        raise PrunellaError(
+            f"params is a fraction in (0, 1] or a size with its unit (400MB, 0.4GB, "
+            f"380MiB), got {size!r}"
+        )
+    return int(number * UNITS[unit])
+
+
 FIELDS = {
     "params": (
-        Annotated[float | None, AfterValidator(check_params)],
+        Annotated[float | str | None, AfterValidator(check_params)],
         Field(
             None,
-            description="Fraction of the decoder blocks' parameters kept, in (0, 1]: blocks "
-            "removed, MLP channels and KV groups cut (a smaller model).",
+            description="Fraction of the decoder blocks' parameters kept, in (0, 1], or the "
+            "size of the checkpoint's weights (400MB, 0.4GB, 380MiB): blocks removed, MLP "
+            "channels and KV groups cut (a smaller model).",
         ),
     ),
     "cut": (
@@ -113,6 +144,114 @@ FIELDS = {
 }
 
 
+GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+              "q4_1": 20 / 32, "q4_0": 18 / 32}  # fmt: skip  # bytes per weight, GGML's blocks
+
+
+def weight_bytes(recipe, element: int) -> tuple[float, float, float]:
+    """Bytes per parameter as the recipe's ``--format`` writes them: a decoder block's
+    linear weight, any other parameter of a block (norms, biases), a parameter outside
+    the blocks (embeddings, head, final norm); ``element`` is the model's. With
+    ``--bits`` the linear weight's code and scales at the narrowest group a cut width
+    may leave (32, :data:`WIDTH_MULTIPLE`), or the allocated average."""
+    from ..bits import bits_per_weight
+
+    fmt, bits = recipe.format, getattr(recipe, "bits", None)
+    if fmt == "sparse-bitmask":
+        raise PrunellaError(
+            "--params as a size with --format sparse-bitmask: its bytes depend on the "
+            "sparsity allocated after the cut; give --params as a fraction"
+        )
+    ggml = fmt == "gguf"
+    if bits is None or fmt == "hf":  # dense weights (hf: quantized values, dense)
+        linear = GGUF_BYTES[recipe.gguf_type] if ggml else float(element)
+    elif recipe.allocation.name != "uniform":  # an average, scales counted
+        linear = bits / 8
+    else:
+        group = min(recipe.group_size, WIDTH_MULTIPLE)
+        linear = bits_per_weight(int(bits), group, recipe.symmetric, ggml) / 8
+    if not ggml:
+        return linear, float(element), float(element)
+    edge = recipe.gguf_type if bits is None and recipe.gguf_type in ("f32", "f16") else "q8_0"
+    return linear, 4.0, GGUF_BYTES[edge]  # norms and biases in F32
+
+
+def parameter_kinds(model) -> tuple[int, int, int, int]:
+    """The parameters outside the decoder blocks, the blocks' non-linear ones (norms,
+    biases, routers), the blocks' linear weights, and the number of linear layers."""
+    adapter = adapter_for(model)
+    layers = [m for b in adapter.blocks(model) for m in adapter.linears(b).values()]
+    linear = sum(m.weight.numel() for m in layers)
+    inside = sum(block_params(model))
+    total = sum(p.numel() for p in model.parameters())
+    return total - inside, inside - linear, linear, len(layers)
+
+
+def fixed_bytes(model, recipe) -> tuple[float, float, int]:
+    """What the weights cost besides the blocks' linear weights (the bytes outside the
+    blocks, the blocks' other parameters, and in compressed-tensors each quantized
+    layer's 16-byte shape), the bytes of one linear weight, and the linear weights."""
+    outside, other, linear, layers = parameter_kinds(model)
+    c_linear, c_other, c_outside = weight_bytes(recipe, next(model.parameters()).element_size())
+    shapes = 16 * layers if recipe.format == "compressed-tensors" and recipe.bits else 0
+    return c_outside * outside + c_other * other + shapes, c_linear, linear
+
+
+def written_bytes(model, recipe) -> float:
+    """The bytes of ``model``'s weights as :func:`weight_bytes` counts them."""
+    fixed, c_linear, linear = fixed_bytes(model, recipe)
+    return fixed + c_linear * linear
+
+
+def params_for_size(model, size: int, recipe) -> float:
+    """The fraction of the blocks' parameters that a checkpoint of at most ``size``
+    bytes of weights keeps (:func:`weight_bytes`): with ``P_o`` parameters outside the
+    blocks, ``B_n`` non-linear and ``B_l`` linear ones in them, at ``c_o``, ``c_n``,
+    ``c_l`` bytes each,
+
+        params = (B_n + (size - c_o P_o - c_n B_n) / c_l) / (B_n + B_l),
+
+    met from below: a removed block's norms are counted as kept, and they cost at least
+    what its linear weights do."""
+    fixed, c_linear, linear = fixed_bytes(model, recipe)
+    other = parameter_kinds(model)[1]
+    if size >= written_bytes(model, recipe):
+        raise PrunellaError(
+            f"--params {recipe.params}: the weights already take "
+            f"{written_bytes(model, recipe) / 1e6:.1f} MB ({recipe.format}), nothing to cut"
+        )
+    if size <= fixed:
+        raise PrunellaError(
+            f"--params {recipe.params}: the weights outside the blocks' linear layers "
+            f"alone take {fixed / 1e6:.1f} MB ({recipe.format})"
+        )
+    return (other + (size - fixed) / c_linear) / (other + linear)
+
+
+def widest_mlp(
+    sizes: list[int],
+    removed: tuple[int, ...],
+    kv: int,
+    layout: Layout,
+    per_unit: tuple[int, int],
+    params: float,
+    multiple: int = 1,
+) -> int:
+    """The widest MLP (a multiple of ``multiple`` channels) that keeps the blocks'
+    parameters at most ``params`` of the dense ones when the blocks ``removed`` go and
+    the others keep ``kv`` KV groups (0 or less: none does)::
+
+        width = W - ceil((kept(removed) - blocks * (G - kv) * p_kv - params * total)
+                         / (blocks * p_channel))
+    """
+    target = params * sum(sizes)
+    kept = sum(sizes) - sum(sizes[i] for i in removed)
+    blocks = len(sizes) - len(removed)
+    rest = kept - blocks * (layout.kv_groups - kv) * per_unit[1]
+    channels = max(0, math.ceil((rest - target) / (blocks * per_unit[0]) - 1e-12))
+    return (layout.width - channels) // multiple * multiple
+
+
 def candidates(
     sizes: list[int],
     influence: torch.Tensor,
@@ -127,7 +266,6 @@ def candidates(
     MLP (a multiple of ``multiple`` channels; or, in a mixture of experts, the most
     experts) whose blocks' parameters are at most ``params`` of the dense ones."""
     target = params * sum(sizes)
-    per_channel, per_group = per_unit
     experts = experts or {}
     shapes = []
     for depth in range(len(sizes)):
@@ -148,12 +286,9 @@ def candidates(
                 shapes.append(Shape(removed, *full, experts=count))
         if cut == "depth" or layout is None:
             continue
-        blocks = len(sizes) - depth
         fewest = math.ceil(layout.kv_groups / 2) if layout.heads else layout.kv_groups
         for kv in range(layout.kv_groups, fewest - 1, -1):
-            rest = kept - blocks * (layout.kv_groups - kv) * per_group
-            channels = max(0, math.ceil((rest - target) / (blocks * per_channel) - 1e-12))
-            width = (layout.width - channels) // multiple * multiple
+            width = widest_mlp(sizes, removed, kv, layout, per_unit, params, multiple)
             if width > 0:
                 shapes.append(Shape(removed, width, kv))
     if not shapes:
@@ -209,7 +344,13 @@ def shrink(
 ) -> tuple[torch.nn.Module, dict]:
     """The smaller model ``recipe.params`` asks for (``model`` is left as it is), and the
     structure's part of the report. With ``search`` (EvoPress's ``minutes`` and
-    ``evaluations``), EvoPress chooses which blocks the winning depth removes."""
+    ``evaluations``), EvoPress searches on from the winning candidate: depth and width
+    together (:func:`.evopress.joint_search`) where ``--cut auto`` cuts widths, else
+    which blocks the winning depth removes (:func:`.evopress.depth_search`)."""
+    params, size = recipe.params, None
+    if isinstance(params, str):  # a size of the checkpoint's weights
+        size = size_bytes(params)
+        params = params_for_size(model, size, recipe)
     blocks = adapter_for(model).blocks(model)
     layout, experts = None, {}
     if recipe.cut in ("auto", "width"):
@@ -233,15 +374,16 @@ def shrink(
     sizes = block_params(model)
     per_unit = layout.per_unit(blocks[0]) if layout is not None else (0, 0)
     stats = gather(model, windows, layout, device, batch_size, progress, experts)
-    # quantized after the cut: an MLP width that a quantization group (32) divides
-    multiple = WIDTH_MULTIPLE if getattr(recipe, "bits", None) is not None else 1
+    # quantized after the cut, or in GGML's blocks: a width that a group (32) divides
+    quantized = getattr(recipe, "bits", None) is not None
+    multiple = WIDTH_MULTIPLE if quantized or getattr(recipe, "format", "") == "gguf" else 1
     shapes = candidates(
-        sizes, stats.influence, layout, per_unit, recipe.params, recipe.cut, experts, multiple
+        sizes, stats.influence, layout, per_unit, params, recipe.cut, experts, multiple
     )
     shapes = [s for s in shapes if depth_keeps_blocks(model, s.removed)]
     if not shapes:
         raise PrunellaError(
-            f"--params {recipe.params:g}: {model.config.model_type}'s config places block "
+            f"--params {params:g}: {model.config.model_type}'s config places block "
             "kinds by index, so removing blocks would change the others; only --cut "
             "width or experts can meet this budget, if any"
         )
@@ -262,23 +404,43 @@ def shrink(
     best_kl, best, smaller = min(scored, key=lambda s: s[0])
     candidate_kl = best_kl
     searched = None
-    if search is not None and best.removed:
-        target = recipe.params * sum(sizes)
+    joint = layout is not None and recipe.cut == "auto" and not best.experts
+    if search is not None and (joint or best.removed):
+        target = params * sum(sizes)
+        narrowest = min((s.width for s in shapes if s.width), default=0)  # the orders' floor
 
-        def kl_of(removed: tuple[int, ...], count: int) -> float:
-            shape = replace(best, removed=removed)
+        def kl_of(shape: Shape | None, count: int) -> float:
+            if shape is None:
+                return math.inf
             if kept_params(shape, sizes, layout, per_unit, experts) > target + 1e-9:
                 return math.inf  # (a mixture of experts' dense block kept instead)
-            if not depth_keeps_blocks(model, removed):
+            if not depth_keeps_blocks(model, shape.removed):
                 return math.inf
             built = build(model, shape, layout, stats, orders, reconstruct, experts)
             return kl_to_dense(built, dense[:count], scoring[:count], device)
 
+        def shape_of(genome: evopress.Genome) -> Shape | None:
+            removed, kv = genome
+            width = widest_mlp(sizes, removed, kv, layout, per_unit, params, multiple)
+            return Shape(removed, width, kv) if width >= narrowest else None
+
         stages = (max(1, len(dense) // 4), len(dense))
-        removed, searched = evopress.search(
-            kl_of, best.removed, len(sizes), stages, search["minutes"], search["evaluations"]
-        )
-        best = replace(best, removed=removed)
+        options = (stages, search["minutes"], search["evaluations"])
+        if joint:  # depth and width together
+            kv_range = (min(s.kv_groups for s in shapes), layout.kv_groups)
+            deepest = max(len(s.removed) for s in shapes)
+            genome, searched = evopress.joint_search(
+                lambda g, n: kl_of(shape_of(g), n), (best.removed, best.kv_groups),
+                len(sizes), kv_range, deepest, *options,
+            )  # fmt: skip
+            best = shape_of(genome)
+        else:  # which blocks go, the depth and width the candidates chose
+            removed, searched = evopress.depth_search(
+                lambda r, n: kl_of(replace(best, removed=r), n), best.removed, len(sizes),
+                *options,
+            )  # fmt: skip
+            best = replace(best, removed=removed)
+        searched["joint"] = joint
         del smaller
         smaller = build(model, best, layout, stats, orders, reconstruct, experts)
         best_kl = candidate_kl = searched["kl"]
@@ -298,7 +460,9 @@ def shrink(
     kept = kept_params(best, sizes, layout, per_unit, experts)
     moe = next(iter(experts.values()), None)
     report = {
-        "params_target": recipe.params,
+        "params_target": params,
+        "size_target": size,
+        "weight_bytes": written_bytes(smaller, recipe) if size is not None else None,
         "block_params": total,
         "kept_params": kept,
         "kept_fraction": kept / total,
@@ -348,7 +512,12 @@ def shrink(
         shown.append(f"experts {best.experts or moe.count}/{moe.count}")
     report["summary"] = (
         f"structure: {kept / total:.2%} of the blocks' parameters kept (target "
-        f"{recipe.params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks"
+        + (
+            f"{recipe.params}: {report['weight_bytes'] / 1e6:.1f} MB of weights, "
+            if size is not None
+            else ""
+        )
+        + f"{params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks"
         + "".join(f", {x}" for x in shown)
         + f"; KL {best_kl:.4f} (best of {len(shapes)}"
         + (f", then EvoPress: {searched['evaluations']} evaluations)" if searched else ")")
