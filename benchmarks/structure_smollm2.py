@@ -30,6 +30,8 @@ VARIANTS = {
     "prunella": [],
     "shortgpt": ["--cut", "depth"],
     "channels": ["--cut", "width", "--width-method", "magnitude"],
+    # the candidates' winner, then EvoPress over depth and width together
+    "evopress": ["--allocation", "evopress", "--allocation-opt", "minutes=12"],
 }
 
 SPEED = r"""
@@ -111,7 +113,11 @@ def table(dense: dict, rows: list[dict], a) -> None:
 def main() -> None:
     parser = smollm2_parser(__doc__)
     parser.add_argument("--params", default="0.8,0.7", help="fractions kept, comma-separated")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        default="prunella,shortgpt,channels",
+        help=f"comma-separated, of {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new", type=int, default=64, help="tokens decoded")
     parser.add_argument("--repeats", type=int, default=5)
@@ -140,6 +146,7 @@ def main() -> None:
                     "kept_fraction": report["kept_fraction"],
                     "removed_blocks": report["removed_blocks"],
                     "fitness_kl": report["kl"], "candidates": report["candidates"],
+                    "candidate_kl": report["candidate_kl"], "search": report["search"],
                     "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
                     "prune_seconds": pruned["wall_seconds"],
                     "prune_peak_rss_mb": pruned["peak_rss_mb"],
