@@ -61,6 +61,8 @@ def test_an_f32_file_loads_with_the_checkpoints_logits_and_tokenizer(family, tmp
     assert ours(TEXT)["input_ids"] == theirs(TEXT)["input_ids"]
     fields = GGUFReader(file).fields
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    # llama.cpp's own name of GPT-2's split (llama-vocab.cpp): it stops at "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert fields["general.architecture"].contents() == {"llama": "llama"}.get(family, family)
 
 

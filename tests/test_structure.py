@@ -266,9 +266,88 @@ def test_allocate_prints_the_structure_candidates_and_the_choice(tmp_path, token
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:2] == ["removed", "blocks"] and len(out) >= 4
     assert out[-1].startswith("structure: ") and "of the blocks' parameters kept" in out[-1]
-    code = main(["allocate", str(source), "--params", "0.7", "--json", str(tmp_path / "p.json"),
-                 *flags])  # fmt: skip
-    assert code != 0 and "--json with --params" in capsys.readouterr().err
+
+
+def test_a_plan_file_holds_the_structure_per_block_and_prune_applies_it(
+    tmp_path, tokenizer_dir, capsys
+):
+    """``allocate --params --json``: the structure per block of the dense model and the
+    other axes over the smaller model's layers; ``prune --allocation-file`` then cuts that
+    structure without searching (``--params`` taken from the plan) and writes what the
+    search-and-cut run writes; an edited plan is cut as edited."""
+    from safetensors.torch import load_file
+
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    flags = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "64", "--quiet"]
+    plan_file = tmp_path / "plan.json"
+    assert main(["allocate", str(source), "--params", "0.7", "--sparsity", "0.5", "--json",
+                 str(plan_file), *flags]) == 0  # fmt: skip
+    plan = json.loads(plan_file.read_text())
+    blocks = plan["structure"]["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1, 2] and plan["structure"]["params"] == 0.7
+    kept = [b for b in blocks if b["kept"]]
+    assert len({(b["intermediate_size"], b["kv_groups"]) for b in kept}) == 1
+    layers = plan["axes"]["sparsity"]["sparsity"]
+    assert f"model.layers.{len(kept) - 1}.mlp.down_proj" in layers
+    assert f"model.layers.{len(kept)}.mlp.down_proj" not in layers
+
+    direct, applied = tmp_path / "direct", tmp_path / "applied"
+    assert main(["prune", str(source), "--out", str(direct), "--params", "0.7",
+                 "--sparsity", "0.5", *flags]) == 0  # fmt: skip
+    assert main(["prune", str(source), "--out", str(applied), "--allocation-file",
+                 str(plan_file), "--sparsity", "0.5", *flags]) == 0  # fmt: skip
+    report = json.loads((applied / "prune_report.json").read_text())["structure"]
+    assert report["cut"] == "given" and report["candidates"] == []
+    a, b = load_file(direct / "model.safetensors"), load_file(applied / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # edited: block 0 removed, the others at MLP 96 and one KV group
+    plan["structure"]["blocks"] = [
+        {"block": 0, "kept": False},
+        *({"block": i, "kept": True, "intermediate_size": 96, "kv_groups": 1, "experts": None}
+          for i in (1, 2)),
+    ]  # fmt: skip
+    del plan["axes"]["sparsity"]
+    plan_file.write_text(json.dumps(plan))
+    edited = tmp_path / "edited"
+    assert main(["prune", str(source), "--out", str(edited), "--allocation-file",
+                 str(plan_file), *flags]) == 0  # fmt: skip
+    config = AutoModelForCausalLM.from_pretrained(edited).config
+    assert (config.num_hidden_layers, config.intermediate_size) == (2, 96)
+    assert config.num_key_value_heads == 1
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p["structure"]["blocks"][1].update(intermediate_size=64),
+         "the configs cut here hold one of each"),
+        (lambda p: p["structure"].update(params=0.5), "is for params 0.5"),
+        (lambda p: p["structure"]["blocks"].pop(), "is for another model"),
+        (lambda p: [b.update(intermediate_size=128, kv_groups=2)
+                    for b in p["structure"]["blocks"]], "more than --params 0.7"),
+        (lambda p: p.pop("structure"), "which holds no structure"),
+    ],
+    ids=["uneven", "params", "blocks", "over", "none"],
+)  # fmt: skip
+def test_a_bad_structure_plan_is_one_line_and_writes_nothing(
+    edit, message, tmp_path, tokenizer_dir, capsys
+):
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    blocks = [{"block": i, "kept": True, "intermediate_size": 80, "kv_groups": 2,
+               "experts": None} for i in range(3)]  # fmt: skip
+    structure_ = {"params": 0.7, "width_method": "slimgpt", "blocks": blocks}
+    plan = {"format": "prunella-plan/2", "axes": {}, "structure": structure_}
+    edit(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    code = main(["prune", str(source), "--out", str(out), "--params", "0.7", "--allocation-file",
+                 str(tmp_path / "plan.json"), "--nsamples", "4", "--seqlen", "32",
+                 "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
 
 
 def test_reap_saliency_is_the_router_weight_times_the_expert_output_norm():

@@ -158,11 +158,6 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
 
     options = _build_recipe(recipe, model=model, **values)
     _check_early(options, overwrite=False)
-    if options.params is not None and json_out is not None:
-        raise PrunellaError(
-            "--json with --params: a plan file cannot hold a structure cut yet; run "
-            "'prunella prune --params' (its prune_report.json says what was cut)"
-        )
     plan, store = allocate_only(options, progress=not quiet)
     if plan.structure is not None:
         _echo_structure(plan.structure)

@@ -38,6 +38,7 @@ from .io.folders import (
     check_out_dir,
     content_sha256,
     disk_error,
+    read_json,
 )
 from .io.gguf_file import check_gguf_source
 from .io.quantized import check_quantizable
@@ -136,6 +137,7 @@ def _run(
     recipe = recipe.resolved()
     if recipe.model is None and model is None:
         raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
+    recipe, planned_cut = structure_from_plan(recipe)
     if resume and restart:
         raise PrunellaError("--resume and --restart exclude each other")
     AXES.budgets(recipe)  # a bad budget stops here
@@ -176,7 +178,7 @@ def _run(
         tick = time.perf_counter()
         dense_store, (store, structure_report) = (
             store,
-            shrink_store(recipe, store, windows, progress),
+            shrink_store(recipe, store, windows, progress, planned_cut),
         )
         if recipe.eval_data is None:
             dense_store = None  # nothing reads the dense model again
@@ -323,17 +325,18 @@ def _run(
 
 
 def shrink_store(
-    recipe: Recipe, store: Store, windows: torch.Tensor, progress: bool
+    recipe: Recipe, store: Store, windows: torch.Tensor, progress: bool, given=None
 ) -> tuple[MemoryStore, dict]:
-    """The store of the smaller model ``recipe.params`` asks for (its ``path`` the
-    source's, for the report and the output checks), and the structure's report."""
+    """The store of the smaller model ``recipe.params`` asks for (``given``: a plan
+    file's structure, see :func:`structure_from_plan`; its ``path`` the source's, for
+    the report and the output checks), and the structure's report."""
     device = pick_device(recipe.device)
     batch = recipe.batch_size or default_batch_size(windows.shape[1], device)
     search = None
     if recipe.allocation.name == "evopress" and not AXES.asked(recipe):  # else the others'
         search = {k: recipe.allocation.options[k] for k in ("minutes", "evaluations")}
     smaller, report = structure.shrink(
-        store.model, windows, recipe, device, batch, progress, search
+        store.model, windows, recipe, device, batch, progress, search, given
     )
     cut = MemoryStore(smaller, adapter_for(smaller))
     cut.path = store.path
@@ -346,17 +349,39 @@ def check_structure_recipe(recipe: Recipe) -> None:
         raise PrunellaError(
             "--params cuts the whole model in memory; it cannot run with --offload disk"
         )
-    if recipe.allocation_file is not None:
-        raise PrunellaError(
-            "--params with --allocation-file: a plan names the dense model's layers, and the "
-            "structure cut renames them; allocate the other axes in the same run instead"
-        )
     if recipe.allocation.name not in ("uniform", "evopress") and not AXES.asked(recipe):
         raise PrunellaError(
             f"--allocation {recipe.allocation.name} has nothing to allocate: the structure "
             "axis chooses its depth and width by its own candidate search (KL to the dense "
             "model), and EvoPress (--allocation evopress) which blocks go"
         )
+
+
+def structure_from_plan(recipe: Recipe) -> tuple[Recipe, tuple | None]:
+    """The structure that the plan file ``--allocation-file`` holds (its shape and block
+    count, :func:`prunella.methods.structure.shape_of_section`), and the recipe with its
+    budget and width method (``--params`` may be left out; given, it must be the
+    plan's). A plan without a structure cannot go with ``--params``: its layers are the
+    dense model's."""
+    if recipe.allocation_file is None:
+        return recipe, None
+    where = f"allocation file {recipe.allocation_file}"
+    data = read_json(Path(recipe.allocation_file), where)
+    section = data.get("structure") if isinstance(data, dict) else None
+    if section is None:
+        if recipe.params is not None:
+            raise PrunellaError(
+                f"--params with {where}, which holds no structure: its layers are the dense "
+                "model's; make the plan with 'prunella allocate --params P --json FILE'"
+            )
+        return recipe, None
+    shape, params, method, blocks = structure.shape_of_section(section, where)
+    if isinstance(recipe.params, float) and abs(recipe.params - params) > 1e-9:
+        raise PrunellaError(
+            f"{where} is for params {params:g}, but the recipe asks for {recipe.params:g}"
+        )
+    update = {"params": params if recipe.params is None else recipe.params}
+    return recipe.model_copy(update={**update, "width_method": method}), (shape, blocks)
 
 
 def calibrate(
@@ -386,7 +411,7 @@ def make_plan(
     protocol, :mod:`prunella.methods.allocation.run`); checked, and with its cost."""
     store = setting.store
     shapes = store.layers()
-    if not setting.budgets:  # a structure-only run
+    if not setting.budgets and recipe.allocation_file is None:  # a structure-only run
         return Plan({})
     if given is not None:
         plan = given
@@ -437,6 +462,7 @@ def allocate_only(
     if recipe.model is None and model is None:
         raise PrunellaError("missing MODEL: give it as the first argument or in the recipe")
     AXES.budgets(recipe)
+    recipe, planned_cut = structure_from_plan(recipe)
     source = model if model is not None else recipe.model
     shrinking = recipe.params is not None
     if shrinking:
@@ -446,7 +472,7 @@ def allocate_only(
     structure_report = None
     if shrinking:  # the other axes are allocated on the smaller model
         windows = calibrate(recipe, store, tokenizer, windows)[0]
-        store, structure_report = shrink_store(recipe, store, windows, progress)
+        store, structure_report = shrink_store(recipe, store, windows, progress, planned_cut)
     nsamples, seqlen = windows.shape if windows is not None else (recipe.nsamples, recipe.seqlen)
     setting = Setting(recipe, store, tokenizer, nsamples, seqlen)
     method = ALLOCATIONS.get(recipe.allocation.name)

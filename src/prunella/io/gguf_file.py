@@ -20,7 +20,7 @@ The tensors are streamed from the safetensors files to the GGUF file one by one,
 memory it takes is one tensor's, not the model's. Where it differs from llama.cpp's
 converter: no rope-scaling tables (a checkpoint with ``rope_scaling`` is refused, in one
 line) and no pre-tokenizer hash; the pre-tokenizer is named from the tokenizer's own
-description (``gpt2``, or ``smollm`` for digits split one by one before GPT-2's
+description (``gpt-2``, or ``smollm`` for digits split one by one before GPT-2's
 byte-level split) and ``default`` otherwise.
 """
 
@@ -106,7 +106,7 @@ def _pre_tokenizer(src: Path) -> str:
     parts = pre.get("pretokenizers", [pre]) if pre else []
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); it refuses "gpt2" in one line
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     return "default"

@@ -135,7 +135,7 @@ class Plan:
     axes: dict[str, AxisPlan]
     cost: dict = field(default_factory=dict)
     model_fingerprint: str | None = None  # the digest of the weights it was made for
-    structure: dict | None = None  # a structure cut before it (not written to plan files)
+    structure: dict | None = None  # the report of a structure cut before it
 
     def __getitem__(self, axis: str) -> AxisPlan:
         return self.axes[axis]
@@ -144,8 +144,12 @@ class Plan:
         return axis in self.axes
 
     def to_json(self) -> dict:
+        from .structure import plan_section
+
+        cut = {"structure": plan_section(self.structure)} if self.structure else {}
         return {
             "format": FORMAT,
+            **cut,  # per block of the dense model; the axes name the smaller model's layers
             "axes": {name: axis.to_json() for name, axis in self.axes.items()},
             "cost": self.cost,
             "model_fingerprint": self.model_fingerprint,
@@ -263,6 +267,8 @@ def _axis_bodies(data: dict, where: str = "plan") -> dict:
     """Axis name -> its JSON, from a plan of either format."""
     if data.get("format") == FORMAT:
         bodies = data.get("axes")
+        if bodies == {} and data.get("structure") is not None:
+            return {}  # a structure cut alone
         if not isinstance(bodies, dict) or not bodies:
             raise PrunellaError(f"{where} has no 'axes' mapping of axis -> plan")
         return bodies

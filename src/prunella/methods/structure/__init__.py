@@ -55,6 +55,7 @@ from . import evopress, reap, shortgpt
 from .cut import (
     WIDTH_METHODS,
     Shape,
+    assemble,
     block_params,
     build,
     build_sequential,
@@ -332,6 +333,130 @@ def kl_to_dense(model, reference: list[torch.Tensor], windows: torch.Tensor, dev
     return total / tokens
 
 
+def plan_section(report: dict) -> dict:
+    """The structure as a plan file holds it: the budget, the width method and, per block
+    of the dense model, whether it stays, its MLP width, KV groups and experts."""
+    removed = set(report["removed_blocks"])
+    widths = {k: report[k] for k in ("intermediate_size", "kv_groups", "experts")}
+    return {
+        "params": report["params_target"],
+        "width_method": report["width_method"],
+        "blocks": [
+            {"block": i, "kept": i not in removed, **(widths if i not in removed else {})}
+            for i in range(report["dense_blocks"])
+        ],
+    }
+
+
+def shape_of_section(section, where: str) -> tuple[Shape, float, str, int]:
+    """The shape, budget, width method and block count of a plan file's ``structure``
+    (the dense model's); one line where
+    it is malformed, or where its kept blocks differ in width (the families cut here hold
+    one MLP width, one KV count and one expert count in their configs)."""
+    if not isinstance(section, dict) or not isinstance(section.get("blocks"), list):
+        raise PrunellaError(f"{where}: 'structure' must hold a 'blocks' list")
+    blocks, kept = section["blocks"], {}
+    if [b.get("block") if isinstance(b, dict) else None for b in blocks] != list(
+        range(len(blocks))
+    ):
+        raise PrunellaError(f"{where}: structure blocks must be numbered 0, 1, 2, ... in order")
+    for b in blocks:
+        if b.get("kept", True):
+            kept[b["block"]] = tuple(
+                b.get(k) for k in ("intermediate_size", "kv_groups", "experts")
+            )
+    if not kept:
+        raise PrunellaError(f"{where}: the structure keeps no block")
+    if len(set(kept.values())) > 1:
+        (i, first), (j, other) = (
+            next(iter(kept.items())),
+            next((j, v) for j, v in kept.items() if v != next(iter(kept.values()))),
+        )
+        raise PrunellaError(
+            f"{where}: block {j} keeps (MLP, KV groups, experts) {other}, block {i} {first}; "
+            "the configs cut here hold one of each for every block"
+        )
+    width, kv, experts = next(iter(kept.values()))
+    for name, value in (("intermediate_size", width), ("kv_groups", kv), ("experts", experts)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise PrunellaError(f"{where}: structure {name} must be a positive whole number")
+    params = section.get("params")
+    if isinstance(params, bool) or not isinstance(params, int | float):
+        raise PrunellaError(f"{where}: structure params must be a number")
+    removed = tuple(i for i in range(len(blocks)) if i not in kept)
+    shape = Shape(removed, width or 0, kv or 0, experts or 0)
+    return shape, float(params), str(section.get("width_method", "slimgpt")), len(blocks)
+
+
+def check_given(
+    given: tuple[Shape, int], model, sizes, layout, per_unit, experts, params: float
+) -> Shape:
+    """The plan's shape (``given``: it and the plan's block count) for this model (an
+    expert count equal to the dense one: not cut); one line for a structure that this
+    model cannot take, or that keeps more than ``params`` of its blocks' parameters."""
+    shape, planned = given
+    where = f"the plan's structure ({planned} blocks)"
+    if planned != len(sizes):
+        raise PrunellaError(f"{where} is for another model: this one has {len(sizes)} blocks")
+    if layout is None and (shape.width or shape.kv_groups):
+        raise PrunellaError(f"{where} cuts widths, which this family's config cannot hold")
+    if layout is not None:
+        if not 0 < shape.width <= layout.width or not 0 < shape.kv_groups <= layout.kv_groups:
+            raise PrunellaError(
+                f"{where}: MLP {shape.width} and KV groups {shape.kv_groups} must be within "
+                f"1..{layout.width} and 1..{layout.kv_groups}"
+            )
+        if shape.kv_groups < layout.kv_groups and not layout.heads:
+            raise PrunellaError(f"{where} cuts KV groups, which this family keeps whole")
+    moe = next(iter(experts.values()), None)
+    count = moe.count if moe is not None else 0
+    cut_experts = shape.experts or count
+    if (moe is None and shape.experts) or (moe and not moe.top_k <= cut_experts <= count):
+        raise PrunellaError(
+            f"{where}: experts {shape.experts} must be within "
+            f"{moe.top_k if moe else 0}..{count} (the router's top-k to the dense count)"
+        )
+    shape = replace(shape, experts=0) if shape.experts == count else shape
+    if not depth_keeps_blocks(model, shape.removed):
+        raise PrunellaError(f"{where} removes blocks, but this config places block kinds by index")
+    kept = kept_params(shape, sizes, layout, per_unit, experts)
+    if kept > params * sum(sizes) + 1e-9:
+        raise PrunellaError(
+            f"{where} keeps {kept / sum(sizes):.2%} of the blocks' parameters, more than "
+            f"--params {params:g}"
+        )
+    return shape
+
+
+def discover(model, cut: str) -> tuple[Layout | None, dict[int, reap.Experts]]:
+    """What ``--cut`` may remove from ``model``: its widths' layout (MLP channels, KV
+    groups) and its mixture-of-experts blocks; one line where ``--cut`` names what the
+    family cannot cut."""
+    blocks = adapter_for(model).blocks(model)
+    layout, experts = None, {}
+    if cut in ("auto", "width"):
+        try:
+            layout = checked_layout(model)
+        except PrunellaError:
+            if cut == "width":
+                raise
+    if cut in ("auto", "experts"):
+        try:
+            found = {i: reap.experts_of(model, b) for i, b in enumerate(blocks)}
+        except PrunellaError:
+            if cut == "experts":
+                raise
+            found = {}
+        experts = {i: e for i, e in found.items() if e is not None}
+        if cut == "experts" and not experts:
+            raise PrunellaError(
+                f"--cut experts: {model.config.model_type} has no routed experts to remove"
+            )
+    return layout, experts
+
+
 @torch.no_grad()
 def shrink(
     model,
@@ -341,38 +466,116 @@ def shrink(
     batch_size: int,
     progress: bool = True,
     search: dict | None = None,
+    given: tuple[Shape, int] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """The smaller model ``recipe.params`` asks for (``model`` is left as it is), and the
-    structure's part of the report. With ``search`` (EvoPress's ``minutes`` and
-    ``evaluations``), EvoPress searches on from the winning candidate: depth and width
-    together (:func:`.evopress.joint_search`) where ``--cut auto`` cuts widths, else
-    which blocks the winning depth removes (:func:`.evopress.depth_search`)."""
+    structure's part of the report: the ``given`` shape (a plan file's, with its block
+    count: :func:`shape_of_section`), or the
+    candidate of least KL (:func:`choose`). With ``search`` (EvoPress's ``minutes`` and
+    ``evaluations``), EvoPress searches on from the winning candidate."""
     params, size = recipe.params, None
     if isinstance(params, str):  # a size of the checkpoint's weights
         size = size_bytes(params)
         params = params_for_size(model, size, recipe)
-    blocks = adapter_for(model).blocks(model)
-    layout, experts = None, {}
-    if recipe.cut in ("auto", "width"):
-        try:
-            layout = checked_layout(model)
-        except PrunellaError:
-            if recipe.cut == "width":
-                raise
-    if recipe.cut in ("auto", "experts"):
-        try:
-            found = {i: reap.experts_of(model, b) for i, b in enumerate(blocks)}
-        except PrunellaError:
-            if recipe.cut == "experts":
-                raise
-            found = {}
-        experts = {i: e for i, e in found.items() if e is not None}
-        if recipe.cut == "experts" and not experts:
-            raise PrunellaError(
-                f"--cut experts: {model.config.model_type} has no routed experts to remove"
-            )
+    layout, experts = discover(model, "auto" if given is not None else recipe.cut)
     sizes = block_params(model)
-    per_unit = layout.per_unit(blocks[0]) if layout is not None else (0, 0)
+    per_unit = layout.per_unit(adapter_for(model).blocks(model)[0]) if layout else (0, 0)
+    scoring = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
+    dense = [torch.log_softmax(model(w[None].to(device), use_cache=False).logits[0].float(), -1)
+             for w in scoring]  # fmt: skip
+    if given is not None:
+        best = check_given(given, model, sizes, layout, per_unit, experts, params)
+        smaller, chosen = None, {"candidates": [], "candidate_kl": None}
+    else:
+        best, smaller, chosen = choose(
+            model, windows, recipe, params, layout, experts, dense, scoring, device,
+            batch_size, progress, search,
+        )  # fmt: skip
+    best_kl = chosen.get("candidate_kl")
+    width_cut = layout is not None and (best.width, best.kv_groups) != (
+        layout.width,
+        layout.kv_groups,
+    )
+    retained: dict[int, list[int]] = {}
+    if (width_cut and (given is not None or recipe.width_method == "slimgpt")) or best.experts:
+        del smaller  # the winner, cut again block by block, as its papers do
+        smaller = build_sequential(
+            model, best, layout, recipe.width_method, windows, device, batch_size, progress,
+            experts, retained,
+        )  # fmt: skip
+        best_kl = None
+    elif smaller is None:  # a given depth: the blocks go, the others stay as they are
+        smaller = assemble(model, best, layout, {})
+    if best_kl is None:
+        best_kl = kl_to_dense(smaller, dense, scoring, device)
+    total = sum(sizes)
+    kept = kept_params(best, sizes, layout, per_unit, experts)
+    moe = next(iter(experts.values()), None)
+    report = {
+        "params_target": params,
+        "size_target": size,
+        "weight_bytes": written_bytes(smaller, recipe) if size is not None else None,
+        "block_params": total,
+        "kept_params": kept,
+        "kept_fraction": kept / total,
+        "removed_blocks": list(best.removed),
+        "blocks": len(sizes) - len(best.removed),
+        "dense_blocks": len(sizes),
+        "intermediate_size": best.width if layout is not None else None,
+        "dense_intermediate_size": layout.width if layout is not None else None,
+        "kv_groups": best.kv_groups if layout is not None else None,
+        "dense_kv_groups": layout.kv_groups if layout is not None else None,
+        "experts": best.experts or (moe.count if moe else None),
+        "dense_experts": moe.count if moe else None,
+        "cut": "given" if given is not None else recipe.cut,
+        "width_method": recipe.width_method,
+        "papers": [shortgpt.PAPER]
+        + ([WIDTH_METHODS[recipe.width_method].PAPER] if layout is not None else [])
+        + ([reap.PAPER] if experts else []),
+        "fitness_tokens": scoring.numel(),
+        "kl": best_kl,
+        **chosen,
+    }
+    if retained:  # by the dense model's names of the mixture-of-experts modules
+        prefix = adapter_for(model).blocks_path
+        report["retained_experts"] = {
+            f"{prefix}.{i}.{experts[i].path}": kept for i, kept in retained.items()
+        }
+    shown = []
+    if layout is not None:
+        shown.append(f"MLP {best.width}/{layout.width}")
+        shown.append(f"KV groups {best.kv_groups}/{layout.kv_groups}")
+    if moe is not None:
+        shown.append(f"experts {best.experts or moe.count}/{moe.count}")
+    searched = chosen.get("search")
+    how = "the plan's" if given is not None else f"best of {len(chosen['candidates'])}"
+    report["summary"] = (
+        f"structure: {kept / total:.2%} of the blocks' parameters kept (target "
+        + (
+            f"{recipe.params}: {report['weight_bytes'] / 1e6:.1f} MB of weights, "
+            if size is not None
+            else ""
+        )
+        + f"{params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks"
+        + "".join(f", {x}" for x in shown)
+        + f"; KL {best_kl:.4f} ({how}"
+        + (f", then EvoPress: {searched['evaluations']} evaluations)" if searched else ")")
+    )
+    return smaller, report
+
+
+def choose(
+    model, windows, recipe, params, layout, experts, dense, scoring, device, batch_size,
+    progress, search,
+) -> tuple[Shape, torch.nn.Module, dict]:  # fmt: skip
+    """The candidate of least KL to the dense model (``dense``: its log-probabilities on
+    the ``scoring`` windows), searched on by EvoPress when ``search`` is given: depth
+    and width together (:func:`.evopress.joint_search`) where ``--cut auto`` cuts
+    widths, else which blocks the winning depth removes
+    (:func:`.evopress.depth_search`); the winner built from the one-pass statistics,
+    and the report's account of the choice."""
+    sizes = block_params(model)
+    per_unit = layout.per_unit(adapter_for(model).blocks(model)[0]) if layout else (0, 0)
     stats = gather(model, windows, layout, device, batch_size, progress, experts)
     # quantized after the cut, or in GGML's blocks: a width that a group (32) divides
     quantized = getattr(recipe, "bits", None) is not None
@@ -392,9 +595,6 @@ def shrink(
         width, kv = min(s.width for s in shapes), min(s.kv_groups for s in shapes)
         orders = removal_orders(model, layout, stats, recipe.width_method, width, kv)
     reconstruct = recipe.width_method == "slimgpt"
-    scoring = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
-    dense = [torch.log_softmax(model(w[None].to(device), use_cache=False).logits[0].float(), -1)
-             for w in scoring]  # fmt: skip
     scored = []
     for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False):
         smaller = build(model, shape, layout, stats, orders, reconstruct, experts)
@@ -402,7 +602,6 @@ def shrink(
         scored.sort(key=lambda s: s[0])  # keep only the best model so far
         scored[1:] = [(kl, shape, None) for kl, shape, _ in scored[1:]]
     best_kl, best, smaller = min(scored, key=lambda s: s[0])
-    candidate_kl = best_kl
     searched = None
     joint = layout is not None and recipe.cut == "auto" and not best.experts
     if search is not None and (joint or best.removed):
@@ -443,83 +642,26 @@ def shrink(
         searched["joint"] = joint
         del smaller
         smaller = build(model, best, layout, stats, orders, reconstruct, experts)
-        best_kl = candidate_kl = searched["kl"]
-    width_cut = layout is not None and (best.width, best.kv_groups) != (
-        layout.width,
-        layout.kv_groups,
+        best_kl = searched["kl"]
+    return (
+        best,
+        smaller,
+        {
+            "candidate_kl": best_kl,
+            "search": searched,
+            "block_influence": [round(float(x), 6) for x in stats.influence],
+            "candidates": [
+                {
+                    "removed_blocks": list(s.removed),
+                    "intermediate_size": s.width,
+                    "kv_groups": s.kv_groups,
+                    "experts": s.experts,
+                    "params": kept_params(s, sizes, layout, per_unit, experts),
+                    "kl": kl,
+                }
+                for kl, s, _ in sorted(
+                    scored, key=lambda s: (len(s[1].removed), -s[1].kv_groups, -s[1].experts)
+                )
+            ],
+        },
     )
-    retained: dict[int, list[int]] = {}
-    if (reconstruct and width_cut) or best.experts:
-        del smaller  # the winner, cut again block by block, as its papers do
-        smaller = build_sequential(
-            model, best, layout, recipe.width_method, windows, device, batch_size, progress,
-            experts, retained,
-        )  # fmt: skip
-        best_kl = kl_to_dense(smaller, dense, scoring, device)
-    total = sum(sizes)
-    kept = kept_params(best, sizes, layout, per_unit, experts)
-    moe = next(iter(experts.values()), None)
-    report = {
-        "params_target": params,
-        "size_target": size,
-        "weight_bytes": written_bytes(smaller, recipe) if size is not None else None,
-        "block_params": total,
-        "kept_params": kept,
-        "kept_fraction": kept / total,
-        "removed_blocks": list(best.removed),
-        "blocks": len(sizes) - len(best.removed),
-        "dense_blocks": len(sizes),
-        "intermediate_size": best.width if layout is not None else None,
-        "dense_intermediate_size": layout.width if layout is not None else None,
-        "kv_groups": best.kv_groups if layout is not None else None,
-        "dense_kv_groups": layout.kv_groups if layout is not None else None,
-        "experts": best.experts or (moe.count if moe else None),
-        "dense_experts": moe.count if moe else None,
-        "cut": recipe.cut,
-        "width_method": recipe.width_method,
-        "papers": [shortgpt.PAPER]
-        + ([WIDTH_METHODS[recipe.width_method].PAPER] if layout is not None else [])
-        + ([reap.PAPER] if experts else []),
-        "fitness_tokens": scoring.numel(),
-        "kl": best_kl,
-        "candidate_kl": candidate_kl,
-        "search": searched,
-        "block_influence": [round(float(x), 6) for x in stats.influence],
-        "candidates": [
-            {
-                "removed_blocks": list(s.removed),
-                "intermediate_size": s.width,
-                "kv_groups": s.kv_groups,
-                "experts": s.experts,
-                "params": kept_params(s, sizes, layout, per_unit, experts),
-                "kl": kl,
-            }
-            for kl, s, _ in sorted(
-                scored, key=lambda s: (len(s[1].removed), -s[1].kv_groups, -s[1].experts)
-            )
-        ],
-    }
-    if retained:  # by the dense model's names of the mixture-of-experts modules
-        prefix = adapter_for(model).blocks_path
-        report["retained_experts"] = {
-            f"{prefix}.{i}.{experts[i].path}": kept for i, kept in retained.items()
-        }
-    shown = []
-    if layout is not None:
-        shown.append(f"MLP {best.width}/{layout.width}")
-        shown.append(f"KV groups {best.kv_groups}/{layout.kv_groups}")
-    if moe is not None:
-        shown.append(f"experts {best.experts or moe.count}/{moe.count}")
-    report["summary"] = (
-        f"structure: {kept / total:.2%} of the blocks' parameters kept (target "
-        + (
-            f"{recipe.params}: {report['weight_bytes'] / 1e6:.1f} MB of weights, "
-            if size is not None
-            else ""
-        )
-        + f"{params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks"
-        + "".join(f", {x}" for x in shown)
-        + f"; KL {best_kl:.4f} (best of {len(shapes)}"
-        + (f", then EvoPress: {searched['evaluations']} evaluations)" if searched else ")")
-    )
-    return smaller, report
