@@ -554,3 +554,49 @@ def test_a_size_that_cannot_be_met_or_needs_nothing_is_one_line(tmp_path, tokeni
         assert main(["prune", str(source), "--out", str(out), "--params", size, *common]) == 2
         err = capsys.readouterr().err.strip()
         assert problem in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_atomic_experts_narrow_every_expert_as_heapr_does(family, tmp_path):
+    """--cut atomic: every expert keeps the same atomic experts as ``prunella heapr
+    --uniform`` at the same ratio (HEAPr's scores), the config's expert width shrinks, the
+    budget is met to one unit of width, and the saved model loads with the same logits."""
+    import copy
+
+    from prunella.methods.heapr import heapr
+
+    model = tiny(family)
+    calib = windows()
+    smaller, report = structure.shrink(model, calib, recipe(params=0.8, cut="atomic"), CPU,
+                                       4, False)  # fmt: skip
+    width, dense = report["expert_width"], report["dense_expert_width"]
+    assert 0 < width < dense and report["kept_fraction"] <= 0.8
+    atomic = structure.heapr.atomic_of(model, {0: reap.experts_of(model, model.model.layers[0])})
+    moe_blocks = model.config.num_hidden_layers
+    step = structure.EXPERT_WIDTH_MULTIPLE  # (16-byte strides)
+    assert (
+        report["kept_params"] > 0.8 * report["block_params"] - moe_blocks * atomic.per_unit * step
+    )
+    assert sum(cut.block_params(smaller)) == report["kept_params"]
+    assert smaller.config.to_dict()[atomic.key] == width
+    reference = copy.deepcopy(model)
+    heapr(reference, calib, ratio=1 - width / dense, uniform=True, batch_size=4, progress=False)
+    ours, theirs = smaller.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    smaller.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(calib[:2]).logits, smaller(calib[:2]).logits, atol=1e-5)
+    section = structure.plan_section(report)
+    assert {b["expert_width"] for b in section["blocks"] if b["kept"]} == {width}
+
+
+def test_auto_on_a_mixture_of_experts_weighs_whole_experts_against_narrower_ones():
+    model = tiny("qwen3_moe")
+    _, report = structure.shrink(model, windows(), recipe(params=0.8), CPU, 4, False)
+    kinds = {("experts" if c["experts"] else "atomic" if c["expert_width"] else "depth")
+             for c in report["candidates"]}  # fmt: skip
+    assert {"experts", "atomic"} <= kinds
+    best = min(report["candidates"], key=lambda c: c["kl"])
+    assert report["candidate_kl"] == best["kl"]

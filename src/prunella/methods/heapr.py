@@ -190,6 +190,15 @@ def zero_atomic_experts(module: nn.Module, keep: torch.Tensor) -> None:
 def shrink_experts(module: nn.Module, keep: torch.Tensor) -> None:
     """Keep only the chosen atomic experts (the same number in every expert): the fused
     tensors get a smaller intermediate size, in the model's own layout."""
+    for key, value in shrunk_tensors(module, keep).items():
+        setattr(module, key, nn.Parameter(value, requires_grad=False))
+
+
+@torch.no_grad()
+def shrunk_tensors(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fused tensors (name in ``module`` -> tensor) of the experts that keep only the
+    atomic experts ``keep`` (``[E, I]``, the same number in every expert), in the model's
+    own layout; ``module`` is left as it is."""
     views = expert_views(module)
     rows = [keep[e].nonzero().squeeze(1) for e in range(module.num_experts)]
 
@@ -216,13 +225,15 @@ def shrink_experts(module: nn.Module, keep: torch.Tensor) -> None:
                 for e in range(len(rows))
             ]
         ).squeeze(-1)
-    for key, value in new.items():
-        if module.is_transposed and value.dim() == 3:
-            value = value.transpose(1, 2)
-        setattr(module, key, nn.Parameter(value.contiguous(), requires_grad=False))
+    return {
+        key: (value.transpose(1, 2) if module.is_transposed and value.dim() == 3 else value)
+        .detach()
+        .contiguous()
+        for key, value in new.items()
+    }
 
 
-def _width_key(config, model: nn.Module, width: int, new_width: int) -> str:
+def width_key(config, model: nn.Module, width: int, new_width: int) -> str:
     """The config attribute that sets the experts' intermediate size: the one that, set to
     ``new_width``, changes the experts' shapes and nothing else."""
     from accelerate import init_empty_weights
@@ -261,7 +272,7 @@ def heapr(
         experts = next((m for m in modules.values() if is_fused_experts(m)), None)
         if experts is not None:
             width = expert_width(experts)
-            key = _width_key(model.config, model, width, width - round(ratio * width))
+            key = width_key(model.config, model, width, width - round(ratio * width))
     stats = heapr_stats(model, windows, batch_size, progress)
     keep = atomic_keep({n: s.scores() for n, s in stats.items()}, ratio, uniform)
     expert_params = sum(p.numel() for n in keep for p in modules[n].parameters())

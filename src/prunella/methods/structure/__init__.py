@@ -51,10 +51,11 @@ from tqdm.auto import tqdm
 
 from ...engine.adapters import adapter_for
 from ...errors import PrunellaError
-from . import evopress, reap, shortgpt
+from . import evopress, heapr, reap, shortgpt
 from .cut import (
     WIDTH_METHODS,
     Shape,
+    Statistics,
     assemble,
     block_params,
     build,
@@ -64,10 +65,14 @@ from .cut import (
     gather,
     removal_orders,
 )
+from .heapr import Atomic
 from .layout import Layout
 
 NAME = "structure"
 WIDTH_MULTIPLE = 32  # with --bits: the narrowest group the bits axis takes, and GGML's block
+# fused experts run through torch's grouped matrix product, whose operands need strides of
+# 16 bytes: 8 bfloat16 values ("strides should be multiple of 16 bytes" otherwise)
+EXPERT_WIDTH_MULTIPLE = 8
 
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -117,12 +122,13 @@ FIELDS = {
         ),
     ),
     "cut": (
-        Literal["auto", "depth", "width", "experts"],
+        Literal["auto", "depth", "width", "experts", "atomic"],
         Field(
             "auto",
             description="With --params: auto (depth and width or experts, the candidate of "
             "least KL), depth (whole blocks only, ShortGPT), width (channels and KV groups "
-            "only) or experts (whole experts only, REAP).",
+            "only), experts (whole experts only, REAP) or atomic (every expert narrower, "
+            "HEAPr's atomic experts).",
         ),
     ),
     "width_method": (
@@ -262,10 +268,12 @@ def candidates(
     cut: str,
     experts: dict[int, reap.Experts] | None = None,
     multiple: int = 1,
+    atomic: Atomic | None = None,
 ) -> list[Shape]:
     """Every shape the search compares: per depth, per number of KV groups, the widest
     MLP (a multiple of ``multiple`` channels; or, in a mixture of experts, the most
-    experts) whose blocks' parameters are at most ``params`` of the dense ones."""
+    experts, and the widest experts: ``atomic``) whose blocks' parameters are at most
+    ``params`` of the dense ones."""
     target = params * sum(sizes)
     experts = experts or {}
     shapes = []
@@ -274,10 +282,10 @@ def candidates(
         kept = sum(sizes) - sum(sizes[i] for i in removed)
         full = (layout.width, layout.kv_groups) if layout is not None else (0, 0)
         if kept <= target + 1e-9:  # depth alone meets the budget
-            if cut not in ("width", "experts"):
+            if cut not in ("width", "experts", "atomic"):
                 shapes.append(Shape(removed, *full))
             break
-        if cut in ("width", "experts") and depth > 0:
+        if cut in ("width", "experts", "atomic") and depth > 0:
             break
         moe = [e for i, e in experts.items() if i not in removed]
         if moe and cut in ("auto", "experts"):
@@ -285,6 +293,12 @@ def candidates(
             count = moe[0].count - max(1, math.ceil((kept - target) / each - 1e-12))
             if count >= moe[0].top_k:
                 shapes.append(Shape(removed, *full, experts=count))
+        if moe and atomic is not None and cut in ("auto", "atomic"):
+            units = math.ceil((kept - target) / (len(moe) * atomic.per_unit) - 1e-12)
+            step = max(multiple, EXPERT_WIDTH_MULTIPLE)
+            width = (atomic.width - max(1, units)) // step * step
+            if width > 0:
+                shapes.append(Shape(removed, *full, expert_width=width))
         if cut == "depth" or layout is None:
             continue
         fewest = math.ceil(layout.kv_groups / 2) if layout.heads else layout.kv_groups
@@ -307,12 +321,15 @@ def kept_params(
     layout: Layout | None,
     per_unit,
     experts: dict[int, reap.Experts] | None = None,
+    atomic: Atomic | None = None,
 ) -> int:
     """Parameters of the decoder blocks a shape keeps."""
     blocks = [s for i, s in enumerate(sizes) if i not in set(shape.removed)]
     moe = [e for i, e in (experts or {}).items() if i not in set(shape.removed)]
     if shape.experts:
         return sum(blocks) - sum((e.count - shape.experts) * e.per_expert for e in moe)
+    if shape.expert_width:
+        return sum(blocks) - len(moe) * (atomic.width - shape.expert_width) * atomic.per_unit
     if layout is None:
         return sum(blocks)
     cut = (layout.width - shape.width) * per_unit[0] + (
@@ -337,7 +354,7 @@ def plan_section(report: dict) -> dict:
     """The structure as a plan file holds it: the budget, the width method and, per block
     of the dense model, whether it stays, its MLP width, KV groups and experts."""
     removed = set(report["removed_blocks"])
-    widths = {k: report[k] for k in ("intermediate_size", "kv_groups", "experts")}
+    widths = {k: report.get(k) for k in UNIT_KEYS}
     return {
         "params": report["params_target"],
         "width_method": report["width_method"],
@@ -346,6 +363,9 @@ def plan_section(report: dict) -> dict:
             for i in range(report["dense_blocks"])
         ],
     }
+
+
+UNIT_KEYS = ("intermediate_size", "kv_groups", "experts", "expert_width")  # a kept block's
 
 
 def shape_of_section(section, where: str) -> tuple[Shape, float, str, int]:
@@ -362,9 +382,7 @@ def shape_of_section(section, where: str) -> tuple[Shape, float, str, int]:
         raise PrunellaError(f"{where}: structure blocks must be numbered 0, 1, 2, ... in order")
     for b in blocks:
         if b.get("kept", True):
-            kept[b["block"]] = tuple(
-                b.get(k) for k in ("intermediate_size", "kv_groups", "experts")
-            )
+            kept[b["block"]] = tuple(b.get(k) for k in UNIT_KEYS)
     if not kept:
         raise PrunellaError(f"{where}: the structure keeps no block")
     if len(set(kept.values())) > 1:
@@ -373,11 +391,12 @@ def shape_of_section(section, where: str) -> tuple[Shape, float, str, int]:
             next((j, v) for j, v in kept.items() if v != next(iter(kept.values()))),
         )
         raise PrunellaError(
-            f"{where}: block {j} keeps (MLP, KV groups, experts) {other}, block {i} {first}; "
+            f"{where}: block {j} keeps (MLP, KV groups, experts, expert width) {other}, "
+            f"block {i} {first}; "
             "the configs cut here hold one of each for every block"
         )
-    width, kv, experts = next(iter(kept.values()))
-    for name, value in (("intermediate_size", width), ("kv_groups", kv), ("experts", experts)):
+    values = next(iter(kept.values()))
+    for name, value in zip(UNIT_KEYS, values, strict=True):
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
@@ -386,12 +405,12 @@ def shape_of_section(section, where: str) -> tuple[Shape, float, str, int]:
     if isinstance(params, bool) or not isinstance(params, int | float):
         raise PrunellaError(f"{where}: structure params must be a number")
     removed = tuple(i for i in range(len(blocks)) if i not in kept)
-    shape = Shape(removed, width or 0, kv or 0, experts or 0)
+    shape = Shape(removed, *(v or 0 for v in values))
     return shape, float(params), str(section.get("width_method", "slimgpt")), len(blocks)
 
 
 def check_given(
-    given: tuple[Shape, int], model, sizes, layout, per_unit, experts, params: float
+    given: tuple[Shape, int], model, sizes, layout, per_unit, experts, atomic, params: float
 ) -> Shape:
     """The plan's shape (``given``: it and the plan's block count) for this model (an
     expert count equal to the dense one: not cut); one line for a structure that this
@@ -419,9 +438,23 @@ def check_given(
             f"{moe.top_k if moe else 0}..{count} (the router's top-k to the dense count)"
         )
     shape = replace(shape, experts=0) if shape.experts == count else shape
+    dense_width = atomic.width if atomic is not None else 0
+    if shape.expert_width and not shape.expert_width <= dense_width:
+        raise PrunellaError(
+            f"{where}: expert width {shape.expert_width} must be within 1..{dense_width}"
+            + ("" if atomic else " (this model's experts cannot be narrowed)")
+        )
+    shape = replace(shape, expert_width=0) if shape.expert_width == dense_width else shape
+    if shape.expert_width % EXPERT_WIDTH_MULTIPLE:
+        raise PrunellaError(
+            f"{where}: expert width {shape.expert_width} must be a multiple of "
+            f"{EXPERT_WIDTH_MULTIPLE} (fused experts need 16-byte strides)"
+        )
+    if shape.experts and shape.expert_width:
+        raise PrunellaError(f"{where} cuts both whole experts and their width: one at a time")
     if not depth_keeps_blocks(model, shape.removed):
         raise PrunellaError(f"{where} removes blocks, but this config places block kinds by index")
-    kept = kept_params(shape, sizes, layout, per_unit, experts)
+    kept = kept_params(shape, sizes, layout, per_unit, experts, atomic)
     if kept > params * sum(sizes) + 1e-9:
         raise PrunellaError(
             f"{where} keeps {kept / sum(sizes):.2%} of the blocks' parameters, more than "
@@ -430,10 +463,10 @@ def check_given(
     return shape
 
 
-def discover(model, cut: str) -> tuple[Layout | None, dict[int, reap.Experts]]:
+def discover(model, cut: str) -> tuple[Layout | None, dict[int, reap.Experts], Atomic | None]:
     """What ``--cut`` may remove from ``model``: its widths' layout (MLP channels, KV
-    groups) and its mixture-of-experts blocks; one line where ``--cut`` names what the
-    family cannot cut."""
+    groups), its mixture-of-experts blocks and their atomic experts; one line where
+    ``--cut`` names what the family cannot cut."""
     blocks = adapter_for(model).blocks(model)
     layout, experts = None, {}
     if cut in ("auto", "width"):
@@ -442,19 +475,25 @@ def discover(model, cut: str) -> tuple[Layout | None, dict[int, reap.Experts]]:
         except PrunellaError:
             if cut == "width":
                 raise
-    if cut in ("auto", "experts"):
+    if cut in ("auto", "experts", "atomic"):
         try:
             found = {i: reap.experts_of(model, b) for i, b in enumerate(blocks)}
         except PrunellaError:
-            if cut == "experts":
+            if cut in ("experts", "atomic"):
                 raise
             found = {}
         experts = {i: e for i, e in found.items() if e is not None}
-        if cut == "experts" and not experts:
+        if cut in ("experts", "atomic") and not experts:
             raise PrunellaError(
-                f"--cut experts: {model.config.model_type} has no routed experts to remove"
+                f"--cut {cut}: {model.config.model_type} has no routed experts to remove"
             )
-    return layout, experts
+    atomic = heapr.atomic_of(model, experts) if cut in ("auto", "atomic") else None
+    if cut == "atomic" and atomic is None:
+        raise PrunellaError(
+            f"--cut atomic: {model.config.model_type}'s experts are not fused tensors whose "
+            "width one config field sets; --cut experts removes whole experts"
+        )
+    return layout, experts, atomic
 
 
 @torch.no_grad()
@@ -477,18 +516,22 @@ def shrink(
     if isinstance(params, str):  # a size of the checkpoint's weights
         size = size_bytes(params)
         params = params_for_size(model, size, recipe)
-    layout, experts = discover(model, "auto" if given is not None else recipe.cut)
+    layout, experts, atomic = discover(model, "auto" if given is not None else recipe.cut)
     sizes = block_params(model)
     per_unit = layout.per_unit(adapter_for(model).blocks(model)[0]) if layout else (0, 0)
     scoring = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
     dense = [torch.log_softmax(model(w[None].to(device), use_cache=False).logits[0].float(), -1)
              for w in scoring]  # fmt: skip
     if given is not None:
-        best = check_given(given, model, sizes, layout, per_unit, experts, params)
+        best = check_given(given, model, sizes, layout, per_unit, experts, atomic, params)
         smaller, chosen = None, {"candidates": [], "candidate_kl": None}
+        if best.expert_width:  # HEAPr's scores, then the cut from them
+            stats = Statistics(torch.zeros(len(sizes)))
+            stats.atomic = heapr.scores(model, windows, batch_size, progress)
+            smaller = build(model, best, None, stats, None, False, experts, atomic)
     else:
         best, smaller, chosen = choose(
-            model, windows, recipe, params, layout, experts, dense, scoring, device,
+            model, windows, recipe, params, layout, experts, atomic, dense, scoring, device,
             batch_size, progress, search,
         )  # fmt: skip
     best_kl = chosen.get("candidate_kl")
@@ -509,7 +552,7 @@ def shrink(
     if best_kl is None:
         best_kl = kl_to_dense(smaller, dense, scoring, device)
     total = sum(sizes)
-    kept = kept_params(best, sizes, layout, per_unit, experts)
+    kept = kept_params(best, sizes, layout, per_unit, experts, atomic)
     moe = next(iter(experts.values()), None)
     report = {
         "params_target": params,
@@ -527,11 +570,14 @@ def shrink(
         "dense_kv_groups": layout.kv_groups if layout is not None else None,
         "experts": best.experts or (moe.count if moe else None),
         "dense_experts": moe.count if moe else None,
+        "expert_width": best.expert_width or (atomic.width if atomic else None),
+        "dense_expert_width": atomic.width if atomic else None,
         "cut": "given" if given is not None else recipe.cut,
         "width_method": recipe.width_method,
         "papers": [shortgpt.PAPER]
         + ([WIDTH_METHODS[recipe.width_method].PAPER] if layout is not None else [])
-        + ([reap.PAPER] if experts else []),
+        + ([reap.PAPER] if experts else [])
+        + ([heapr.PAPER] if atomic else []),
         "fitness_tokens": scoring.numel(),
         "kl": best_kl,
         **chosen,
@@ -547,6 +593,8 @@ def shrink(
         shown.append(f"KV groups {best.kv_groups}/{layout.kv_groups}")
     if moe is not None:
         shown.append(f"experts {best.experts or moe.count}/{moe.count}")
+    if atomic is not None:
+        shown.append(f"expert width {best.expert_width or atomic.width}/{atomic.width}")
     searched = chosen.get("search")
     how = "the plan's" if given is not None else f"best of {len(chosen['candidates'])}"
     report["summary"] = (
@@ -565,8 +613,8 @@ def shrink(
 
 
 def choose(
-    model, windows, recipe, params, layout, experts, dense, scoring, device, batch_size,
-    progress, search,
+    model, windows, recipe, params, layout, experts, atomic, dense, scoring, device,
+    batch_size, progress, search,
 ) -> tuple[Shape, torch.nn.Module, dict]:  # fmt: skip
     """The candidate of least KL to the dense model (``dense``: its log-probabilities on
     the ``scoring`` windows), searched on by EvoPress when ``search`` is given: depth
@@ -577,11 +625,13 @@ def choose(
     sizes = block_params(model)
     per_unit = layout.per_unit(adapter_for(model).blocks(model)[0]) if layout else (0, 0)
     stats = gather(model, windows, layout, device, batch_size, progress, experts)
+    if atomic is not None:
+        stats.atomic = heapr.scores(model, windows, batch_size, progress)
     # quantized after the cut, or in GGML's blocks: a width that a group (32) divides
     quantized = getattr(recipe, "bits", None) is not None
     multiple = WIDTH_MULTIPLE if quantized or getattr(recipe, "format", "") == "gguf" else 1
     shapes = candidates(
-        sizes, stats.influence, layout, per_unit, params, recipe.cut, experts, multiple
+        sizes, stats.influence, layout, per_unit, params, recipe.cut, experts, multiple, atomic
     )
     shapes = [s for s in shapes if depth_keeps_blocks(model, s.removed)]
     if not shapes:
@@ -597,7 +647,7 @@ def choose(
     reconstruct = recipe.width_method == "slimgpt"
     scored = []
     for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False):
-        smaller = build(model, shape, layout, stats, orders, reconstruct, experts)
+        smaller = build(model, shape, layout, stats, orders, reconstruct, experts, atomic)
         scored.append((kl_to_dense(smaller, dense, scoring, device), shape, smaller))
         scored.sort(key=lambda s: s[0])  # keep only the best model so far
         scored[1:] = [(kl, shape, None) for kl, shape, _ in scored[1:]]
@@ -611,11 +661,11 @@ def choose(
         def kl_of(shape: Shape | None, count: int) -> float:
             if shape is None:
                 return math.inf
-            if kept_params(shape, sizes, layout, per_unit, experts) > target + 1e-9:
+            if kept_params(shape, sizes, layout, per_unit, experts, atomic) > target + 1e-9:
                 return math.inf  # (a mixture of experts' dense block kept instead)
             if not depth_keeps_blocks(model, shape.removed):
                 return math.inf
-            built = build(model, shape, layout, stats, orders, reconstruct, experts)
+            built = build(model, shape, layout, stats, orders, reconstruct, experts, atomic)
             return kl_to_dense(built, dense[:count], scoring[:count], device)
 
         def shape_of(genome: evopress.Genome) -> Shape | None:
@@ -641,7 +691,7 @@ def choose(
             best = replace(best, removed=removed)
         searched["joint"] = joint
         del smaller
-        smaller = build(model, best, layout, stats, orders, reconstruct, experts)
+        smaller = build(model, best, layout, stats, orders, reconstruct, experts, atomic)
         best_kl = searched["kl"]
     return (
         best,
@@ -656,11 +706,18 @@ def choose(
                     "intermediate_size": s.width,
                     "kv_groups": s.kv_groups,
                     "experts": s.experts,
-                    "params": kept_params(s, sizes, layout, per_unit, experts),
+                    "params": kept_params(s, sizes, layout, per_unit, experts, atomic),
+                    "expert_width": s.expert_width,
                     "kl": kl,
                 }
                 for kl, s, _ in sorted(
-                    scored, key=lambda s: (len(s[1].removed), -s[1].kv_groups, -s[1].experts)
+                    scored,
+                    key=lambda s: (
+                        len(s[1].removed),
+                        -s[1].kv_groups,
+                        -s[1].experts,
+                        -s[1].expert_width,
+                    ),
                 )
             ],
         },

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ...engine.adapters import adapter_for
 from ...engine.forward import Activations, capture
 from ...errors import PrunellaError
-from . import magnitude, reap, shortgpt, slimgpt
+from . import heapr, magnitude, reap, shortgpt, slimgpt
+from .heapr import Atomic
 from .layout import Layout, layout_of
 
 WIDTH_METHODS = {"slimgpt": slimgpt, "magnitude": magnitude}
@@ -36,6 +37,7 @@ class Statistics:
     mlp: list[torch.Tensor] = field(default_factory=list)  # Gram of down_proj's input
     attention: list[torch.Tensor] = field(default_factory=list)  # Gram of o_proj's input
     saliency: dict[int, torch.Tensor] = field(default_factory=dict)  # REAP's, per MoE block
+    atomic: dict[int, torch.Tensor] = field(default_factory=dict)  # HEAPr's, [experts, width]
     tokens: int = 0
 
 
@@ -43,12 +45,13 @@ class Statistics:
 class Shape:
     """One structure: the blocks removed (indices of the dense model), the MLP width and
     the KV groups every kept block keeps, and the routed experts every mixture-of-experts
-    block keeps (0: not cut)."""
+    block keeps and their width in atomic experts (0: not cut)."""
 
     removed: tuple[int, ...]
     width: int
     kv_groups: int
     experts: int = 0
+    expert_width: int = 0
 
 
 def _inputs(args, kwargs) -> torch.Tensor:
@@ -152,9 +155,10 @@ def kept_units(order: list[int], total: int, keep: int) -> torch.Tensor:
     return torch.tensor([u for u in range(total) if u not in gone], dtype=torch.long)
 
 
-def smaller_config(config, shape: Shape, layout: Layout | None):
-    """The family's own config with ``shape``'s depth (and widths): every per-layer list
-    (``layer_types``) keeps the kept blocks' entries."""
+def smaller_config(config, shape: Shape, layout: Layout | None, atomic: Atomic | None = None):
+    """The family's own config with ``shape``'s depth (and widths; ``atomic``: the
+    config field of the experts' width): every per-layer list (``layer_types``) keeps the
+    kept blocks' entries."""
     values = copy.deepcopy(config.to_dict())
     n = config.num_hidden_layers
     kept = [i for i in range(n) if i not in set(shape.removed)]
@@ -171,6 +175,8 @@ def smaller_config(config, shape: Shape, layout: Layout | None):
         for key in reap.COUNT_KEYS:
             if key in values:
                 values[key] = shape.experts
+    if shape.expert_width:
+        values[atomic.key] = shape.expert_width
     values.pop("transformers_version", None)
     return type(config).from_dict(values)
 
@@ -210,6 +216,7 @@ def assemble(
     shape: Shape,
     layout: Layout | None,
     replaced: dict[int, dict[str, torch.Tensor]],
+    atomic: Atomic | None = None,
 ) -> nn.Module:
     """The model of ``shape``: a new model of the smaller config, holding ``model``'s
     tensors (block ``i``'s replaced by ``replaced[i]`` where given), the removed blocks
@@ -230,7 +237,7 @@ def assemble(
             tensor = replaced.get(int(index), {}).get(local, tensor)
             state[f"{prefix}{renumber[int(index)]}.{local}"] = tensor
     smaller = AutoModelForCausalLM.from_config(
-        smaller_config(model.config, shape, layout), dtype=dtype
+        smaller_config(model.config, shape, layout, atomic), dtype=dtype
     )
     missing, unexpected = smaller.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied(smaller)]
@@ -253,12 +260,17 @@ def build(
     orders: list[dict[str, list[int]]] | None,
     reconstruct: bool,
     experts: dict[int, reap.Experts] | None = None,
+    atomic: Atomic | None = None,
 ) -> nn.Module:
     """The model of ``shape`` from the dense model's one-pass statistics and the units'
     removal ``orders`` (a new model; ``model`` is left as it is); a mixture of experts'
-    blocks (``experts``) keep their ``shape.experts`` of highest REAP saliency."""
+    blocks (``experts``) keep their ``shape.experts`` of highest REAP saliency, or every
+    expert its ``shape.expert_width`` atomic experts of highest HEAPr score."""
     replaced: dict[int, dict[str, torch.Tensor]] = {}
     blocks = adapter_for(model).blocks(model)
+    for i in experts or {} if shape.expert_width else ():
+        if i not in shape.removed:
+            replaced[i] = heapr.cut_tensors(blocks[i], atomic, stats.atomic[i], shape.expert_width)
     for i, moe in (experts or {}).items() if shape.experts else ():
         if i not in shape.removed:
             order = reap.removal_order(stats.saliency[i], shape.experts)
@@ -279,7 +291,7 @@ def build(
             if reconstruct and shape.kv_groups < layout.kv_groups:
                 grams["self_attn.o_proj"] = stats.attention[i]
             replaced[i] = cut_tensors(blocks[i], layout, keep, grams)
-    return assemble(model, shape, layout, replaced)
+    return assemble(model, shape, layout, replaced, atomic)
 
 
 @torch.no_grad()
