@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -56,17 +57,13 @@ from .cut import (
     WIDTH_METHODS,
     Shape,
     Statistics,
-    assemble,
     block_params,
-    build,
-    build_sequential,
     checked_layout,
     depth_keeps_blocks,
-    gather,
-    removal_orders,
 )
 from .heapr import Atomic
 from .layout import Layout
+from .sources import InMemory, Parts, Streamed
 
 NAME = "structure"
 WIDTH_MULTIPLE = 32  # with --bits: the narrowest group the bits axis takes, and GGML's block
@@ -256,7 +253,7 @@ def widest_mlp(
     blocks = len(sizes) - len(removed)
     rest = kept - blocks * (layout.kv_groups - kv) * per_unit[1]
     channels = max(0, math.ceil((rest - target) / (blocks * per_unit[0]) - 1e-12))
-    return (layout.width - channels) // multiple * multiple
+    return layout.width if not channels else (layout.width - channels) // multiple * multiple
 
 
 def candidates(
@@ -338,18 +335,6 @@ def kept_params(
     return sum(blocks) - len(blocks) * cut
 
 
-@torch.no_grad()
-def kl_to_dense(model, reference: list[torch.Tensor], windows: torch.Tensor, device) -> float:
-    """Mean KL (nats per token) from the dense log-probabilities ``reference`` (one per
-    window) to ``model``'s."""
-    total, tokens = 0.0, 0
-    for ids, dense in zip(windows, reference, strict=True):
-        logp = torch.log_softmax(model(ids[None].to(device), use_cache=False).logits[0].float(), -1)
-        total += float((dense.exp() * (dense - logp)).sum())
-        tokens += ids.numel()
-    return total / tokens
-
-
 def plan_section(report: dict) -> dict:
     """The structure as a plan file holds it: the budget, the width method and, per block
     of the dense model, whether it stays, its MLP width, KV groups and experts."""
@@ -402,15 +387,29 @@ def shape_of_section(section, where: str) -> tuple[Shape, float, str, int]:
         ):
             raise PrunellaError(f"{where}: structure {name} must be a positive whole number")
     params = section.get("params")
-    if isinstance(params, bool) or not isinstance(params, int | float):
-        raise PrunellaError(f"{where}: structure params must be a number")
+    if isinstance(params, bool) or not isinstance(params, int | float) or not 0 < params <= 1:
+        raise PrunellaError(f"{where}: structure params must be a number in (0, 1]")
+    method = section.get("width_method", "slimgpt")
+    if method not in WIDTH_METHODS:
+        raise PrunellaError(
+            f"{where}: structure width_method must be one of {', '.join(WIDTH_METHODS)}, "
+            f"got {method!r}"
+        )
     removed = tuple(i for i in range(len(blocks)) if i not in kept)
     shape = Shape(removed, *(v or 0 for v in values))
-    return shape, float(params), str(section.get("width_method", "slimgpt")), len(blocks)
+    return shape, float(params), method, len(blocks)
 
 
 def check_given(
-    given: tuple[Shape, int], model, sizes, layout, per_unit, experts, atomic, params: float
+    given: tuple[Shape, int],
+    model,
+    sizes,
+    layout,
+    per_unit,
+    experts,
+    atomic,
+    params: float,
+    multiple: int = 1,
 ) -> Shape:
     """The plan's shape (``given``: it and the plan's block count) for this model (an
     expert count equal to the dense one: not cut); one line for a structure that this
@@ -421,7 +420,14 @@ def check_given(
         raise PrunellaError(f"{where} is for another model: this one has {len(sizes)} blocks")
     if layout is None and (shape.width or shape.kv_groups):
         raise PrunellaError(f"{where} cuts widths, which this family's config cannot hold")
-    if layout is not None:
+    if layout is not None:  # a width the plan leaves out is the dense one
+        shape = replace(shape, width=shape.width or layout.width,
+                        kv_groups=shape.kv_groups or layout.kv_groups)  # fmt: skip
+        if shape.width < layout.width and shape.width % multiple:
+            raise PrunellaError(
+                f"{where}: MLP {shape.width} is not a multiple of {multiple}, which "
+                "quantization groups and GGML's blocks need"
+            )
         if not 0 < shape.width <= layout.width or not 0 < shape.kv_groups <= layout.kv_groups:
             raise PrunellaError(
                 f"{where}: MLP {shape.width} and KV groups {shape.kv_groups} must be within "
@@ -461,6 +467,13 @@ def check_given(
             f"--params {params:g}"
         )
     return shape
+
+
+def width_multiple(recipe) -> int:
+    """What an MLP width must be a multiple of: quantized after the cut, or written in
+    GGML's blocks, one that a group (32) divides; else any width."""
+    quantized = getattr(recipe, "bits", None) is not None
+    return WIDTH_MULTIPLE if quantized or getattr(recipe, "format", "") == "gguf" else 1
 
 
 def discover(model, cut: str) -> tuple[Layout | None, dict[int, reap.Experts], Atomic | None]:
@@ -506,58 +519,77 @@ def shrink(
     progress: bool = True,
     search: dict | None = None,
     given: tuple[Shape, int] | None = None,
-) -> tuple[torch.nn.Module, dict]:
+    source: InMemory | Streamed | None = None,
+) -> tuple[torch.nn.Module | Path, dict]:
     """The smaller model ``recipe.params`` asks for (``model`` is left as it is), and the
     structure's part of the report: the ``given`` shape (a plan file's, with its block
-    count: :func:`shape_of_section`), or the
-    candidate of least KL (:func:`choose`). With ``search`` (EvoPress's ``minutes`` and
-    ``evaluations``), EvoPress searches on from the winning candidate."""
+    count: :func:`shape_of_section`), or the candidate of least KL (:func:`choose`).
+    With ``search`` (EvoPress's ``minutes`` and ``evaluations``), EvoPress searches on
+    from the winning candidate. ``source``: where the dense model is read from (in
+    memory by default; :class:`.sources.Streamed` returns the folder of the checkpoint
+    it wrote instead of a model)."""
+    source = source or InMemory(model, device, batch_size, progress)
     params, size = recipe.params, None
     if isinstance(params, str):  # a size of the checkpoint's weights
         size = size_bytes(params)
         params = params_for_size(model, size, recipe)
     layout, experts, atomic = discover(model, "auto" if given is not None else recipe.cut)
+    if isinstance(source, Streamed) and atomic is not None:
+        if recipe.cut == "atomic" or (given is not None and given[0].expert_width):
+            raise PrunellaError(
+                "--cut atomic needs the whole model in memory (HEAPr's scores come from a "
+                "backward pass); it cannot run with --offload disk"
+            )
+        atomic = None  # auto, streamed: whole experts and depth only
     sizes = block_params(model)
     per_unit = layout.per_unit(adapter_for(model).blocks(model)[0]) if layout else (0, 0)
     scoring = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
-    dense = [torch.log_softmax(model(w[None].to(device), use_cache=False).logits[0].float(), -1)
-             for w in scoring]  # fmt: skip
+    dense = source.log_probs(scoring)
+    parts = None
     if given is not None:
-        best = check_given(given, model, sizes, layout, per_unit, experts, atomic, params)
-        smaller, chosen = None, {"candidates": [], "candidate_kl": None}
+        best = check_given(
+            given, model, sizes, layout, per_unit, experts, atomic, params, width_multiple(recipe)
+        )
+        chosen = {"candidates": [], "candidate_kl": None, "search": None,
+                  "block_influence": None}  # fmt: skip
         if best.expert_width:  # HEAPr's scores, then the cut from them
             stats = Statistics(torch.zeros(len(sizes)))
             stats.atomic = heapr.scores(model, windows, batch_size, progress)
-            smaller = build(model, best, None, stats, None, False, experts, atomic)
+            parts = Parts(None, stats, None, False, experts, atomic)
+        elif layout is not None and recipe.width_method != "slimgpt":  # orders, no refit
+            stats = source.gather(windows, layout, experts, None)
+            orders = source.orders(layout, stats, recipe.width_method, best.width, best.kv_groups)
+            parts = Parts(layout, stats, orders, False, experts, atomic)
     else:
-        best, smaller, chosen = choose(
-            model, windows, recipe, params, layout, experts, atomic, dense, scoring, device,
-            batch_size, progress, search,
-        )  # fmt: skip
-    best_kl = chosen.get("candidate_kl")
+        best, parts, chosen = choose(
+            source, windows, recipe, params, layout, experts, atomic, dense, scoring, search
+        )
     width_cut = layout is not None and (best.width, best.kv_groups) != (
         layout.width,
         layout.kv_groups,
     )
     retained: dict[int, list[int]] = {}
-    if (width_cut and (given is not None or recipe.width_method == "slimgpt")) or best.experts:
-        del smaller  # the winner, cut again block by block, as its papers do
-        smaller = build_sequential(
-            model, best, layout, recipe.width_method, windows, device, batch_size, progress,
-            experts, retained,
-        )  # fmt: skip
-        best_kl = None
-    elif smaller is None:  # a given depth: the blocks go, the others stay as they are
-        smaller = assemble(model, best, layout, {})
-    if best_kl is None:
-        best_kl = kl_to_dense(smaller, dense, scoring, device)
+    if (width_cut and recipe.width_method == "slimgpt") or best.experts:
+        # the winner, cut again block by block, as its papers do
+        smaller = source.sequential(best, layout, recipe.width_method, windows, experts, retained)
+    elif parts is not None:  # from the one-pass statistics (no refit, or atomic experts)
+        smaller = source.one_pass(best, parts)
+    else:  # a given depth: the blocks go, the others stay as they are
+        smaller = source.depth_only(best, layout)
+    best_kl = source.result_kl(smaller, dense, scoring)
+    if isinstance(smaller, Path):
+        from ...io.checkpoint import empty_model
+
+        counted = empty_model(smaller)
+    else:
+        counted = smaller
     total = sum(sizes)
     kept = kept_params(best, sizes, layout, per_unit, experts, atomic)
     moe = next(iter(experts.values()), None)
     report = {
         "params_target": params,
         "size_target": size,
-        "weight_bytes": written_bytes(smaller, recipe) if size is not None else None,
+        "weight_bytes": written_bytes(counted, recipe) if size is not None else None,
         "block_params": total,
         "kept_params": kept,
         "kept_fraction": kept / total,
@@ -613,23 +645,19 @@ def shrink(
 
 
 def choose(
-    model, windows, recipe, params, layout, experts, atomic, dense, scoring, device,
-    batch_size, progress, search,
-) -> tuple[Shape, torch.nn.Module, dict]:  # fmt: skip
+    source, windows, recipe, params, layout, experts, atomic, dense, scoring, search
+) -> tuple[Shape, Parts, dict]:
     """The candidate of least KL to the dense model (``dense``: its log-probabilities on
     the ``scoring`` windows), searched on by EvoPress when ``search`` is given: depth
     and width together (:func:`.evopress.joint_search`) where ``--cut auto`` cuts
     widths, else which blocks the winning depth removes
-    (:func:`.evopress.depth_search`); the winner built from the one-pass statistics,
+    (:func:`.evopress.depth_search`); what cutting it takes (:class:`.sources.Parts`),
     and the report's account of the choice."""
+    model = source.model
     sizes = block_params(model)
     per_unit = layout.per_unit(adapter_for(model).blocks(model)[0]) if layout else (0, 0)
-    stats = gather(model, windows, layout, device, batch_size, progress, experts)
-    if atomic is not None:
-        stats.atomic = heapr.scores(model, windows, batch_size, progress)
-    # quantized after the cut, or in GGML's blocks: a width that a group (32) divides
-    quantized = getattr(recipe, "bits", None) is not None
-    multiple = WIDTH_MULTIPLE if quantized or getattr(recipe, "format", "") == "gguf" else 1
+    stats = source.gather(windows, layout, experts, atomic)
+    multiple = width_multiple(recipe)
     shapes = candidates(
         sizes, stats.influence, layout, per_unit, params, recipe.cut, experts, multiple, atomic
     )
@@ -643,18 +671,20 @@ def choose(
     orders = None
     if layout is not None:
         width, kv = min(s.width for s in shapes), min(s.kv_groups for s in shapes)
-        orders = removal_orders(model, layout, stats, recipe.width_method, width, kv)
-    reconstruct = recipe.width_method == "slimgpt"
-    scored = []
-    for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False):
-        smaller = build(model, shape, layout, stats, orders, reconstruct, experts, atomic)
-        scored.append((kl_to_dense(smaller, dense, scoring, device), shape, smaller))
-        scored.sort(key=lambda s: s[0])  # keep only the best model so far
-        scored[1:] = [(kl, shape, None) for kl, shape, _ in scored[1:]]
-    best_kl, best, smaller = min(scored, key=lambda s: s[0])
+        orders = source.orders(layout, stats, recipe.width_method, width, kv)
+    parts = Parts(layout, stats, orders, recipe.width_method == "slimgpt", experts, atomic)
+    progress = getattr(source, "progress", False)
+    scored = [
+        (source.kl(shape, parts, dense, scoring), shape)
+        for shape in tqdm(shapes, desc="structure candidates", disable=not progress, leave=False)
+    ]
+    best_kl, best = min(scored, key=lambda s: s[0])
     searched = None
-    joint = layout is not None and recipe.cut == "auto" and not best.experts
+    joint = (
+        layout is not None and recipe.cut == "auto" and not best.experts and not best.expert_width
+    )
     if search is not None and (joint or best.removed):
+        start = best
         target = params * sum(sizes)
         narrowest = min((s.width for s in shapes if s.width), default=0)  # the orders' floor
 
@@ -665,8 +695,7 @@ def choose(
                 return math.inf  # (a mixture of experts' dense block kept instead)
             if not depth_keeps_blocks(model, shape.removed):
                 return math.inf
-            built = build(model, shape, layout, stats, orders, reconstruct, experts, atomic)
-            return kl_to_dense(built, dense[:count], scoring[:count], device)
+            return source.kl(shape, parts, dense[:count], scoring[:count])
 
         def shape_of(genome: evopress.Genome) -> Shape | None:
             removed, kv = genome
@@ -690,12 +719,13 @@ def choose(
             )  # fmt: skip
             best = replace(best, removed=removed)
         searched["joint"] = joint
-        del smaller
-        smaller = build(model, best, layout, stats, orders, reconstruct, experts, atomic)
-        best_kl = searched["kl"]
+        if searched["kl"] <= best_kl:
+            best_kl = searched["kl"]
+        else:  # (a short search ends on a genome chosen on a quarter of the windows)
+            best, searched["kept_candidate"] = start, True
     return (
         best,
-        smaller,
+        parts,
         {
             "candidate_kl": best_kl,
             "search": searched,
@@ -710,7 +740,7 @@ def choose(
                     "expert_width": s.expert_width,
                     "kl": kl,
                 }
-                for kl, s, _ in sorted(
+                for kl, s in sorted(
                     scored,
                     key=lambda s: (
                         len(s[1].removed),

@@ -42,6 +42,7 @@ PAPER = (
     "Search, ICML 2025 (depth pruning, evo_drop_search.py)"
 )
 OFFSPRING, INITIAL, SURVIVORS, MAX_MUTATIONS = 32, 64, (2, 1), 3
+DRAWS = 50  # mutations drawn per child wanted before a generation goes on with fewer
 
 G = TypeVar("G", bound=Hashable)
 Genome = tuple[tuple[int, ...], int]  # the joint search's: (removed blocks, KV groups)
@@ -126,10 +127,14 @@ def search(
     generations = 0
     while space > 1 and not done():
         children: list[G] = []
-        while len(children) < min(OFFSPRING, space - 1):
+        for _ in range(DRAWS * OFFSPRING):  # near the space's edges fewer may be in reach
+            if len(children) == min(OFFSPRING, space - 1):
+                break
             child = mutate_one(parent, rng)
             if child != parent and child not in children:
                 children.append(child)
+        if not children:
+            break
         kept = [c for _, c in score(children, stages[0])[: SURVIVORS[0]]]
         parent = score([parent, *kept], stages[1])[0][1]
         generations += 1
