@@ -224,7 +224,11 @@ def test_prune_params_writes_a_smaller_checkpoint(tmp_path, tokenizer_dir, capsy
     [
         (["--params", "0"], "--params: params is the fraction"),
         (["--params", "1.5"], "--params: params is the fraction"),
-        (["--params", "0.8", "--offload", "disk"], "cannot run with --offload disk"),
+        (
+            ["--params", "0.8", "--offload", "disk", "--eval-data", "sample-eval"],
+            "cannot run with --offload disk",
+        ),
+        (["--params", "0.01", "--cut", "width", "--offload", "disk"], "no structure keeps"),
         (["--params", "0.8", "--allocation", "owl"], "has nothing to allocate"),
         (["--params", "0.01", "--cut", "width"], "no structure keeps"),
     ],
@@ -233,6 +237,7 @@ def test_bad_structure_input_is_one_line_and_writes_nothing(
     flags, message, tmp_path, tokenizer_dir, capsys
 ):
     source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    capsys.readouterr()  # (the checkpoint's own progress bar)
     out = tmp_path / "out"
     code = main(["prune", str(source), "--out", str(out), *flags, "--nsamples", "4",
                  "--seqlen", "32", "--quiet"])  # fmt: skip
@@ -357,6 +362,7 @@ def test_a_bad_structure_plan_is_one_line_and_writes_nothing(
     edit, message, tmp_path, tokenizer_dir, capsys
 ):
     source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    capsys.readouterr()  # (the checkpoint's own progress bar)
     blocks = [{"block": i, "kept": True, "intermediate_size": 80, "kv_groups": 2,
                "experts": None} for i in range(3)]  # fmt: skip
     structure_ = {"params": 0.7, "width_method": "slimgpt", "blocks": blocks}
@@ -573,6 +579,7 @@ def test_params_as_a_size_keeps_the_weights_within_it(tmp_path, tokenizer_dir, f
 
 def test_a_size_that_cannot_be_met_or_needs_nothing_is_one_line(tmp_path, tokenizer_dir, capsys):
     source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    capsys.readouterr()  # (the checkpoint's own progress bar)
     common = ["--nsamples", "8", "--seqlen", "32", "--quiet"]
     for size, problem in [("1GB", "nothing to cut"), ("100KB", "outside the blocks' linear"),
                           ("12XB", "a size with its unit")]:  # fmt: skip
@@ -626,3 +633,40 @@ def test_auto_on_a_mixture_of_experts_weighs_whole_experts_against_narrower_ones
     assert {"experts", "atomic"} <= kinds
     best = min(report["candidates"], key=lambda c: c["kl"])
     assert report["candidate_kl"] == best["kl"]
+
+
+@pytest.mark.parametrize(
+    "family, flags",
+    [
+        ("llama", []),
+        ("qwen2", ["--sparsity", "0.5"]),
+        ("gemma", ["--cut", "width", "--width-method", "magnitude"]),
+        ("opt", ["--cut", "depth"]),
+        ("mixtral", ["--cut", "experts"]),
+    ],
+)
+def test_a_streamed_cut_writes_what_the_in_memory_cut_writes(
+    family, flags, tmp_path, tokenizer_dir
+):
+    """--offload disk: the dense model read one block at a time, the cut written block
+    by block and streamed on (here pruned too): the same checkpoint as in memory."""
+    source = build_checkpoint(tmp_path / "m", family, tokenizer_dir)
+    common = ["--params", "0.7", "--nsamples", "8", "--seqlen", "32", "--fitness-tokens",
+              "64", "--quiet", *flags]  # fmt: skip
+    models, reports = {}, {}
+    for offload in ("none", "disk"):
+        out = tmp_path / offload
+        assert main(["prune", str(source), "--out", str(out), "--offload", offload,
+                     *common]) == 0  # fmt: skip
+        reports[offload] = json.loads((out / "prune_report.json").read_text())
+        models[offload] = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert not (tmp_path / f"{offload}.partial").exists()
+    assert reports["disk"]["offload"] == "disk"
+    memory, disk = (reports[k]["structure"] for k in ("none", "disk"))
+    for key in ("removed_blocks", "intermediate_size", "kv_groups", "experts", "kept_params"):
+        assert memory[key] == disk[key], key
+    assert memory["kl"] == pytest.approx(disk["kl"], rel=0.05, abs=1e-4)
+    a, b = (models[k].state_dict() for k in ("none", "disk"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -15,6 +15,7 @@ the last finished block, in memory or streamed alike.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from .engine.adapters import adapter_for, block_index
 from .engine.device import pick_device, resolve_compute_dtype
 from .engine.heap import limit_heap_growth
 from .engine.prune import choose_passes, default_batch_size, level_of, prune_blocks
-from .engine.store import MemoryStore, Store, WorkDir, open_store
+from .engine.store import MemoryStore, Store, StreamedStore, WorkDir, open_store
 from .errors import PrunellaError, warn
 from .io.checkpoint import assert_finite, check_checkpoint, check_dense, scan
 from .io.export import save_store
@@ -48,6 +49,7 @@ from .methods import compressors as axis_compressors
 from .methods.allocation import ALLOCATIONS
 from .methods.allocation.run import AllocationRun, allocate
 from .methods.plan import Plan, check_plan, load_plan, plan_cost
+from .methods.structure.sources import Streamed
 from .recipe import Recipe
 from .report.build import build_report
 from .report.evaluation import evaluate
@@ -153,16 +155,20 @@ def _run(
         check_dense(path)
         out = check_out_dir(recipe.out, path, overwrite)
         work = WorkDir(out)
+        if work.exists() and restart:  # before a streamed structure cut writes into it
+            work.discard()
         # reads every tensor once, before anything is loaded (so it adds nothing to the
         # peak): NaN weights stop the run here, before anything is written
         weights_digest = scan(path)
 
     # the store: chosen once, here
     tick = time.perf_counter()
+    offload = recipe.offload if out is not None else "none"  # nowhere to stream to
+    if shrinking and offload != "disk":
+        offload = "none"  # a structure cut streams only when asked: in memory it is faster
     store, tokenizer = open_store(
         model if model is not None else recipe.model,
-        # nowhere to stream to; a structure cut holds the whole model
-        recipe.offload if out is not None and not shrinking else "none",
+        offload,
         whole_model=recipe.eval_data is not None,
         tokenizer=tokenizer,
     )
@@ -178,7 +184,7 @@ def _run(
         tick = time.perf_counter()
         dense_store, (store, structure_report) = (
             store,
-            shrink_store(recipe, store, windows, progress, planned_cut),
+            shrink_store(recipe, store, windows, progress, planned_cut, work),
         )
         if recipe.eval_data is None:
             dense_store = None  # nothing reads the dense model again
@@ -199,8 +205,6 @@ def _run(
     beside: dict[str, torch.Tensor] = {}  # what layers keep beside their weights (scales)
     if work is not None:
         stamp = fingerprint(recipe, store.path, weights_digest)
-        if work.exists() and restart:
-            work.discard()
         resuming = work.exists()
         if resume and not resuming:
             raise PrunellaError(f"nothing to resume: {work.path} does not exist")
@@ -325,16 +329,35 @@ def _run(
 
 
 def shrink_store(
-    recipe: Recipe, store: Store, windows: torch.Tensor, progress: bool, given=None
-) -> tuple[MemoryStore, dict]:
+    recipe: Recipe,
+    store: Store,
+    windows: torch.Tensor,
+    progress: bool,
+    given=None,
+    work: WorkDir | None = None,
+) -> tuple[Store, dict]:
     """The store of the smaller model ``recipe.params`` asks for (``given``: a plan
-    file's structure, see :func:`structure_from_plan`; its ``path`` the source's, for
-    the report and the output checks), and the structure's report."""
+    file's structure, see :func:`structure_from_plan`), and the structure's report. In
+    memory, the smaller model (its ``path`` the source's, for the report and the output
+    checks); streamed, the checkpoint the cut wrote block by block into the work
+    folder (``work.structure``), streamed in turn."""
     device = pick_device(recipe.device)
     batch = recipe.batch_size or default_batch_size(windows.shape[1], device)
     search = None
     if recipe.allocation.name == "evopress" and not AXES.asked(recipe):  # else the others'
         search = {k: recipe.allocation.options[k] for k in ("minutes", "evaluations")}
+    if isinstance(store, StreamedStore):
+        source = Streamed(store, device, batch, progress, work.structure)
+        try:
+            folder, report = structure.shrink(
+                store.model, windows, recipe, device, batch, progress, search, given, source
+            )
+        except BaseException:  # nothing half-written stays behind
+            shutil.rmtree(work.structure, ignore_errors=True)
+            if work.path.is_dir() and not any(work.path.iterdir()):
+                work.path.rmdir()
+            raise
+        return StreamedStore(folder, check_checkpoint(folder)[1]), report
     smaller, report = structure.shrink(
         store.model, windows, recipe, device, batch, progress, search, given
     )
@@ -345,10 +368,6 @@ def shrink_store(
 
 def check_structure_recipe(recipe: Recipe) -> None:
     """One line for what a structure cut (``--params``) cannot be combined with."""
-    if recipe.offload == "disk":
-        raise PrunellaError(
-            "--params cuts the whole model in memory; it cannot run with --offload disk"
-        )
     if recipe.allocation.name not in ("uniform", "evopress") and not AXES.asked(recipe):
         raise PrunellaError(
             f"--allocation {recipe.allocation.name} has nothing to allocate: the structure "

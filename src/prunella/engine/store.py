@@ -238,20 +238,35 @@ class StreamedStore(_Blocks):
             if not n.startswith(block_prefix) and isinstance(k, str)
         }
 
+    def _copy_block(self, i: int, path: Path) -> None:
+        """Block ``i``'s tensors, as the input holds them, into one shard."""
+        prefix = f"{self.adapter.blocks_path}.{i}."
+        keys = {k for n, k in self.key_map.items() if n.startswith(prefix) and isinstance(k, str)}
+        if any(n.startswith(prefix) and not isinstance(k, str) for n, k in self.key_map.items()):
+            raise PrunellaError(f"internal: block {i} of {self.path} is stored in parts")
+        writer = ShardWriter(path)
+        for key in sorted(keys):
+            writer.add(key, self.reader.tensor(key))
+        writer.close()
+
     def output_bytes(self) -> int:
         """The tensors outside the blocks (the blocks' shards are links)."""
         tensors = self.model.state_dict(keep_vars=True)
         outside = {key: tensors[name] for name, key in self._outside().items()}
         return sum(t.numel() * t.element_size() for t in outside.values())
 
-    def write(self, folder: Path, work: WorkDir) -> None:
-        """One shard per finished block (hard links into the work folder, no copy), and the
-        tensors outside the blocks copied one at a time from the input into a last shard."""
+    def write(self, folder: Path, work: WorkDir | None) -> None:
+        """One shard per finished block (hard links into the work folder, no copy; a block
+        the run left as it is, copied from the input), and the tensors outside the blocks
+        copied one at a time from the input into a last shard."""
         count = len(self.blocks()) + 1
         weight_map = {}
         for i in range(count - 1):
             shard = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.link(work.block_file(i), folder / shard)
+            if work is not None and work.block_file(i).is_file():
+                os.link(work.block_file(i), folder / shard)
+            else:
+                self._copy_block(i, folder / shard)
             with safe_open(folder / shard, framework="pt") as handle:
                 weight_map.update(dict.fromkeys(handle.keys(), shard))
         shard = f"model-{count:05d}-of-{count:05d}.safetensors"
@@ -333,6 +348,8 @@ class WorkDir:
         out = Path(out_dir)
         self.path = out.with_name(out.name + ".partial")
         self.blocks = self.path / "blocks"
+        # a streamed structure cut's checkpoint, which the run then streams (kept by start)
+        self.structure = self.path / "structure"
 
     def exists(self) -> bool:
         return (self.path / "state.json").is_file()
@@ -348,7 +365,9 @@ class WorkDir:
                 )
 
     def start(self, fingerprint: dict, windows: torch.Tensor, plan: dict) -> None:
-        self.discard()
+        for entry in self.path.iterdir() if self.path.is_dir() else ():
+            if entry != self.structure:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         self.blocks.mkdir(parents=True)
         save_tensors({"windows": windows}, self.path / "windows.safetensors")
         self.save_json("plan.json", plan)
