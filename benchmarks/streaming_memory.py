@@ -12,7 +12,11 @@ Prunella and builds the model skeleton with no weights, measured the same way),
 plus the larger of one block and the largest tensor outside the blocks, plus the
 calibration activations (``nsamples x seqlen x hidden`` float32 numbers).
 
+With ``--params P`` each run is a structure cut to ``P`` of the blocks' parameters
+instead (no sparsity): in memory the cut holds the dense model; streamed, one block.
+
     python benchmarks/streaming_memory.py --json streaming.json
+    python benchmarks/streaming_memory.py --params 0.8 --json streaming_structure.json
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--synthetic-hidden", type=int, default=2048)
     parser.add_argument("--synthetic-ffn", type=int, default=5632)
     parser.add_argument("--skip-in-memory-synthetic", action="store_true")
+    parser.add_argument("--params", help="a structure cut to this fraction instead of pruning")
     a = parser.parse_args()
 
     from prunella.io.checkpoint import resolve
@@ -121,8 +126,7 @@ def main() -> None:
                     str(model),
                     "--out",
                     str(out),
-                    "--solver",
-                    solver,
+                    *(["--params", a.params] if a.params else ["--solver", solver]),
                     "--offload",
                     offload,
                     "--nsamples",
@@ -136,7 +140,7 @@ def main() -> None:
                 {
                     "model": name,
                     "checkpoint_mb": size_mb(model),
-                    "solver": solver,
+                    "solver": f"structure {a.params}" if a.params else solver,
                     "offload": offload,
                     "calibration": f"{nsamples} x {seqlen}",
                     **result,
