@@ -196,13 +196,19 @@ def allocate_command(model, recipe, json_out, quiet, **values) -> None:
 
 
 def _echo_structure(report: dict) -> None:
-    """The structure candidates compared (depth, width, KL) and the one chosen."""
-    click.echo(f"{'removed blocks':<28}  {'MLP':>6}  {'KV':>3}  {'params':>12}  {'KL':>8}")
+    """The structure candidates compared (depth, width or experts, KL) and the one chosen."""
+    moe = report.get("dense_experts") is not None
+    unit = ("experts", "width") if moe else ("MLP", "KV")
+    click.echo(f"{'removed blocks':<28}  {unit[0]:>7}  {unit[1]:>5}  {'params':>12}  {'KL':>8}")
     for c in report["candidates"]:
         removed = ",".join(map(str, c["removed_blocks"])) or "-"
+        if moe:
+            shown = (c["experts"] or report["dense_experts"],
+                     c.get("expert_width") or report.get("dense_expert_width") or "-")  # fmt: skip
+        else:
+            shown = (c["intermediate_size"], c["kv_groups"])
         click.echo(
-            f"{removed:<28}  {c['intermediate_size']:>6}  {c['kv_groups']:>3}  "
-            f"{c['params']:>12,}  {c['kl']:>8.4f}"
+            f"{removed:<28}  {shown[0]:>7}  {shown[1]:>5}  {c['params']:>12,}  {c['kl']:>8.4f}"
         )
     click.echo(report["summary"])
 
