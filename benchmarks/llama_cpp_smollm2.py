@@ -20,6 +20,12 @@ source (the ``llama-cpp-python`` source package vendors one):
     cmake --build llama-build --target llama-bench llama-perplexity -j
     python benchmarks/llama_cpp_smollm2.py --bin llama-build/bin --json llama_cpp.json
 
+On a virtual machine whose CPU reports AMX but whose kernel does not grant it, a native
+build (``-DGGML_NATIVE=ON``, the default) stops with SIGILL in GGML's AMX Q8_0 kernels:
+configure with ``-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+-DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF`` (and
+the other ISA flags the CPU has) instead, as the committed run did.
+
 Prints a Markdown table; ``--json PATH`` also writes the raw numbers, ``--print PATH``
 prints the table of a JSON written before.
 """

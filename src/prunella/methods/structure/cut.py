@@ -307,15 +307,35 @@ def build_sequential(
     experts: dict[int, reap.Experts] | None = None,
     retained: dict[int, list[int]] | None = None,
 ) -> nn.Module:
-    """The model of ``shape`` cut block by block as SlimGPT does: each block's units
-    ranked and its consumers refit on the activations of the blocks before it *as cut*
-    (attention first, then the MLP on the cut attention's outputs); a mixture of
-    experts' blocks (``experts``) lose their experts of least REAP saliency, measured
-    on the same activations (llm-compressor's sequential REAP; ``retained`` gets each
-    block's kept experts); a new model."""
+    """The model of ``shape`` cut block by block as SlimGPT does (:func:`cut_in_order`,
+    each block on the activations of the blocks before it *as cut*); a new model."""
     work = copy.deepcopy(model)
     blocks = adapter_for(work).blocks(work)
     acts = capture(work, blocks, windows, batch_size, device, torch.float32)
+    for i in tqdm(range(len(blocks)), desc="structure, block by block", disable=not progress,
+                  leave=False):  # fmt: skip
+        if i in shape.removed:
+            continue  # the hidden states go on to the next block as they are
+        cut_in_order(blocks[i], i, acts, shape, layout, method, experts or {}, retained)
+    return assemble(work, shape, layout, {})
+
+
+@torch.no_grad()
+def cut_in_order(
+    block: nn.Module,
+    i: int,
+    acts: Activations,
+    shape: Shape,
+    layout: Layout | None,
+    method: str,
+    experts: dict[int, reap.Experts],
+    retained: dict[int, list[int]] | None = None,
+) -> None:
+    """Cut block ``i`` in place on ``acts``, the activations entering it, and move
+    ``acts`` on through it: its units ranked and its consumers refit on those
+    activations (attention first, then the MLP on the cut attention's outputs); in a
+    mixture of experts, its experts of least REAP saliency removed, measured on the same
+    activations (llm-compressor's sequential REAP; ``retained`` gets the kept experts)."""
     rank = WIDTH_METHODS[method].removal_order
     refit = method == "slimgpt"
     steps = ()
@@ -326,39 +346,33 @@ def build_sequential(
              layout.kv_groups),
             ("mlp.down_proj", "channel", 1, shape.width, layout.width),
         )  # fmt: skip
-    for i in tqdm(range(len(blocks)), desc="structure, block by block", disable=not progress,
-                  leave=False):  # fmt: skip
-        if i in shape.removed:
-            continue  # the hidden states go on to the next block as they are
-        block = blocks[i]
-        for name, kind, group, kept, total in steps:
-            if kept == total:
-                continue
-            layer = block.get_submodule(name)
-            gram = input_gram(layer, acts, block, i)
-            order = rank(layer.weight.detach().float().cpu(), gram, group, kept)
-            units = {**keep, kind: kept_units(order, total, kept)}
-            half = name.split(".")[0]  # self_attn, then mlp
-            cut = cut_tensors(block, layout, units, {name: gram} if refit else {}, half)
-            for local, tensor in cut.items():
-                block.get_parameter(local).data = tensor
-        moe = (experts or {}).get(i)
-        if shape.experts and moe is not None:
-            sums, counts = (torch.zeros(moe.count, dtype=torch.float64) for _ in range(2))
-            module = block.get_submodule(moe.path).experts
-            hook = reap.saliency_hook(sums, counts)
-            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-            try:
-                acts.forward(block, i, update=False)
-            finally:
-                handle.remove()
-            order = reap.removal_order(reap.mean_saliency(sums, counts), shape.experts)
-            kept = kept_units(order, moe.count, shape.experts)
-            reap.cut_experts(block, moe, kept)
-            if retained is not None:
-                retained[i] = kept.tolist()
-        acts.forward(block, i, update=True)
-    return assemble(work, shape, layout, {})
+    for name, kind, group, kept, total in steps:
+        if kept == total:
+            continue
+        layer = block.get_submodule(name)
+        gram = input_gram(layer, acts, block, i)
+        order = rank(layer.weight.detach().float().cpu(), gram, group, kept)
+        units = {**keep, kind: kept_units(order, total, kept)}
+        half = name.split(".")[0]  # self_attn, then mlp
+        cut = cut_tensors(block, layout, units, {name: gram} if refit else {}, half)
+        for local, tensor in cut.items():
+            block.get_parameter(local).data = tensor
+    moe = experts.get(i)
+    if shape.experts and moe is not None:
+        sums, counts = (torch.zeros(moe.count, dtype=torch.float64) for _ in range(2))
+        module = block.get_submodule(moe.path).experts
+        hook = reap.saliency_hook(sums, counts)
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            acts.forward(block, i, update=False)
+        finally:
+            handle.remove()
+        order = reap.removal_order(reap.mean_saliency(sums, counts), shape.experts)
+        kept = kept_units(order, moe.count, shape.experts)
+        reap.cut_experts(block, moe, kept)
+        if retained is not None:
+            retained[i] = kept.tolist()
+    acts.forward(block, i, update=True)
 
 
 def input_gram(layer: nn.Module, acts: Activations, block: nn.Module, i: int) -> torch.Tensor:

@@ -31,9 +31,9 @@ from .cut import (
     assemble,
     build,
     build_sequential,
+    cut_in_order,
     cut_tensors,
     gather,
-    input_gram,
     kept_units,
     removal_orders,
     smaller_config,
@@ -208,45 +208,13 @@ class Streamed:
     @torch.no_grad()
     def sequential(self, shape, layout, method, windows, experts, retained) -> Path:
         """:func:`.cut.build_sequential`, each block read, cut on the activations of the
-        blocks before it as cut, written, released."""
-        rank, refit = WIDTH_METHODS[method].removal_order, method == "slimgpt"
-        steps = ()
-        if layout is not None:
-            keep = {"channel": torch.arange(layout.width), "kv": torch.arange(layout.kv_groups)}
-            steps = (("self_attn.o_proj", "kv", layout.n_rep * layout.head_dim, shape.kv_groups,
-                      layout.kv_groups),
-                     ("mlp.down_proj", "channel", 1, shape.width, layout.width))  # fmt: skip
-        blocks = self._blocks()
-        acts = capture(self.model, blocks, windows, self.batch, self.device, torch.float32)
+        blocks before it as cut (:func:`.cut.cut_in_order`), written, released."""
+        acts = capture(self.model, self._blocks(), windows, self.batch, self.device,
+                       torch.float32)  # fmt: skip
 
         def cut(i: int, dense: nn.Module, _) -> nn.Module:
             block = copy.deepcopy(dense)
-            for name, kind, group, kept, total in steps:
-                if kept == total:
-                    continue
-                layer = block.get_submodule(name)
-                gram = input_gram(layer, acts, block, i)
-                order = rank(layer.weight.detach().float().cpu(), gram, group, kept)
-                units = {**keep, kind: kept_units(order, total, kept)}
-                half = name.split(".")[0]
-                tensors = cut_tensors(block, layout, units, {name: gram} if refit else {}, half)
-                for local, tensor in tensors.items():
-                    block.get_parameter(local).data = tensor
-            moe = experts.get(i)
-            if shape.experts and moe is not None:
-                sums, counts = (torch.zeros(moe.count, dtype=torch.float64) for _ in range(2))
-                module = block.get_submodule(moe.path).experts
-                handle = module.register_forward_pre_hook(reap.saliency_hook(sums, counts),
-                                                          with_kwargs=True)  # fmt: skip
-                try:
-                    acts.forward(block, i, update=False)
-                finally:
-                    handle.remove()
-                order = reap.removal_order(reap.mean_saliency(sums, counts), shape.experts)
-                kept = kept_units(order, moe.count, shape.experts)
-                reap.cut_experts(block, moe, kept)
-                retained[i] = kept.tolist()
-            acts.forward(block, i, update=True)
+            cut_in_order(block, i, acts, shape, layout, method, experts, retained)
             return block
 
         return self._write(shape, layout, None, cut, sequential=acts)
