@@ -670,3 +670,32 @@ def test_a_streamed_cut_writes_what_the_in_memory_cut_writes(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_streamed_search_and_a_streamed_plan(tmp_path, tokenizer_dir):
+    """EvoPress over depth and width, and a plan file applied, both with --offload disk:
+    the search's evaluations are block-by-block forwards; the plan gives the checkpoint
+    it gives in memory."""
+    from safetensors.torch import load_file
+
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    common = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "64", "--quiet"]
+    searched = tmp_path / "searched"
+    assert main(["prune", str(source), "--out", str(searched), "--params", "0.7",
+                 "--allocation", "evopress", "--allocation-opt", "evaluations=70",
+                 "--offload", "disk", *common]) == 0  # fmt: skip
+    report = json.loads((searched / "prune_report.json").read_text())["structure"]
+    assert report["search"]["joint"] and report["kept_fraction"] <= 0.7
+    plan_file = tmp_path / "plan.json"
+    assert main(["allocate", str(source), "--params", "0.7", "--json", str(plan_file),
+                 *common]) == 0  # fmt: skip
+    outs = {}
+    for offload in ("none", "disk"):
+        outs[offload] = tmp_path / f"plan-{offload}"
+        assert main(["prune", str(source), "--out", str(outs[offload]), "--allocation-file",
+                     str(plan_file), "--offload", offload, *common]) == 0  # fmt: skip
+    a = load_file(outs["none"] / "model.safetensors")
+    b = AutoModelForCausalLM.from_pretrained(outs["disk"]).state_dict()
+    assert a.keys() <= b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
