@@ -151,6 +151,22 @@ def structure(run: dict) -> str:
     return f"dense {dense['perplexity']:.2f}; " + "; ".join(parts)
 
 
+def llama_cpp(run: dict) -> str:
+    rows = run["results"]["rows"]
+    dense = rows["dense-f16"]
+
+    def faster(name: str) -> str:
+        return f"{rows[name]['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f} ×"
+
+    both = rows["params-0.8+q4_0"]
+    return (
+        f"llama.cpp decode against the dense F16 GGUF: GPTQ q8_0 {faster('gptq-q8_0')}, "
+        f"q4_0 {faster('gptq-q4_0')}; structure cut to 80% {faster('params-0.8')}, 70% "
+        f"{faster('params-0.7')}; cut to 80% then q4_0 {faster('params-0.8+q4_0')} in "
+        f"{both['gguf_bytes'] / dense['gguf_bytes']:.2f} × the bytes"
+    )
+
+
 def vs_llmcompressor_reap(run: dict) -> str:
     results = run["results"]
     families = sorted({r["family"] for r in results["rows"]})
@@ -227,6 +243,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("vs_llmcompressor_gptq.json", vs_llmcompressor_gptq, "[bits](bits.md)"),
     ("structure_smollm2.json", structure, "[structure](structure.md#results)"),
     ("vs_llmcompressor_reap.json", vs_llmcompressor_reap, "[structure](structure.md#experts)"),
+    ("llama_cpp_smollm2.json", llama_cpp, "[GGUF](gguf.md#in-llamacpp)"),
     ("calibration_scale.json", calibration, "[calibration data](calibration-data.md)"),
     ("high_sparsity_smollm2.json", high_sparsity, "[high sparsity](high-sparsity.md)"),
     ("search_smollm2.json", search, "[search](search.md)"),
