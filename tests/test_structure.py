@@ -699,3 +699,18 @@ def test_a_streamed_search_and_a_streamed_plan(tmp_path, tokenizer_dir):
     assert a.keys() <= b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_kv_counts_the_config_refuses_are_not_candidates():
+    """Llama's config wants a hidden size its head count divides (even with head_dim
+    given): with 8 heads of 8 (no grouping) on 64, 7, 6 and 5 KV groups are refused."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
+                         head_dim=8, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    _, report = structure.shrink(model, windows(), recipe(params=0.8, cut="width"), CPU, 4, False)
+    assert {c["kv_groups"] for c in report["candidates"]} <= {8, 4}
+    assert 0 < len(report["candidates"])

@@ -59,6 +59,7 @@ from .cut import (
     Statistics,
     block_params,
     checked_layout,
+    config_holds,
     depth_keeps_blocks,
 )
 from .heapr import Atomic
@@ -460,6 +461,11 @@ def check_given(
         raise PrunellaError(f"{where} cuts both whole experts and their width: one at a time")
     if not depth_keeps_blocks(model, shape.removed):
         raise PrunellaError(f"{where} removes blocks, but this config places block kinds by index")
+    if not config_holds(model.config, shape, layout, atomic):
+        raise PrunellaError(
+            f"{where}: {model.config.model_type}'s config refuses these sizes (e.g. a head "
+            "count that does not divide the hidden size)"
+        )
     kept = kept_params(shape, sizes, layout, per_unit, experts, atomic)
     if kept > params * sum(sizes) + 1e-9:
         raise PrunellaError(
@@ -544,7 +550,7 @@ def shrink(
     sizes = block_params(model)
     per_unit = layout.per_unit(adapter_for(model).blocks(model)[0]) if layout else (0, 0)
     scoring = windows[: max(1, min(len(windows), round(recipe.fitness_tokens / windows.shape[1])))]
-    dense = source.log_probs(scoring)
+    dense = source.reference(scoring)
     parts = None
     if given is not None:
         best = check_given(
@@ -662,6 +668,7 @@ def choose(
         sizes, stats.influence, layout, per_unit, params, recipe.cut, experts, multiple, atomic
     )
     shapes = [s for s in shapes if depth_keeps_blocks(model, s.removed)]
+    shapes = [s for s in shapes if config_holds(model.config, s, layout, atomic)]
     if not shapes:
         raise PrunellaError(
             f"--params {params:g}: {model.config.model_type}'s config places block "
@@ -700,10 +707,12 @@ def choose(
         def shape_of(genome: evopress.Genome) -> Shape | None:
             removed, kv = genome
             width = widest_mlp(sizes, removed, kv, layout, per_unit, params, multiple)
-            return Shape(removed, width, kv) if width >= narrowest else None
+            shape = Shape(removed, width, kv)
+            return shape if width >= narrowest and kv in kv_held else None
 
         stages = (max(1, len(dense) // 4), len(dense))
         options = (stages, search["minutes"], search["evaluations"])
+        kv_held = {s.kv_groups for s in shapes}  # the KV counts the config accepts
         if joint:  # depth and width together
             kv_range = (min(s.kv_groups for s in shapes), layout.kv_groups)
             deepest = max(len(s.removed) for s in shapes)

@@ -181,6 +181,16 @@ def smaller_config(config, shape: Shape, layout: Layout | None, atomic: Atomic |
     return type(config).from_dict(values)
 
 
+def config_holds(config, shape: Shape, layout: Layout | None, atomic=None) -> bool:
+    """Whether the family's config accepts ``shape``'s sizes (Llama's, for one, wants a
+    hidden size that its number of heads divides, even with an explicit head size)."""
+    try:
+        smaller_config(config, shape, layout, atomic)
+    except Exception:  # transformers' strict validation has errors of its own
+        return False
+    return True
+
+
 def cut_tensors(
     block: nn.Module,
     layout: Layout,
@@ -440,7 +450,12 @@ def checked_layout(model: nn.Module) -> Layout:
 
     block = adapter_for(model).blocks(model)[0]
     layout = layout_of(model, block)
-    for kv in ([layout.kv_groups - 1] if layout.kv_groups > 1 else []) + [layout.kv_groups]:
+    fewer = next(  # the most KV groups short of all that the config accepts
+        (k for k in range(layout.kv_groups - 1, 0, -1)
+         if config_holds(model.config, Shape((), layout.width - 1, k), layout)),
+        None,
+    )  # fmt: skip
+    for kv in ([fewer] if fewer else []) + [layout.kv_groups]:
         shape = Shape((), layout.width - 1, kv)
         with torch.device("meta"):
             probe = AutoModelForCausalLM.from_config(smaller_config(model.config, shape, layout))

@@ -55,10 +55,14 @@ class Parts:
     atomic: Atomic | None
 
 
-def kl(reference: list[torch.Tensor], log_probs: list[torch.Tensor]) -> float:
-    """Mean KL (nats per token) from the dense log-probabilities to a candidate's."""
-    total = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(reference, log_probs, strict=True))
-    return total / sum(p.shape[0] * p.shape[1] for p in reference)
+def kl(pairs) -> float:
+    """Mean KL (nats per token) from the dense log-probabilities to a candidate's, over
+    ``pairs`` of them, one window at a time (a window's are ``[1, tokens, vocab]``)."""
+    total, tokens = 0.0, 0
+    for p, q in pairs:
+        total += float((p.exp() * (p - q)).sum())
+        tokens += p.shape[0] * p.shape[1]
+    return total / tokens
 
 
 class InMemory:
@@ -77,16 +81,18 @@ class InMemory:
         return removal_orders(self.model, layout, stats, method, width, kv)
 
     @torch.no_grad()
-    def log_probs(self, windows: torch.Tensor, model: nn.Module | None = None) -> list:
-        """Per window, ``[1, seqlen, vocab]`` log-probabilities of ``model`` (the dense)."""
+    def log_probs(self, window: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """``[1, seqlen, vocab]`` log-probabilities of ``model`` (the dense) on ``window``."""
         model = self.model if model is None else model
-        return [
-            torch.log_softmax(model(w[None].to(self.device), use_cache=False).logits.float(), -1)
-            for w in windows
-        ]
+        logits = model(window[None].to(self.device), use_cache=False).logits.float()
+        return torch.log_softmax(logits, -1)
+
+    def reference(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """The dense model's log-probabilities, per window."""
+        return [self.log_probs(w) for w in windows]
 
     def kl(self, shape: Shape, parts: Parts, reference, windows) -> float:
-        return kl(reference, self.log_probs(windows, self.one_pass(shape, parts)))
+        return self.result_kl(self.one_pass(shape, parts), reference, windows)
 
     def one_pass(self, shape: Shape, parts: Parts) -> nn.Module:
         p = parts
@@ -101,7 +107,7 @@ class InMemory:
         return assemble(self.model, shape, layout, {})
 
     def result_kl(self, result: nn.Module, reference, windows) -> float:
-        return kl(reference, self.log_probs(windows, result))
+        return kl((p, self.log_probs(w, result)) for p, w in zip(reference, windows, strict=True))
 
 
 class Streamed:
@@ -112,6 +118,7 @@ class Streamed:
     def __init__(self, store, device, batch_size: int, progress: bool, folder: Path) -> None:
         self.store, self.device, self.batch, self.progress = store, device, batch_size, progress
         self.model, self.folder = store.model, Path(folder)
+        self.as_tuple = False  # whether the blocks return tuples (set by a forward)
         store.load_head()  # the log-probabilities need it
 
     def _blocks(self):
@@ -178,8 +185,8 @@ class Streamed:
         return orders
 
     @torch.no_grad()
-    def log_probs(self, windows: torch.Tensor, cut=None, removed=()) -> list:
-        """Per window, ``[1, seqlen - 1, vocab]`` log-probabilities, each block ``i`` not in
+    def hidden(self, windows: torch.Tensor, cut=None, removed=()) -> list[torch.Tensor]:
+        """Per window, the hidden states leaving the last block, each block ``i`` not in
         ``removed`` run as ``cut(i, block)`` gives it (the dense block by default)."""
         blocks = self._blocks()
         acts = capture(self.model, blocks, windows, 1, self.device, torch.float32)
@@ -188,14 +195,28 @@ class Streamed:
                 continue  # the hidden states go on as they are
             with loaded(self.store, i, self.device, torch.float32) as (block, _):
                 acts.forward(block if cut is None else cut(i, block), i, update=True)
-        with head_only(self.model, blocks, self.device, torch.float32, acts.as_tuple) as lp:
-            return [lp(w[None], h) for w, h in zip(windows, acts.hidden, strict=True)]
+        self.as_tuple = acts.as_tuple
+        return list(acts.hidden)
+
+    def reference(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """The dense model's last hidden states, per window (its log-probabilities are
+        made from them one window at a time: a window's take ``seqlen x vocab`` floats)."""
+        return self.hidden(windows)
+
+    @torch.no_grad()
+    def _kl(self, reference, hidden, windows) -> float:
+        """KL from the dense log-probabilities to those of ``hidden``, both made by the
+        model's own final norm and head, window by window (``[1, seqlen - 1, vocab]``)."""
+        blocks = self._blocks()
+        with head_only(self.model, blocks, self.device, torch.float32, self.as_tuple) as lp:
+            return kl((lp(w[None], d), lp(w[None], h))
+                      for w, d, h in zip(windows, reference, hidden, strict=True))  # fmt: skip
 
     def kl(self, shape: Shape, parts: Parts, reference, windows) -> float:
         def cut(i: int, block: nn.Module) -> nn.Module:
             return _cut_copy(block, i, shape, parts)
 
-        return kl(reference, self.log_probs(windows, cut, set(shape.removed)))
+        return self._kl(reference, self.hidden(windows, cut, set(shape.removed)), windows)
 
     def one_pass(self, shape: Shape, parts: Parts) -> Path:
         """The checkpoint of ``shape`` cut from the one-pass statistics."""
@@ -225,7 +246,7 @@ class Streamed:
 
         model = StreamedStore(result, adapter_for(self.model))
         probe = Streamed(model, self.device, self.batch, False, result)
-        return kl(reference, probe.log_probs(windows))
+        return self._kl(reference, probe.hidden(windows), windows)
 
     def _write(self, shape, layout, atomic, cut, sequential=None) -> Path:
         """The checkpoint of ``shape`` in :attr:`folder`: block ``i`` as ``cut(i, block,
