@@ -713,4 +713,4 @@ def test_kv_counts_the_config_refuses_are_not_candidates():
     model = AutoModelForCausalLM.from_config(config).eval()
     _, report = structure.shrink(model, windows(), recipe(params=0.8, cut="width"), CPU, 4, False)
     assert {c["kv_groups"] for c in report["candidates"]} <= {8, 4}
-    assert 0 < len(report["candidates"])
+    assert len(report["candidates"]) > 0
