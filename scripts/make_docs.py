@@ -1,5 +1,5 @@
 """Write the parts of the documentation that the code declares: the methods table of
-README.md (from the registries: every method, its paper, its options and defaults) and
+docs/methods.md (from the registries: every method, its paper, its options and defaults) and
 docs/options.md (from the recipe: every option of ``prunella prune``, its default and
 help). ``tests/test_docs.py`` fails when either differs from what this would write.
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+README = ROOT / "docs" / "methods.md"  # the methods table's page
 OPTIONS = ROOT / "docs" / "options.md"
 START, END = "<!-- methods table: scripts/make_docs.py -->", "<!-- end of methods table -->"
 
@@ -41,11 +41,11 @@ def methods_table() -> str:
 
 
 def readme(text: str) -> str:
-    """``text`` (README.md) with its methods table written anew between the markers."""
+    """``text`` (docs/methods.md) with its methods table written anew between the markers."""
     before, _, rest = text.partition(START)
     _, _, after = rest.partition(END)
     if not rest or END not in rest:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
+        raise SystemExit(f"docs/methods.md has no {START} ... {END} markers")
     return f"{before}{START}\n{methods_table()}\n{END}{after}"
 
 

@@ -20,7 +20,7 @@ def make_docs():
 def test_the_readme_methods_table_is_generated_from_the_registries():
     docs = make_docs()
     text = docs.README.read_text(encoding="utf-8")
-    assert text == docs.readme(text), "README.md is stale: run python scripts/make_docs.py"
+    assert text == docs.readme(text), "docs/methods.md is stale: run python scripts/make_docs.py"
     table = docs.methods_table()
     for name in ("sparsegpt", "owl", "trim", "lua", "`spread` (0.08)", "`examples` (396)"):
         assert name in table, name
