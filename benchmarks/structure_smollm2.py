@@ -32,6 +32,8 @@ VARIANTS = {
     "channels": ["--cut", "width", "--width-method", "magnitude"],
     # the candidates' winner, then EvoPress over depth and width together
     "evopress": ["--allocation", "evopress", "--allocation-opt", "minutes=12"],
+    # the same, TPE over the same genome
+    "tpe": ["--allocation", "tpe", "--allocation-opt", "minutes=12"],
 }
 
 SPEED = r"""

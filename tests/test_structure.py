@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from prunella.cli import main
 from prunella.errors import PrunellaError
 from prunella.methods import structure
-from prunella.methods.structure import cut, evopress, layout, reap, shortgpt, slimgpt
+from prunella.methods.structure import cut, evopress, layout, reap, shortgpt, slimgpt, tpe
 
 CPU = torch.device("cpu")
 
@@ -512,6 +512,52 @@ def test_the_joint_search_trades_depth_for_width_and_stays_in_range():
     for start, blocks, kvs in [(((), 2), 5, (2, 2)), (((), 32), 3, (16, 32))]:
         found, _ = evopress.joint_search(fitness, start, blocks, kvs, 2, (1, 4), 0.01, 100)
         assert len(found[0]) < blocks
+
+
+def test_tpe_searches_the_joint_genome_from_its_start():
+    """TPE's trials decode to (removed blocks, KV groups) in range; the first is the
+    start, every genome is scored once and the best scored is returned, better than the
+    start; a fixed depth stays fixed, and a space of three genomes ends without
+    spinning."""
+    params = tpe.start_params(((1, 4), 3), 6)
+    assert tpe.genome_of(params, 6) == ((1, 4), 3)
+    costs = [5.0, 3.0, 0.5, 4.0, 6.0, 2.0]
+    seen = {}
+
+    def fitness(genome, count):
+        removed, kv = genome
+        assert count == 4 and 0 <= len(removed) <= 2 and 2 <= kv <= 4 and genome not in seen
+        seen[genome] = sum(costs[i] for i in removed) + 10.0 * (not removed) + abs(kv - 3)
+        return seen[genome]
+
+    found, facts = tpe.search(fitness, ((0, 4), 4), 6, (2, 4), (0, 2), 4, 1.0, 120, seed=1)
+    assert next(iter(seen)) == ((0, 4), 4) and len(seen) == facts["evaluations"] > 10
+    assert facts["kl"] == seen[found] == min(seen.values()) < seen[((0, 4), 4)]
+    assert facts["method"] == "tpe" and facts["started_from"]["kv_groups"] == 4
+    seen.clear()
+    found, facts = tpe.search(fitness, ((4,), 3), 6, (3, 3), (1, 1), 4, 1.0, 100)
+    assert all(len(g[0]) == 1 for g in seen) and seen[found] == min(seen.values()) < 6.0
+    seen.clear()
+    found, facts = tpe.search(fitness, ((2,), 3), 3, (3, 3), (1, 1), 4, 1.0, 50)
+    assert facts["evaluations"] == 3 and found == ((2,), 3)
+
+
+def test_prune_params_with_tpe_searches_depth_and_width(tmp_path, tokenizer_dir, capsys):
+    """--allocation tpe with --params: TPE searches on from the winning candidate, the
+    report says so, and the choice meets the budget."""
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    out = tmp_path / "out"
+    flags = ["--nsamples", "8", "--seqlen", "32", "--fitness-tokens", "128", "--quiet"]
+    assert main(["prune", str(source), "--out", str(out), "--params", "0.75", "--allocation",
+                 "tpe", "--allocation-opt", "evaluations=12", *flags]) == 0  # fmt: skip
+    shown = capsys.readouterr().out
+    report = json.loads((out / "prune_report.json").read_text())["structure"]
+    assert f"then TPE: {report['search']['evaluations']} evaluations" in shown
+    assert report["search"]["method"] == "tpe" and report["search"]["joint"]
+    assert report["candidate_kl"] <= min(c["kl"] for c in report["candidates"]) + 1e-9
+    assert report["kept_fraction"] <= 0.75 and any("TPE" in p for p in report["papers"])
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.intermediate_size == report["intermediate_size"]
 
 
 def test_evopress_on_a_width_cut_searches_depth_and_width_together():

@@ -344,8 +344,10 @@ def shrink_store(
     device = pick_device(recipe.device)
     batch = recipe.batch_size or default_batch_size(windows.shape[1], device)
     search = None
-    if recipe.allocation.name == "evopress" and not AXES.asked(recipe):  # else the others'
-        search = {k: recipe.allocation.options[k] for k in ("minutes", "evaluations")}
+    if recipe.allocation.name in structure.SEARCHES and not AXES.asked(recipe):  # else the others'
+        options = recipe.allocation.options
+        search = {"method": recipe.allocation.name, **{k: options[k] for k in
+                  ("minutes", "evaluations", "seed", "startup") if k in options}}  # fmt: skip
     if isinstance(store, StreamedStore):
         source = Streamed(store, device, batch, progress, work.structure)
         try:
@@ -368,11 +370,11 @@ def shrink_store(
 
 def check_structure_recipe(recipe: Recipe) -> None:
     """One line for what a structure cut (``--params``) cannot be combined with."""
-    if recipe.allocation.name not in ("uniform", "evopress") and not AXES.asked(recipe):
+    if recipe.allocation.name not in ("uniform", *structure.SEARCHES) and not AXES.asked(recipe):
         raise PrunellaError(
             f"--allocation {recipe.allocation.name} has nothing to allocate: the structure "
             "axis chooses its depth and width by its own candidate search (KL to the dense "
-            "model), and EvoPress (--allocation evopress) which blocks go"
+            "model), searched on by --allocation evopress or tpe"
         )
 
 

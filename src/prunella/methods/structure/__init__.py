@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ...engine.adapters import adapter_for
 from ...errors import PrunellaError
-from . import evopress, heapr, reap, shortgpt
+from . import evopress, heapr, reap, shortgpt, tpe
 from .cut import (
     WIDTH_METHODS,
     Shape,
@@ -73,6 +73,8 @@ WIDTH_MULTIPLE = 32  # with --bits: the narrowest group the bits axis takes, and
 EXPERT_WIDTH_MULTIPLE = 8
 
 
+SEARCHES = {"evopress": "EvoPress", "tpe": "TPE"}  # --allocation: the structure's searches
+SEARCH_PAPERS = {"evopress": evopress.PAPER, "tpe": tpe.PAPER}
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -592,6 +594,7 @@ def shrink(
     total = sum(sizes)
     kept = kept_params(best, sizes, layout, per_unit, experts, atomic)
     moe = next(iter(experts.values()), None)
+    searched = chosen.get("search")
     report = {
         "params_target": params,
         "size_target": size,
@@ -615,7 +618,8 @@ def shrink(
         "papers": [shortgpt.PAPER]
         + ([WIDTH_METHODS[recipe.width_method].PAPER] if layout is not None else [])
         + ([reap.PAPER] if experts else [])
-        + ([heapr.PAPER] if atomic else []),
+        + ([heapr.PAPER] if atomic else [])
+        + ([SEARCH_PAPERS[searched["method"]]] if searched else []),
         "fitness_tokens": scoring.numel(),
         "kl": best_kl,
         **chosen,
@@ -633,7 +637,6 @@ def shrink(
         shown.append(f"experts {best.experts or moe.count}/{moe.count}")
     if atomic is not None:
         shown.append(f"expert width {best.expert_width or atomic.width}/{atomic.width}")
-    searched = chosen.get("search")
     how = "the plan's" if given is not None else f"best of {len(chosen['candidates'])}"
     report["summary"] = (
         f"structure: {kept / total:.2%} of the blocks' parameters kept (target "
@@ -645,7 +648,11 @@ def shrink(
         + f"{params:.2%}): {len(sizes) - len(best.removed)}/{len(sizes)} blocks"
         + "".join(f", {x}" for x in shown)
         + f"; KL {best_kl:.4f} ({how}"
-        + (f", then EvoPress: {searched['evaluations']} evaluations)" if searched else ")")
+        + (
+            f", then {SEARCHES[searched['method']]}: {searched['evaluations']} evaluations)"
+            if searched
+            else ")"
+        )
     )
     return smaller, report
 
@@ -710,23 +717,36 @@ def choose(
             shape = Shape(removed, width, kv)
             return shape if width >= narrowest and kv in kv_held else None
 
-        stages = (max(1, len(dense) // 4), len(dense))
-        options = (stages, search["minutes"], search["evaluations"])
         kv_held = {s.kv_groups for s in shapes}  # the KV counts the config accepts
         if joint:  # depth and width together
             kv_range = (min(s.kv_groups for s in shapes), layout.kv_groups)
-            deepest = max(len(s.removed) for s in shapes)
-            genome, searched = evopress.joint_search(
-                lambda g, n: kl_of(shape_of(g), n), (best.removed, best.kv_groups),
-                len(sizes), kv_range, deepest, *options,
-            )  # fmt: skip
-            best = shape_of(genome)
+            depths = (0, max(len(s.removed) for s in shapes))
         else:  # which blocks go, the depth and width the candidates chose
-            removed, searched = evopress.depth_search(
-                lambda r, n: kl_of(replace(best, removed=r), n), best.removed, len(sizes),
-                *options,
+            kv_range, depths = (start.kv_groups,) * 2, (len(start.removed),) * 2
+
+        def genome_kl(genome: evopress.Genome, count: int) -> float:
+            return kl_of(shape_of(genome) if joint else replace(start, removed=genome[0]), count)
+
+        blocks, seed = len(sizes), search.get("seed", 0)
+        stages = (max(1, len(dense) // 4), len(dense))
+        options = (search["minutes"], search["evaluations"], seed)
+        genome = (start.removed, start.kv_groups)
+        if search.get("method") == "tpe":
+            genome, searched = tpe.search(
+                genome_kl, genome, blocks, kv_range, depths, len(dense), *options,
+                search.get("startup", tpe.STARTUP),
             )  # fmt: skip
-            best = replace(best, removed=removed)
+        elif joint:
+            genome, searched = evopress.joint_search(
+                genome_kl, genome, blocks, kv_range, depths[1], stages, *options
+            )
+        else:
+            removed, searched = evopress.depth_search(
+                lambda r, n: genome_kl((r, start.kv_groups), n), start.removed, blocks,
+                stages, *options,
+            )  # fmt: skip
+            genome = (removed, start.kv_groups)
+        best = shape_of(genome) if joint else replace(start, removed=genome[0])
         searched["joint"] = joint
         if searched["kl"] <= best_kl:
             best_kl = searched["kl"]

@@ -139,7 +139,8 @@ def search(
         parent = score([parent, *kept], stages[1])[0][1]
         generations += 1
     final = fitness(parent, stages[1])
-    return parent, {"generations": generations, "evaluations": spent, "kl": final}
+    return parent, {"method": "evopress", "generations": generations, "evaluations": spent,
+                    "kl": final}  # fmt: skip
 
 
 def depth_search(
