@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_checkpoint, tiny_config
-from transformers import AutoModelForCausalLM
+from conftest import FAMILIES, MOE_FAMILIES, build_checkpoint, tiny_config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunella.cli import main
 from prunella.errors import PrunellaError
@@ -405,6 +405,34 @@ def test_reap_saliency_is_the_router_weight_times_the_expert_output_norm():
     ]
 
 
+def test_reap_saliency_of_llama4_is_the_norm_of_what_the_expert_adds():
+    """Llama 4's experts take router-scaled inputs: S_j is the mean over the tokens
+    routed to j of ||f_j(g_tj x_t)||, written out from the router's sigmoid top-k and
+    the fused expert matrices."""
+    model = tiny("llama4_text")
+    calib = windows(4)
+    block = next(b for b in model.model.layers if hasattr(b.feed_forward, "router"))
+    moe = block.feed_forward
+    seen = []
+    handle = moe.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, 64)))
+    index = list(model.model.layers).index(block)
+    experts = {index: reap.experts_of(model, block)}
+    stats = cut.gather(model, calib, None, CPU, 4, progress=False, experts=experts)
+    handle.remove()
+    x = torch.cat(seen).detach()
+    logits = x @ moe.router.weight.detach().T
+    top, chosen = torch.topk(logits, moe.router.top_k, dim=-1)
+    count = moe.experts.num_experts
+    expected = []
+    for j in range(count):
+        token, slot = (chosen == j).nonzero(as_tuple=True)
+        scaled = x[token] * torch.sigmoid(top[token, slot])[:, None]
+        gate, up = (scaled @ moe.experts.gate_up_proj[j].detach()).chunk(2, dim=-1)
+        out = (up * torch.nn.functional.silu(gate)) @ moe.experts.down_proj[j].detach()
+        expected.append(float(out.norm(dim=-1).mean()) if len(token) else 0.0)
+    assert stats.saliency[index].tolist() == pytest.approx(expected, rel=1e-4)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"])
 def test_experts_removed_with_their_router_rows_and_the_config_count(family, tmp_path):
     model = tiny(family)
@@ -716,6 +744,40 @@ def test_a_streamed_cut_writes_what_the_in_memory_cut_writes(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_cut_alike_in_memory_and_streamed(family, tmp_path, tokenizer_dir):
+    """The family matrix: ``--params 0.7`` cuts every family (depth and width where its
+    blocks have them, whole experts in a mixture of experts) to the same structure in
+    memory and streamed; the checkpoint loads with the smaller config and generates. A
+    mixture of experts is cut by whole experts: in memory ``auto`` would also weigh
+    HEAPr's atomic experts, which a streamed cut cannot score (a backward pass)."""
+    source = build_checkpoint(tmp_path / "m", family, tokenizer_dir)
+    moe = family in MOE_FAMILIES  # (a shared expert or a dense block stays whole)
+    cut_flags = ["--params", "0.9", "--cut", "experts"] if moe else ["--params", "0.7"]
+    common = ["--nsamples", "4", "--seqlen", "16", "--fitness-tokens",
+              "32", "--quiet", *cut_flags]  # fmt: skip
+    reports = {}
+    for offload in ("none", "disk"):
+        out = tmp_path / offload
+        assert main(["prune", str(source), "--out", str(out), "--offload", offload,
+                     *common]) == 0  # fmt: skip
+        reports[offload] = json.loads((out / "prune_report.json").read_text())["structure"]
+    memory, disk = reports["none"], reports["disk"]
+    for key in ("removed_blocks", "intermediate_size", "kv_groups", "experts", "kept_params"):
+        assert memory[key] == disk[key], key
+    assert memory["kept_fraction"] <= (0.9 if moe else 0.7)
+    dense = AutoConfig.from_pretrained(source)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()
+    assert loaded.config.num_hidden_layers == memory["blocks"] <= dense.num_hidden_layers
+    assert sum(cut.block_params(loaded)) == memory["kept_params"]
+    if moe:
+        assert loaded.config.num_hidden_layers == dense.num_hidden_layers
+        assert memory["experts"] < memory["dense_experts"]
+    ids = windows(1)[:, :4]
+    grown = loaded.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert grown.shape == (1, 7)
 
 
 def test_a_streamed_search_and_a_streamed_plan(tmp_path, tokenizer_dir):

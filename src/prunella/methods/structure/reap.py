@@ -14,9 +14,12 @@ sequential pipeline, the blocks are pruned in order, each block's saliencies tak
 the outputs of the blocks before it as pruned (:func:`.cut.build_sequential`); the
 candidates of the structure search use the dense model's saliencies.
 
-Refused, in one line: group-limited routers (DeepSeek-V3 with ``n_group > 1``: the
-experts would have to go in equal numbers per group) and experts that take
-router-scaled inputs (Llama 4).
+Where experts take router-scaled inputs (Llama 4: ``f_j(g_tj x_t)``, the router's
+weight applied before the expert, not after), the saliency is the norm of what the
+expert adds to the token, ``||f_j(g_tj x_t)||``, which is REAP's ``g_tj ||f_j(x_t)||``
+wherever the weight multiplies the output. Refused, in one line: group-limited routers
+(DeepSeek-V3 with ``n_group > 1``: the experts would have to go in equal numbers per
+group).
 """
 
 from __future__ import annotations
@@ -73,11 +76,6 @@ def experts_of(model: nn.Module, block: nn.Module) -> Experts | None:
                 f"{family}: a group-limited router (n_group {config.n_group}) needs its "
                 "experts removed in equal numbers per group, which is not implemented"
             )
-        if getattr(module.experts, "scaled_input", False) or "Llama4" in type(module).__name__:
-            raise PrunellaError(
-                f"{family}: its experts take router-scaled inputs; REAP's output norms "
-                "are not defined for them here"
-            )
         given = config.to_dict()
         keys = tuple(k for k in COUNT_KEYS if k in given)
         top_k = next((given[k] for k in TOP_K_KEYS if k in given), None)
@@ -85,7 +83,11 @@ def experts_of(model: nn.Module, block: nn.Module) -> Experts | None:
             raise PrunellaError(f"{family}: its config names no expert count or top-k")
         count = int(given[keys[0]])
         found = Experts(path, router, count, int(top_k), 0, keys)
-        per_expert = sum(t.numel() // count for t in found.tensors(block).values())
+        per_expert = sum(  # parameters, as the budget counts them (not a bias buffer)
+            t.numel() // count
+            for t in found.tensors(block).values()
+            if isinstance(t, nn.Parameter)
+        )
         return Experts(path, router, count, int(top_k), per_expert, keys)
     return None
 
@@ -96,6 +98,9 @@ def saliency_hook(sums: torch.Tensor, counts: torch.Tensor):
     routed pair, each ``f_j`` computed by the module's own forward on its tokens."""
 
     def hook(module, args, kwargs):
+        if scaled_input(module):
+            x = args[0] if args else kwargs["hidden_states"]
+            return scaled_saliency(module, sums, counts, x)
         x, index, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index",
                              "top_k_weights")])[:3]  # fmt: skip
         if index is None or weights is None or weights.shape != index.shape:
@@ -117,6 +122,23 @@ def saliency_hook(sums: torch.Tensor, counts: torch.Tensor):
             counts[j] += token.numel()
 
     return hook
+
+
+def scaled_input(experts: nn.Module) -> bool:
+    """Whether ``experts`` takes its inputs scaled by the router's weights (Llama 4)."""
+    return getattr(experts, "scaled_input", False) or type(experts).__name__ == "Llama4TextExperts"
+
+
+def scaled_saliency(module: nn.Module, sums: torch.Tensor, counts: torch.Tensor, x) -> None:
+    """Adds ``||f_j(g_tj x_t)||`` and a count to expert ``j`` for every token routed to it,
+    from ``module``'s own output on ``x`` (``[E * T, H]``: expert ``j``'s block of ``T``
+    rows scaled by its router weights, zero where it was not chosen)."""
+    count = sums.numel()
+    routed = x.reshape(count, -1, x.shape[-1]).ne(0).any(-1)  # [E, T]
+    out = module.forward(x).reshape(count, -1, x.shape[-1])
+    norms = torch.linalg.norm(out.double(), dim=-1) * routed
+    sums += norms.sum(1).to(sums)
+    counts += routed.sum(1).to(counts)
 
 
 def mean_saliency(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
