@@ -118,6 +118,23 @@ def test_a_cut_without_refit_is_the_dense_model_with_those_units_zeroed(family):
         assert torch.allclose(smaller(ids).logits, dense(ids).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "opt", "cohere"])
+def test_the_dense_reference_is_its_last_hidden_states_and_its_kl_to_itself_is_zero(family):
+    """In memory the dense model's reference is the hidden states leaving its last
+    block (not ``seqlen x vocab`` log-probabilities); its own head on them gives the
+    log-probabilities of its forward (softcapping, logit scales), so its KL to itself is
+    0, and a model with one block removed is not."""
+    from prunella.methods.structure.sources import InMemory
+
+    model, calib = tiny(family), windows(2)
+    source = InMemory(model, CPU, 4, False)
+    reference = source.reference(calib)
+    assert [r.shape for r in reference] == [(1, calib.shape[1], 64)] * 2
+    assert source.result_kl(model, reference, calib) == pytest.approx(0.0, abs=1e-6)
+    shorter = cut.assemble(model, cut.Shape((1,), 0, 0), None, {})
+    assert source.result_kl(shorter, reference, calib) > 1e-7
+
+
 def test_refit_brings_the_cut_model_closer_to_the_dense_one():
     model = tiny()
     calib = windows(16)

@@ -11,8 +11,9 @@ compute device) at a time:
   layers gathered on the way (what score-based allocations read);
 * :func:`propagate` -- the hidden states leaving the last block, with any layer
   running another weight (a candidate of a search, Lua's masked weights);
-* :func:`head_only` -- log-probabilities from final hidden states, through the
-  model's own final norm and LM head; :func:`next_token_loss` on top of them;
+* :func:`head_only`, :func:`given_hidden` -- log-probabilities from final hidden
+  states, through the model's own final norm and LM head; :func:`next_token_loss` on
+  top of them;
 * :func:`run_in_lockstep` -- one forward of all batches through a block that meet
   at each linear layer (the pruning loop's one-pass mode, :mod:`prunella.engine.prune`).
 
@@ -391,31 +392,74 @@ class _Given(nn.Module):
         return (out,) if self.as_tuple else out  # as the real blocks return it
 
 
+class _Stop(Exception):
+    """Ends a forward pass once what it was run for is known."""
+
+
+@torch.no_grad()
+def run_through(model: nn.Module, last: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, bool]:
+    """``model(*args, **kwargs)`` up to and including the block ``last``; the final norm
+    and the LM head (vocabulary-sized logits) do not run. Returns ``last``'s hidden
+    states and whether the blocks return tuples."""
+    seen = []
+
+    def stop(module, args, output):
+        seen.append(output)
+        raise _Stop
+
+    handle = last.register_forward_hook(stop)
+    try:
+        model(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("internal: the model's forward did not reach its last block")
+    as_tuple = isinstance(seen[0], tuple)
+    return (seen[0][0] if as_tuple else seen[0]), as_tuple
+
+
+@contextlib.contextmanager
+def given_hidden(
+    model: nn.Module, blocks: nn.ModuleList, device, dtype: torch.dtype | None = None,
+    as_tuple: bool = False,
+):  # fmt: skip
+    """Yields ``log_probs(ids, hidden)``: ``log p(v | x_<t)`` (float32, ``[batch, seqlen - 1,
+    vocab]``) made from the hidden states leaving the last block by the model's own final
+    norm and LM head, as the model runs now (every block stood in for by :class:`_Given`;
+    ``hidden`` moved to ``device`` and ``dtype``)."""
+    originals = list(blocks)
+    given: list = []
+
+    def log_probs(ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        given.append(hidden.to(device=device, dtype=dtype or hidden.dtype))
+        logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
+        return F.log_softmax(logits.float(), dim=-1)
+
+    try:
+        for i in range(len(originals)):
+            blocks[i] = _Given(given, as_tuple)
+        yield log_probs
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
 @contextlib.contextmanager
 def head_only(
     model: nn.Module, blocks: nn.ModuleList, device: torch.device, dtype: torch.dtype,
     as_tuple: bool = False,
 ):  # fmt: skip
-    """Yields ``log_probs(ids, hidden)``: ``log p(v | x_<t)`` (float32, ``[batch, seqlen - 1,
-    vocab]``) made from the hidden states leaving the last block by the model's own final
-    norm and LM head (every block stood in for by :class:`_Given`)."""
-    originals = list(blocks)
-    given: list = []
-    try:
-        for i in range(len(originals)):
-            blocks[i] = _Given(given, as_tuple)
-        run_dtype, matmul_dtype = forward_precision(dtype, device)
-        with on_device(model, device, run_dtype), matmuls_in(matmul_dtype, device):
-
-            def log_probs(ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-                given.append(hidden.to(device=device, dtype=run_dtype))
-                logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
-                return F.log_softmax(logits.float(), dim=-1)
-
-            yield log_probs
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
+    """:func:`given_hidden` with the model on ``device`` in the precision the forward
+    passes run at for ``dtype`` (:func:`forward_precision`)."""
+    run_dtype, matmul_dtype = forward_precision(dtype, device)
+    with (  # the blocks stood in for first, so that only the rest moves to the device
+        given_hidden(model, blocks, device, run_dtype, as_tuple) as log_probs,
+        on_device(model, device, run_dtype),
+        matmuls_in(matmul_dtype, device),
+    ):
+        yield log_probs
 
 
 def next_token_loss(log_probs, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...engine.adapters import adapter_for
-from ...engine.forward import Activations, capture
+from ...engine.forward import Activations, capture, run_through
 from ...errors import PrunellaError
 from . import heapr, magnitude, reap, shortgpt, slimgpt
 from .heapr import Atomic
@@ -115,7 +115,8 @@ def gather(
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="structure statistics",
                           disable=not progress, leave=False):  # fmt: skip
-            model(windows[start : start + batch_size].to(device), use_cache=False)
+            batch = windows[start : start + batch_size].to(device)
+            run_through(model, blocks[-1], batch, use_cache=False)  # no LM head
     finally:
         for h in hooks:
             h.remove()

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...engine.forward import capture, head_only, loaded
+from ...engine.adapters import adapter_for
+from ...engine.forward import capture, given_hidden, head_only, loaded, run_through
 from ...errors import PrunellaError
 from . import heapr, reap, shortgpt
 from .cut import (
@@ -70,6 +71,7 @@ class InMemory:
 
     def __init__(self, model: nn.Module, device, batch_size: int, progress: bool) -> None:
         self.model, self.device, self.batch, self.progress = model, device, batch_size, progress
+        self.as_tuple = False  # whether the blocks return tuples (set by a forward)
 
     def gather(self, windows, layout, experts, atomic) -> Statistics:
         stats = gather(self.model, windows, layout, self.device, self.batch, self.progress, experts)
@@ -81,15 +83,21 @@ class InMemory:
         return removal_orders(self.model, layout, stats, method, width, kv)
 
     @torch.no_grad()
-    def log_probs(self, window: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        """``[1, seqlen, vocab]`` log-probabilities of ``model`` (the dense) on ``window``."""
-        model = self.model if model is None else model
-        logits = model(window[None].to(self.device), use_cache=False).logits.float()
-        return torch.log_softmax(logits, -1)
+    def log_probs(self, window: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """``[1, seqlen - 1, vocab]`` log-probabilities of ``model`` on ``window``."""
+        logits = model(window[None].to(self.device), use_cache=False).logits[:, :-1]
+        return torch.log_softmax(logits.float(), -1)
 
     def reference(self, windows: torch.Tensor) -> list[torch.Tensor]:
-        """The dense model's log-probabilities, per window."""
-        return [self.log_probs(w) for w in windows]
+        """The dense model's last hidden states, per window (its log-probabilities are
+        made from them one window at a time: a window's take ``seqlen x vocab`` floats)."""
+        last = adapter_for(self.model).blocks(self.model)[-1]
+        hidden = []
+        for w in windows:
+            states, self.as_tuple = run_through(self.model, last, w[None].to(self.device),
+                                                use_cache=False)  # fmt: skip
+            hidden.append(states)
+        return hidden
 
     def kl(self, shape: Shape, parts: Parts, reference, windows) -> float:
         return self.result_kl(self.one_pass(shape, parts), reference, windows)
@@ -106,8 +114,17 @@ class InMemory:
     def depth_only(self, shape: Shape, layout) -> nn.Module:
         return assemble(self.model, shape, layout, {})
 
+    @torch.no_grad()
     def result_kl(self, result: nn.Module, reference, windows) -> float:
-        return kl((p, self.log_probs(w, result)) for p, w in zip(reference, windows, strict=True))
+        blocks = adapter_for(self.model).blocks(self.model)
+
+        def pairs():  # (the dense model's head on its hidden states, the result's forward)
+            for hidden, w in zip(reference, windows, strict=True):
+                theirs = self.log_probs(w, result)
+                with given_hidden(self.model, blocks, self.device, None, self.as_tuple) as lp:
+                    yield lp(w[None], hidden), theirs
+
+        return kl(pairs())
 
 
 class Streamed:
@@ -241,7 +258,6 @@ class Streamed:
         return self._write(shape, layout, None, cut, sequential=acts)
 
     def result_kl(self, result: Path, reference, windows) -> float:
-        from ...engine.adapters import adapter_for
         from ...engine.store import StreamedStore
 
         model = StreamedStore(result, adapter_for(self.model))
