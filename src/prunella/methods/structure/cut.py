@@ -233,6 +233,7 @@ def assemble(
     tensors (block ``i``'s replaced by ``replaced[i]`` where given), the removed blocks
     dropped and the others renumbered."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     prefix = adapter_for(model).blocks_path + "."
     dtype = next(model.parameters()).dtype
@@ -247,9 +248,10 @@ def assemble(
         if int(index) in renumber:
             tensor = replaced.get(int(index), {}).get(local, tensor)
             state[f"{prefix}{renumber[int(index)]}.{local}"] = tensor
-    smaller = AutoModelForCausalLM.from_config(
-        smaller_config(model.config, shape, layout, atomic), dtype=dtype
-    )
+    with no_init_weights():  # every tensor is loaded next (checked below)
+        smaller = AutoModelForCausalLM.from_config(
+            smaller_config(model.config, shape, layout, atomic), dtype=dtype
+        )
     missing, unexpected = smaller.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied(smaller)]
     if missing or unexpected:
