@@ -299,6 +299,101 @@ def test_a_bfloat16_checkpoint_keeps_bfloat16_scales(tmp_path, tokenizer_dir):
     torch.testing.assert_close(logits(loaded, ids), logits(reference, ids), rtol=0, atol=0)
 
 
+def library_writer(dense, folder, grids, tensors):
+    """The compressed-tensors library's own way to write the checkpoint, from the whole
+    model: the reference the one-tensor-at-a-time writer must equal."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+
+    from prunella.io.quantized import quantization_config, scale_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype="auto")
+    apply_quantization_config(model, quantization_config(grids), show_progress=False)
+    dtypes = {name: model.get_submodule(name).weight.dtype for name in grids}
+    with torch.no_grad():
+        for name, grid in grids.items():
+            module = model.get_submodule(name)
+            scale = tensors[f"{name}.weight_scale"]
+            zero = tensors.get(f"{name}.weight_zero_point", torch.zeros_like(scale))
+            module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
+            module.weight_zero_point.copy_(zero.to(module.weight_zero_point.dtype))
+            module.weight.data = codes(module.weight, scale, zero, grid)[1].float()
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    for name in grids:
+        module = model.get_submodule(name)
+        module.weight_scale.data = module.weight_scale.data.to(scale_dtype(dtypes[name]))
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+
+
+@pytest.mark.parametrize(
+    "dtype, flags",
+    [
+        (torch.float32, ["--bits", "4", "--group-size", "32"]),
+        (torch.float32, ["--bits", "2", "--group-size", "64"]),
+        (torch.float32, ["--bits", "3.5", "--allocation", "owl", "--group-size", "64"]),
+        (torch.bfloat16, ["--bits", "8", "--group-size", "64"]),
+    ],
+    ids=["4-bit", "2-bit", "mixed", "bfloat16"],
+)
+def test_the_checkpoint_is_the_one_the_library_writes_from_the_whole_model(
+    tmp_path, tokenizer_dir, monkeypatch, dtype, flags
+):
+    """The compressed-tensors checkpoint, written one tensor at a time, holds exactly the
+    tensors and the config that the library writes from the whole model (its
+    ``apply_quantization_config``, ``compress_model`` and ``save_pretrained``)."""
+    import shutil
+
+    from conftest import build_checkpoint
+    from safetensors.torch import load_file
+
+    import prunella.io.export as export
+
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir, dtype=dtype)
+    seen = {}
+
+    def keep(dense, folder, grids, tensors):
+        shutil.copytree(dense, tmp_path / "dense")
+        seen.update(grids=grids, tensors=tensors)
+        return write(dense, folder, grids, tensors)
+
+    write = export.write_compressed_tensors
+    monkeypatch.setattr(export, "write_compressed_tensors", keep)
+    out = tmp_path / "out"
+    assert main(["prune", str(source), "--out", str(out), *flags, "--nsamples", "8",
+                 "--seqlen", "32", "--quiet"]) == 0  # fmt: skip
+    library = tmp_path / "library"
+    library_writer(tmp_path / "dense", library, seen["grids"], seen["tensors"])
+    ours, theirs = (load_file(f / "model.safetensors") for f in (out, library))
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    assert any(k.endswith("weight_packed") for k in ours)
+    config = json.loads((out / "config.json").read_text())
+    assert config == json.loads((library / "config.json").read_text())
+
+
+def test_sized_shards_are_named_and_indexed_as_save_pretrained_does(tmp_path):
+    from safetensors.torch import load_file
+
+    from prunella.io.safetensors_io import SizedShards
+
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each
+    shards = SizedShards(tmp_path, limit=1000)
+    for name, tensor in tensors.items():
+        shards.add(name, tensor)
+    shards.close()
+    files = sorted(f.name for f in tmp_path.iterdir())
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + [
+        "model.safetensors.index.json"
+    ]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["t4"] == "model-00003-of-00003.safetensors"
+    loaded = {k: v for f in files[:3] for k, v in load_file(tmp_path / f).items()}
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
 def widths_mean(values, shapes, group=64, ggml=False):
     sizes = {n: r * c for n, (r, c) in shapes.items()}
     total = sum(bits_per_weight(int(values[n]), group, True, ggml) * sizes[n] for n in sizes)

@@ -6,16 +6,21 @@ From a dense checkpoint whose quantized layers hold their dequantized weights
 ``w_hat = (q - z) s`` (rounded once to the checkpoint's dtype) and their scales (and
 zero points) kept beside them: one config group per grid (bits, group size, symmetry),
 each listing its layers by name; every layer's codes are recovered as
-``q = round(w_hat / s) + z`` and checked to give back ``w_hat`` exactly, then the library
-packs them (``weight_packed``: int32 words; ``weight_scale`` in the checkpoint's dtype,
-or bfloat16 for a float32 checkpoint, since every scale is a bfloat16 value;
-``weight_zero_point`` when asymmetric) and writes the ``quantization_config``.
+``q = round(w_hat / s) + z`` and checked to give back ``w_hat`` exactly, then the
+library's pack-quantized compressor packs them (``weight_packed``: int32 words;
+``weight_scale`` in the checkpoint's dtype, or bfloat16 for a float32 checkpoint, since
+every scale is a bfloat16 value; ``weight_zero_point`` when asymmetric) and its model
+compressor writes the ``quantization_config``.
+
+The checkpoint is read and written one tensor at a time (the library's config comes
+from a model skeleton on the meta device), so writing it takes one layer's memory, not
+a second copy of the model: the files are those the library writes from a whole model
+(``apply_quantization_config``, ``compress_model``, ``save_pretrained``), tensor for
+tensor (tested).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,42 +64,19 @@ def check_quantizable(model: torch.nn.Module, layers) -> None:
             )
 
 
-@contextlib.contextmanager
-def _no_library_bars() -> Iterator[None]:
-    """compressed-tensors draws a bar while packing, and offers no switch: the run has its
-    own progress, so that bar is left out."""
-    from compressed_tensors.compressors.model_compressors import model_compressor
-
-    bar = model_compressor.tqdm
-    model_compressor.tqdm = lambda items, **_: items
-    try:
-        yield
-    finally:
-        model_compressor.tqdm = bar
-
-
-def write_compressed_tensors(
-    dense: Path, folder: Path, grids: dict, tensors: dict[str, torch.Tensor]
-) -> None:
-    """Write ``dense`` (a checkpoint whose layers in ``grids`` are quantized, their scales
-    in ``tensors`` as ``LAYER.weight_scale``/``LAYER.weight_zero_point``) into ``folder``
-    as a compressed-tensors ``pack-quantized`` checkpoint."""
-    from compressed_tensors.compressors import ModelCompressor
+def quantization_config(grids: dict):
+    """The library's config: one group per grid, each with its layers by name."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
         QuantizationScheme,
         QuantizationStatus,
-        apply_quantization_config,
     )
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(dense, dtype="auto")
-    check_quantizable(model, grids)
     by_grid: dict = {}
     for name, grid in grids.items():
         by_grid.setdefault(grid, []).append(name)
-    config = QuantizationConfig(
+    return QuantizationConfig(
         config_groups={
             f"group_{i}": QuantizationScheme(
                 targets=names,
@@ -111,25 +93,60 @@ def write_compressed_tensors(
         quantization_status=QuantizationStatus.FROZEN,
         format="pack-quantized",
     )
-    apply_quantization_config(model, config, show_progress=False)
-    dtypes = {name: model.get_submodule(name).weight.dtype for name in grids}
+
+
+def write_compressed_tensors(
+    dense: Path, folder: Path, grids: dict, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write ``dense`` (a checkpoint whose layers in ``grids`` are quantized, their scales
+    in ``tensors`` as ``LAYER.weight_scale``/``LAYER.weight_zero_point``) into ``folder``
+    as a compressed-tensors ``pack-quantized`` checkpoint, one tensor at a time, each
+    quantized layer's weight replaced by the library's packed tensors, in shards as
+    ``save_pretrained`` cuts them."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .safetensors_io import CheckpointReader, SizedShards
+
+    config = AutoConfig.from_pretrained(dense)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    check_quantizable(skeleton, grids)
+    apply_quantization_config(skeleton, quantization_config(grids), show_progress=False)
+    compressor = ModelCompressor.from_pretrained_model(
+        skeleton, quantization_format="pack-quantized"
+    )
+    reader = CheckpointReader(dense)
+    shards = SizedShards(folder)
     with torch.no_grad():
-        for name, grid in grids.items():
-            module = model.get_submodule(name)
-            scale = tensors[f"{name}.weight_scale"]
-            zero = tensors.get(f"{name}.weight_zero_point", torch.zeros_like(scale))
-            _, exact = codes(module.weight, scale, zero, grid)
-            module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
-            module.weight_zero_point.copy_(zero.to(module.weight_zero_point.dtype))
-            # float32 weights: the library's round(w / s) + z gives back q exactly
-            module.weight.data = exact.float()
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    with _no_library_bars():
-        compressor.compress_model(model)
-    for name in grids:  # scales are bfloat16 values (see scale_dtype)
-        module = model.get_submodule(name)
-        module.weight_scale.data = module.weight_scale.data.to(scale_dtype(dtypes[name]))
-    model.save_pretrained(folder)
+        for key in sorted(reader.files, key=lambda k: reader.files[k]):  # file by file
+            layer, _, leaf = key.rpartition(".")
+            tensor = reader.tensor(key)
+            if leaf == "weight" and layer in grids:
+                module = skeleton.get_submodule(layer)
+                scale = tensors[f"{layer}.weight_scale"]
+                zero = tensors.get(f"{layer}.weight_zero_point", torch.zeros_like(scale))
+                _, exact = codes(tensor, scale, zero, grids[layer])
+                state = {  # float32 weights: the library's round(w / s) + z gives back q
+                    "weight": exact.float(),
+                    "weight_scale": scale.to(tensor.dtype),
+                    "weight_zero_point": zero.to(module.weight_zero_point.dtype),
+                }
+                packed = PackedQuantizationCompressor.compress(state, module.quantization_scheme)
+                packed["weight_scale"] = packed["weight_scale"].to(scale_dtype(tensor.dtype))
+                written = {f"{layer}.{name}": t for name, t in packed.items()}
+            else:
+                written = {key: tensor}
+            for name, t in written.items():
+                shards.add(name, t.contiguous())
+    shards.close()
+    for name in ("config.json", "generation_config.json"):
+        if (dense / name).is_file():
+            (folder / name).write_bytes((dense / name).read_bytes())
+    # the quantization_config, into config.json, as compress_model leaves it
+    compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
     compressor.update_config(folder)
 
 

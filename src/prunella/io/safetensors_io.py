@@ -152,6 +152,39 @@ class ShardWriter:
         return self.offset
 
 
+class SizedShards:
+    """Tensors written one at a time into shards of at most ``limit`` bytes of data (5 GB,
+    transformers' ``max_shard_size``), named as ``save_pretrained`` names them once their
+    count is known (``model.safetensors`` for one), with the index."""
+
+    def __init__(self, folder: Path, limit: int = 5 * 10**9) -> None:
+        self.folder, self.limit = folder, limit
+        self.writers: list[ShardWriter] = []
+        self.shard_of: dict[str, int] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if not self.writers or (self.size and self.size + nbytes > self.limit):
+            self.writers.append(ShardWriter(self.folder / f"shard-{len(self.writers)}.partial"))
+            self.size = 0
+        self.writers[-1].add(name, tensor)
+        self.shard_of[name] = len(self.writers) - 1
+        self.size += nbytes
+
+    def close(self) -> None:
+        total = sum(writer.close() for writer in self.writers)
+        count = len(self.writers)
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        for writer, name in zip(self.writers, names, strict=True):
+            writer.path.rename(self.folder / name)
+        write_index(self.folder, {k: names[i] for k, i in self.shard_of.items()}, total)
+
+
 def write_index(folder: Path, weight_map: dict[str, str], total: int) -> None:
     """``model.safetensors.index.json`` for a folder of several shards (none for one)."""
     if len(set(weight_map.values())) > 1:
