@@ -124,7 +124,7 @@ def test_prune_writes_gguf_that_eval_inspect_and_compare_read(tiny_llama, tmp_pa
 @pytest.mark.parametrize(
     ("family", "extra", "message"),
     [
-        ("llama", ["--bits", "3"], "gguf holds 8 bits (q8_0), 5 bits (q5_0), 4 bits (q4_0)"),
+        ("llama", ["--bits", "3"], "gguf holds 4 bits (q4_0), 5 bits (q5_0), 8 bits (q8_0)"),
         ("opt", [], "GGUF output is written for llama, mistral, qwen2, qwen3 models"),
     ],
 )
@@ -140,12 +140,18 @@ def test_what_gguf_cannot_hold_is_one_line_and_writes_nothing(family, extra, mes
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
-@pytest.mark.parametrize(("bits", "kind"), [(4, "q4_0"), (5, "q5_0"), (8, "q8_0")])
-def test_gptq_on_ggmls_grid_is_written_unchanged(bits, kind, tiny_llama, tmp_path):
-    """With --bits and gguf, GPTQ quantizes on GGML's grid (blocks of 32, float16 scales):
-    every block weight in the file de-quantizes to the in-memory model's weight exactly,
-    and the loaded model's logits are the in-memory model's."""
-    common = {"bits": bits, "format": "gguf", "nsamples": 8, "seqlen": 32}
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "kind"),
+    [(4, True, "q4_0"), (5, True, "q5_0"), (8, True, "q8_0"), (4, False, "q4_1"),
+     (5, False, "q5_1")],
+)  # fmt: skip
+def test_gptq_on_ggmls_grid_is_written_unchanged(bits, symmetric, kind, tiny_llama, tmp_path):
+    """With --bits and gguf, GPTQ quantizes on GGML's grid (blocks of 32, float16 scales,
+    and float16 minimums with --symmetric false): every block weight in the file
+    de-quantizes to the in-memory model's weight exactly, and the loaded model's logits
+    are the in-memory model's."""
+    common = {"bits": bits, "symmetric": symmetric, "format": "gguf", "nsamples": 8,
+              "seqlen": 32}  # fmt: skip
     model, report = prunella.prune(tiny_llama, progress=False, **common)
     assert {layer["ggml"] for layer in report["layers"]} == {kind}
     assert report["axes"]["bits"]["layers_in_smaller_groups"] == 0
@@ -166,6 +172,44 @@ def test_gptq_on_ggmls_grid_is_written_unchanged(bits, kind, tiny_llama, tmp_pat
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(logits(gguf_model(out / "model.gguf"), ids), logits(model, ids),
                                rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_ggmls_grids_with_a_minimum_are_llama_cpps_blocks():
+    """q4_1 and q5_1 on GGML's grid: d = (max - min) / (2^b - 1) and m = min, both float16
+    values, codes round((w - m) / d); packed in GGML's layout, the gguf package's reader
+    gives back q d + m exactly; 5.0 and 6.0 bits per weight."""
+    from prunella.io.gguf_file import _pack_ggml
+    from prunella.methods.bits import bits_per_weight
+    from prunella.methods.bits.grid import Grid, fake_quantize, qparams
+    from prunella.methods.bits.grid import quantize as to_codes
+
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    for bits, kind in ((4, "q4_1"), (5, "q5_1")):
+        grid = Grid(bits, 32, False, kind)
+        scale, minimum = qparams(w, grid)
+        blocks = w.reshape(6, 2, 32)
+        assert torch.equal(minimum, blocks.amin(-1).half().float())
+        span = (blocks.amax(-1) - blocks.amin(-1)) / (2**bits - 1)
+        assert torch.equal(scale, span.half().float())
+        s, m = (t.repeat_interleave(32, dim=1) for t in (scale, minimum))
+        q = to_codes(w, s, m, grid)
+        assert q.min() >= 0 and q.max() <= 2**bits - 1
+        w_hat = fake_quantize(w, scale, minimum, grid)
+        assert torch.equal(w_hat, q * s + m)
+        packed = _pack_ggml(q, scale, kind, minimum)
+        back = dequantize(packed, getattr(GGMLQuantizationType, kind.upper()))
+        assert torch.equal(torch.from_numpy(np.array(back)).reshape(w.shape), w_hat)
+        assert bits_per_weight(bits, 32, False, ggml=True) == bits + 1.0
+
+
+def test_sparsity_on_a_grid_with_a_minimum_is_one_line(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["prune", str(tiny_llama), "--out", str(out), "--sparsity", "0.5", "--bits",
+                 "4", "--symmetric", "false", "--format", "gguf", "--nsamples", "8",
+                 "--seqlen", "32", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "q4_1/q5_1" in err, err
+    assert not out.exists()
 
 
 def test_the_api_writes_gguf(tiny_llama, tmp_path):

@@ -241,18 +241,21 @@ def write_gguf(
     writer.write_ti_data_to_file()
     for _new, name, file, kind, _shape, grid in plan:
         data = _read(file, name)
-        if grid is not None:  # its codes and scales, as quantized
-            scale = tensors[f"{name.removesuffix('.weight')}.weight_scale"]
-            data = codes(data, scale, torch.zeros_like(scale), grid)[0]
+        if grid is not None:  # its codes and scales (and minimums), as quantized
+            layer = name.removesuffix(".weight")
+            scale = tensors[f"{layer}.weight_scale"]
+            zero = tensors.get(f"{layer}.weight_zero_point", torch.zeros_like(scale))
+            data = codes(data, scale, zero, grid)[0]
         else:
-            scale = None
+            scale = zero = None
             data = data.float()
         if arch == "llama" and name.endswith(PERMUTED):
             n = heads if ".q_proj." in name else kv_heads
             data = _permute(data, n)
-            scale = None if scale is None else _permute(scale, n)  # a row's scales go with it
+            if scale is not None:  # a row's scales and minimums go with it
+                scale, zero = _permute(scale, n), _permute(zero, n)
         if scale is not None:
-            writer.write_tensor_data(_pack_ggml(data, scale, kind))
+            writer.write_tensor_data(_pack_ggml(data, scale, kind, zero))
         else:
             writer.write_tensor_data(_encode(data.numpy(), kind))
     writer.close()
@@ -264,28 +267,36 @@ def write_gguf(
     }
 
 
-def _pack_ggml(q: torch.Tensor, scale: torch.Tensor, kind: str) -> np.ndarray:
-    """Codes ``q`` (``[rows, cols]``) and their float16 scales (``[rows, cols / 32]``) in
-    GGML's block layout: per block of 32, the scale ``d`` (2 bytes), then the codes:
-    ``q8_0`` one int8 each; ``q4_0`` ``q + 8`` in nibbles, byte ``j`` holding code ``j``
-    low and code ``j + 16`` high; ``q5_0`` ``q + 16``, its fifth bits first (bit ``j`` of
-    a little-endian 32-bit word for code ``j``), then its low nibbles as ``q4_0``'s."""
+def _pack_ggml(
+    q: torch.Tensor, scale: torch.Tensor, kind: str, minimum: torch.Tensor | None = None
+) -> np.ndarray:
+    """Codes ``q`` (``[rows, cols]``) and their float16 scales (``[rows, cols / 32]``; and
+    minimums for ``q4_1``/``q5_1``) in GGML's block layout: per block of 32, the scale
+    ``d`` (2 bytes), the minimum ``m`` (2 bytes, ``_1`` types), then the codes: ``q8_0``
+    one int8 each; ``q4_0`` ``q + 8`` (``q4_1``: ``q``) in nibbles, byte ``j`` holding
+    code ``j`` low and code ``j + 16`` high; ``q5_0`` ``q + 16`` (``q5_1``: ``q``), its
+    fifth bits first (bit ``j`` of a little-endian 32-bit word for code ``j``), then its
+    low nibbles as ``q4_0``'s."""
     rows, cols = q.shape
     blocks = cols // 32
-    d = scale.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(rows, blocks, 2)
-    q = q.to(torch.int8).numpy().reshape(rows, blocks, 32)
+
+    def halves(t: torch.Tensor) -> np.ndarray:  # float16 bytes, [rows, blocks, 2]
+        return t.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(rows, blocks, 2)
+
+    head = [halves(scale)] + ([halves(minimum)] if kind in ("q4_1", "q5_1") else [])
+    q = q.to(torch.int16).numpy().reshape(rows, blocks, 32)
     if kind == "q8_0":
-        body = q.view(np.uint8)
-    elif kind == "q4_0":
-        u = (q + 8).astype(np.uint8)
+        body = q.astype(np.int8).view(np.uint8)
+    elif kind in ("q4_0", "q4_1"):
+        u = (q + (8 if kind == "q4_0" else 0)).astype(np.uint8)
         body = u[..., :16] | (u[..., 16:] << 4)
-    else:  # q5_0
-        u = (q + 16).astype(np.uint8)
+    else:  # q5_0, q5_1
+        u = (q + (16 if kind == "q5_0" else 0)).astype(np.uint8)
         high = ((u >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
         qh = high.sum(-1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(rows, blocks, 4)
         low = u & 0x0F
         body = np.concatenate([qh, low[..., :16] | (low[..., 16:] << 4)], axis=-1)
-    return np.ascontiguousarray(np.concatenate([d, body], axis=-1).reshape(rows, -1))
+    return np.ascontiguousarray(np.concatenate([*head, body], axis=-1).reshape(rows, -1))
 
 
 def _encode(data: np.ndarray, kind: str) -> np.ndarray:

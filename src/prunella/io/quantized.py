@@ -33,11 +33,16 @@ def codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer codes of a dequantized ``weight`` (``[rows, cols]``, any float dtype)
     and ``(q - z) s`` unrounded (float64), checked: rounded to ``weight``'s dtype, it is
-    ``weight`` exactly."""
+    ``weight`` exactly. On a GGML grid with a minimum ``m`` per block (in ``zero``'s
+    place), ``q s + m`` as the quantizer and llama.cpp compute it, in float32."""
     s = scale.double().repeat_interleave(grid.group, dim=1)
     z = zero.double().repeat_interleave(grid.group, dim=1)
-    q = (weight.double() / s).round().add(z).clamp(grid.qmin, grid.qmax)
-    exact = (q - z) * s
+    if grid.has_min:
+        q = ((weight.double() - z) / s).round().clamp(grid.qmin, grid.qmax)
+        exact = (q.float() * s.float() + z.float()).double()
+    else:
+        q = (weight.double() / s).round().add(z).clamp(grid.qmin, grid.qmax)
+        exact = (q - z) * s
     back = exact.to(weight.dtype)
     if not torch.equal(back, weight):
         raise PrunellaError(

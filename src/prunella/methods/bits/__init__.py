@@ -19,7 +19,8 @@ the report says so (SmolLM2's 576-wide layers take 64). The axis runs after spar
 a pruned weight stays exactly zero. The scales and zero points leave each layer beside
 its weight (the compressor's ``tensors``), for the compressed-tensors checkpoint
 (:mod:`prunella.io.quantized`). Written as GGUF (``--format gguf``), a layer takes
-GGML's grid of its width (8 bits: ``q8_0``, 5: ``q5_0``, 4: ``q4_0``; blocks of 32 weights,
+GGML's grid of its width (8 bits: ``q8_0``, 5: ``q5_0``, 4: ``q4_0``; with ``--symmetric
+false``, 5: ``q5_1``, 4: ``q4_1``, a float16 minimum per block too; blocks of 32 weights,
 float16 scales) in place of ``--group-size``, so that its codes and scales are written
 unchanged (:mod:`prunella.io.gguf_file`).
 """
@@ -36,7 +37,7 @@ from pydantic import AfterValidator, Field
 from ...errors import PrunellaError
 from ...registry import Method, method_field
 from ..plan import AxisPlan, Budget
-from .grid import GGML, GGML_BLOCK, WIDTHS, Grid, layer_group
+from .grid import GGML_BLOCK, WIDTHS, Grid, ggml_type, ggml_widths, layer_group
 from .quantizers import QUANTIZERS
 from .sparsegpt import check_joint
 
@@ -107,18 +108,29 @@ def budget(recipe, default: bool = False) -> Budget | None:
     bits = check_bits(recipe.bits)
     allocated = recipe.allocation.name != "uniform" or recipe.allocation_file is not None
     ggml = recipe.format == "gguf"
-    widths = axis_widths(ggml)
+    widths = axis_widths(ggml, recipe.symmetric)
     if recipe.format == "sparse-bitmask":
         raise PrunellaError(
             "--format sparse-bitmask holds no quantized weights: with --bits use "
             "compressed-tensors (the default), gguf or hf"
         )
     average = "an average of widths needs an --allocation to place them (owl, ...)"
-    if ggml and (not recipe.symmetric or (not allocated and bits not in widths)):
+    if ggml and not allocated and bits not in widths:
+        held = ", ".join(f"{b} bits ({ggml_type(b, recipe.symmetric)})" for b in widths)
         raise PrunellaError(
-            f"--format gguf holds {', '.join(f'{b} bits ({GGML[b]})' for b in GGML)}"
-            f", symmetric; got {bits:g} bits{'' if recipe.symmetric else ', asymmetric'}"
-            f"{'' if allocated else f' ({average})'}"
+            f"--format gguf holds {held}"
+            f"{'' if recipe.symmetric else ' with --symmetric false'}; got {bits:g} bits"
+            f" ({average})"
+        )
+    if (
+        ggml
+        and not recipe.symmetric
+        and (recipe.sparsity is not None or ":" in str(recipe.pattern))
+    ):
+        raise PrunellaError(
+            "--symmetric false with --format gguf quantizes on q4_1/q5_1, whose blocks may "
+            "hold no zero, so pruned weights would not stay zero: use --symmetric true "
+            "(q4_0, q5_0, q8_0) with --sparsity"
         )
     if not allocated and bits not in widths:
         raise PrunellaError(
@@ -150,17 +162,19 @@ def budget(recipe, default: bool = False) -> Budget | None:
     )
 
 
-def axis_widths(ggml: bool) -> tuple[int, ...]:
-    """The widths a layer can take, narrowest first: GGML's (4, 5, 8) for GGUF, else all."""
-    return tuple(sorted(GGML)) if ggml else WIDTHS
+def axis_widths(ggml: bool, symmetric: bool = True) -> tuple[int, ...]:
+    """The widths a layer can take, narrowest first: GGML's for GGUF (4, 5, 8; 4 and 5
+    with a minimum per block), else all."""
+    return ggml_widths(symmetric) if ggml else WIDTHS
 
 
 def bits_per_weight(width: int, group: int, symmetric: bool, ggml: bool = False) -> float:
     """What one weight costs on disk: its code, plus a 16-bit scale per group (and a
     ``width``-bit zero point per group when asymmetric); GGML's blocks: 32 weights and
-    one float16 scale (``q4_0``: 4.5, ``q8_0``: 8.5)."""
+    one float16 scale (``q4_0``: 4.5, ``q8_0``: 8.5), and a float16 minimum when
+    asymmetric (``q4_1``: 5.0, ``q5_1``: 6.0)."""
     if ggml:
-        return width + SCALE_BITS / GGML_BLOCK
+        return width + SCALE_BITS * (1 if symmetric else 2) / GGML_BLOCK
     return width + (SCALE_BITS + (0 if symmetric else width)) / group
 
 
@@ -177,7 +191,7 @@ def fit(raw: dict[str, float], shapes: dict[str, tuple[int, int]], budget: Budge
     layer's step up."""
     spec: Spec = budget.spec
     names = list(raw)
-    widths = axis_widths(spec.ggml)
+    widths = axis_widths(spec.ggml, spec.symmetric)
     if not spec.average:
         values = dict.fromkeys(names, budget.target)
     else:
@@ -185,8 +199,8 @@ def fit(raw: dict[str, float], shapes: dict[str, tuple[int, int]], budget: Budge
     if spec.ggml:  # GGML's blocks of 32, its type from the width
         detail = {
             "group": dict.fromkeys(names, GGML_BLOCK),
-            "symmetric": dict.fromkeys(names, True),
-            "ggml": {name: GGML[int(bits)] for name, bits in values.items()},
+            "symmetric": dict.fromkeys(names, spec.symmetric),
+            "ggml": {n: ggml_type(int(bits), spec.symmetric) for n, bits in values.items()},
         }
         return values, detail
     detail = {
@@ -278,17 +292,21 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
     unknown = sorted(set(plan.detail) - {"group", "symmetric", "ggml"})
     if unknown:
         raise PrunellaError(f"{where}: unknown key {unknown[0]!r} in the bits plan")
+    symmetric_of = plan.detail.get("symmetric", {})
     for name, kind in plan.detail.get("ggml", {}).items():
-        if kind not in GGML.values() or GGML.get(int(plan.values.get(name, 0))) != kind:
+        symmetric = bool(symmetric_of.get(name, True))
+        widths = ggml_widths(symmetric)
+        bits = int(plan.values.get(name, 0))
+        if bits not in widths or ggml_type(bits, symmetric) != kind:
             raise PrunellaError(
-                f"{where}: the ggml type of {name!r} must be that of its width "
-                f"({', '.join(f'{b}: {k}' for b, k in GGML.items())}), got {kind!r}"
+                f"{where}: the ggml type of {name!r} must be that of its width and symmetry "
+                f"({', '.join(f'{b}: {ggml_type(b, symmetric)}' for b in widths)}), got {kind!r}"
             )
     ggml_types = plan.detail.get("ggml", {})
     if ggml_types and budget is not None and not budget.spec.ggml:
         raise PrunellaError(f"{where}: its GGML types need --format gguf")
     for name, bits in plan.values.items():
-        allowed = sorted(GGML) if name in ggml_types else WIDTHS
+        allowed = ggml_widths(bool(symmetric_of.get(name, True))) if name in ggml_types else WIDTHS
         if bits not in allowed:
             raise PrunellaError(
                 f"{where}: bits of {name!r} must be one of {', '.join(map(str, allowed))}, "
@@ -326,8 +344,8 @@ def layer_bytes(shape: tuple[int, int], level: Grid, nbytes: int, fmt: str) -> i
     and, when asymmetric, packed zero points; in any other format, unchanged (the weights
     stay dense)."""
     rows, cols = shape
-    if fmt == "gguf" and level.ggml:  # a float16 scale per block of 32
-        return rows * cols // GGML_BLOCK * (2 + GGML_BLOCK * level.bits // 8)
+    if fmt == "gguf" and level.ggml:  # a float16 scale (and minimum) per block of 32
+        return rows * cols // GGML_BLOCK * (2 * (1 + level.has_min) + GGML_BLOCK * level.bits // 8)
     if fmt != "compressed-tensors":
         return nbytes
     groups = cols // level.group
@@ -404,7 +422,7 @@ def ladder(shapes: dict[str, tuple[int, int]], budget: Budget, hidden_size: int,
     if not budget.spec.average:
         raise PrunellaError("a search over bits needs an average (--bits with --allocation)")
     spec: Spec = budget.spec
-    widths = axis_widths(spec.ggml)
+    widths = axis_widths(spec.ggml, spec.symmetric)
     start, _ = fit(dict.fromkeys(shapes, budget.fraction), shapes, budget)
     return WidthLadder(
         target=budget.fraction,

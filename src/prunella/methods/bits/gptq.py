@@ -23,7 +23,9 @@ updated weights.
 
 Where we differ from both: composed with sparsity (the sparsity axis runs first), a
 weight that is exactly zero stays zero: its column step quantizes it to zero and feeds
-back that error, as SparseGPT's joint sparsification and quantization does. If ``H``
+back that error, as SparseGPT's joint sparsification and quantization does (not on
+GGML's grids with a minimum per block, ``q4_1``/``q5_1``, which may hold no zero: there
+sparsity is refused). If ``H``
 is not positive definite after dampening, the dampening is multiplied by 10 until
 the Cholesky succeeds (llm-compressor falls back to round to nearest), and the value
 used is reported.
@@ -83,6 +85,8 @@ def quantize(
     W = weight.float().clone()
     W[:, dead] = 0.0
     zeros = W == 0  # pruned weights stay exactly zero
+    if grid.has_min:  # (a grid with a minimum per block may hold no zero)
+        zeros.zero_()
     scale, zero = qparams(W, grid)  # once, from the weights before the sweep
     # Work on the visiting order, transposed: column j of W is the contiguous row Wt[j].
     Wt, Zt = W[:, order].t().contiguous(), zeros[:, order].t().contiguous()
@@ -96,7 +100,7 @@ def quantize(
         for i in range(i2 - i1):
             j = i1 + i
             w = W1[i].clone()
-            q = dequantize(to_codes(w, St[j], Qt[j], grid), St[j], Qt[j])
+            q = dequantize(to_codes(w, St[j], Qt[j], grid), St[j], Qt[j], grid)
             q.masked_fill_(Zt[j], 0.0)
             torch.div(w - q, U1[i, i], out=err[i])
             W1[i:].addr_(U1[i, i:], err[i], alpha=-1.0)  # W[:, j:] -= err_j U[j, j:]

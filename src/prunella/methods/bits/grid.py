@@ -15,16 +15,24 @@ exactly, so ``w_hat`` rounded once to the checkpoint's dtype is what an engine's
 ``(q - z) s`` gives; a zero scale (an all-zero group) becomes bfloat16's smallest
 normal, and exact zeros stay exact zeros (``q = z``).
 
-GGML's grids (what a GGUF file holds, for llama.cpp) are symmetric, in blocks of 32
-weights of a row, with a float16 scale ``d`` per block (``ggml.c``'s reference
-quantizers):
+GGML's grids (what a GGUF file holds, for llama.cpp) are in blocks of 32 weights of a
+row, with a float16 scale ``d`` per block (``ggml-quants.c``'s reference quantizers).
+Symmetric:
 
 * ``q8_0``: ``d = max|w| / 127``, int8 codes;
 * ``q4_0``: ``d = m / -8`` with ``m`` the block's weight of largest magnitude, sign
   kept, so that ``m`` itself is the code ``-8``; codes in ``[-8, 7]``;
 * ``q5_0``: the same with 5 bits, ``d = m / -16``, codes in ``[-16, 15]``.
 
-A weight quantized on one of them is written to GGUF as its codes and ``d`` unchanged.
+With a float16 minimum ``m`` per block too (``--symmetric false``), ``w_hat = q d + m``:
+
+* ``q4_1``: ``m = min w``, ``d = (max w - min w) / 15``, codes in ``[0, 15]``;
+* ``q5_1``: the same with 5 bits, ``d = (max w - min w) / 31``, codes in ``[0, 31]``.
+
+The codes are ``round((w - m) / d)`` with ``d`` and ``m`` already rounded to float16
+(llama.cpp rounds them after choosing the codes; choosing against the stored values
+is what the dequantized weight then is). A weight quantized on one of them is written
+to GGUF as its codes, ``d`` (and ``m``) unchanged.
 """
 
 from __future__ import annotations
@@ -49,12 +57,17 @@ class Grid:
     ggml: str | None = None  # a GGML type (q8_0, q4_0): its block of 32 and float16 scales
 
     @property
+    def has_min(self) -> bool:
+        """A GGML grid with a float16 minimum per block (``q4_1``, ``q5_1``)."""
+        return self.ggml in GGML_MIN.values()
+
+    @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return 0 if self.has_min else -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return 2**self.bits - 1 if self.has_min else 2 ** (self.bits - 1) - 1
 
     def __str__(self) -> str:
         if self.ggml:
@@ -63,7 +76,18 @@ class Grid:
 
 
 GGML = {8: "q8_0", 5: "q5_0", 4: "q4_0"}  # the widths a GGML grid serves, and its type
+GGML_MIN = {5: "q5_1", 4: "q4_1"}  # the same with a minimum per block (asymmetric)
 GGML_BLOCK = 32
+
+
+def ggml_type(bits: int, symmetric: bool) -> str:
+    """The GGML type of a width: ``q4_0`` ..., or ``q4_1``/``q5_1`` when asymmetric."""
+    return (GGML if symmetric else GGML_MIN)[bits]
+
+
+def ggml_widths(symmetric: bool) -> tuple[int, ...]:
+    """The widths GGML's grids serve, narrowest first."""
+    return tuple(sorted(GGML if symmetric else GGML_MIN))
 
 
 def layer_group(cols: int, asked: int) -> int:
@@ -102,7 +126,13 @@ def qparams(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tenso
 
 def _ggml_qparams(groups: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """GGML's scale of each block (float16 values; negative for ``q4_0`` when the block's
-    largest weight is positive), no zero point."""
+    largest weight is positive) and no zero point; or, with a minimum (``q4_1``), the
+    scale and the minimum (float32 holding float16 values) in the zero point's place."""
+    if grid.has_min:
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / grid.qmax).to(torch.float16).float()
+        scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
+        return scale, lo.to(torch.float16).float()
     if grid.ggml == "q8_0":
         scale = groups.abs().amax(-1) / 127
     else:  # q4_0, q5_0: the weight of largest magnitude, sign kept, is the code qmin
@@ -114,12 +144,19 @@ def _ggml_qparams(groups: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Codes ``q = clamp(round(w / s) + z, qmin, qmax)`` (``scale``, ``zero`` broadcast)."""
+    """Codes ``q = clamp(round(w / s) + z, qmin, qmax)`` (``scale``, ``zero`` broadcast);
+    with a minimum ``m`` in ``zero``'s place, ``clamp(round((w - m) / s), 0, qmax)``."""
+    if grid.has_min:
+        return ((w - zero) / scale).round().clamp(grid.qmin, grid.qmax)
     return (w / scale).round().add(zero).clamp(grid.qmin, grid.qmax)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``w_hat = (q - z) s``."""
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """``w_hat = (q - z) s``; with a minimum ``m`` in ``zero``'s place, ``q s + m``."""
+    if grid.has_min:
+        return q * scale + zero
     return (q - zero) * scale
 
 
@@ -131,4 +168,4 @@ def per_column(t: torch.Tensor, group: int) -> torch.Tensor:
 def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid):
     """Every weight rounded to its group's grid (float32)."""
     s, z = per_column(scale, grid.group), per_column(zero.float(), grid.group)
-    return dequantize(quantize(weight.float(), s, z, grid), s, z)
+    return dequantize(quantize(weight.float(), s, z, grid), s, z, grid)

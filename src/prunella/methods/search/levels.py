@@ -53,7 +53,7 @@ from ...engine.forward import visit_blocks
 from ...engine.stats import exact
 from ...errors import PrunellaError
 from ..bits import bits_per_weight, fit_widths, width_costs
-from ..bits.grid import GGML, Grid
+from ..bits.grid import Grid, ggml_type
 from ..sparsity.patterns import NM, Pattern, Unstructured
 
 NUM_LEVELS = 8  # EvoPress's default (prune.py --num_levels)
@@ -185,7 +185,8 @@ class WidthLadder:
     def pattern(self, name: str, level: int) -> Grid:
         """The grid the level's layer is quantized on."""
         bits = self.width(name, level)
-        return Grid(bits, self.group[name], self.symmetric, GGML[bits] if self.ggml else None)
+        ggml = ggml_type(bits, self.symmetric) if self.ggml else None
+        return Grid(bits, self.group[name], self.symmetric, ggml)
 
     def cost(self, name: str, level: int) -> float:
         """The layer's bits at ``level``, scales counted."""
@@ -220,7 +221,7 @@ class WidthLadder:
             "symmetric": dict.fromkeys(self.names, self.symmetric),
         }
         if self.ggml:
-            detail["ggml"] = {n: GGML[int(v)] for n, v in values.items()}
+            detail["ggml"] = {n: ggml_type(int(v), self.symmetric) for n, v in values.items()}
         return values, detail
 
     def for_ratios(self, units: dict[str, list[str]], ratio: dict[str, float]) -> dict[str, int]:

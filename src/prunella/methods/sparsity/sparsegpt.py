@@ -113,6 +113,8 @@ def prune(
     if grid is not None:  # every group's scale once, from the weights before the sweep
         Wt[dead] = 0.0
         fixed = Wt == 0  # weights already zero (pruned by another solver) stay zero
+        if grid.has_min:  # (a grid with a minimum per block may hold no zero)
+            fixed.zero_()
         grid_scale, grid_zero = qparams(Wt.t(), grid)
         St = grid_scale.t().repeat_interleave(grid.group, 0).contiguous()  # row j: column j's
         Zt = grid_zero.t().float().repeat_interleave(grid.group, 0).contiguous()
@@ -157,7 +159,7 @@ def prune(
                 torch.mul(W1[i], scale[i], out=err[i])
             else:  # q_j: the kept weights on the grid, the masked ones 0
                 j = i1 + i
-                q = dequantize(to_codes(W1[i], St[j], Zt[j], grid), St[j], Zt[j])
+                q = dequantize(to_codes(W1[i], St[j], Zt[j], grid), St[j], Zt[j], grid)
                 q.masked_fill_(mask1[i] | fixed[j], 0.0)
                 torch.div(W1[i] - q, U1[i, i], out=err[i])
             W1[i:].addr_(U1[i, i:], err[i], alpha=-1.0)  # W[:, j:] -= err_j U[j, j:]
