@@ -826,6 +826,21 @@ def test_a_streamed_search_and_a_streamed_plan(tmp_path, tokenizer_dir):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_qwen2_keeps_its_heads_since_vllm_derives_their_size_from_the_hidden_size():
+    """vLLM's Qwen2 computes head_dim = hidden_size // num_attention_heads and never reads
+    the config's head_dim, so a Qwen2 cut keeps every KV group (and query head); its MLP
+    and depth are cut; Qwen3 (whose vLLM model reads head_dim) loses KV groups."""
+    for family, heads_cut in (("qwen2", False), ("qwen3", True)):
+        model = tiny(family)
+        smaller, report = structure.shrink(model, windows(), recipe(params=0.6), CPU, 4, False)
+        kvs = {c["kv_groups"] for c in report["candidates"]}
+        assert (len(kvs) > 1) == heads_cut, (family, kvs)
+        if not heads_cut:
+            config = smaller.config
+            assert config.num_attention_heads == model.config.num_attention_heads
+            assert config.hidden_size // config.num_attention_heads == layout.head_dim_of(config)
+
+
 def test_kv_counts_the_config_refuses_are_not_candidates():
     """Llama's config wants a hidden size its head count divides (even with head_dim
     given): with 8 heads of 8 (no grouping) on 64, 7, 6 and 5 KV groups are refused."""

@@ -444,15 +444,25 @@ def depth_keeps_blocks(model: nn.Module, removed: tuple[int, ...]) -> bool:
     )
 
 
+# families whose vLLM model derives the head dimension as hidden_size // num_attention_heads
+# and never reads the config's head_dim (vllm/model_executor/models/qwen2.py, 0.34): with
+# query heads removed that is another width, so their KV groups are not cut
+HEAD_DIM_FROM_HIDDEN = frozenset({"qwen2"})
+
+
 def checked_layout(model: nn.Module) -> Layout:
     """The layout of ``model``'s blocks, checked against the family's own modules: a
     block of a config with one channel and one KV group fewer, built on the meta
     device, must have exactly the sliced shapes (else, a one-line error; or, where only
-    ``o_proj`` keeps its width whatever the heads, as Helium's, no KV group is cut)."""
+    ``o_proj`` keeps its width whatever the heads, as Helium's, no KV group is cut). No
+    KV group is cut either where vLLM would not read the smaller config's head size
+    (:data:`HEAD_DIM_FROM_HIDDEN`)."""
     from transformers import AutoModelForCausalLM
 
     block = adapter_for(model).blocks(model)[0]
     layout = layout_of(model, block)
+    if model.config.model_type in HEAD_DIM_FROM_HIDDEN:
+        layout = replace(layout, heads=False)
     fewer = next(  # the most KV groups short of all that the config accepts
         (k for k in range(layout.kv_groups - 1, 0, -1)
          if config_holds(model.config, Shape((), layout.width - 1, k), layout)),
