@@ -374,6 +374,39 @@ def test_the_checkpoint_is_the_one_the_library_writes_from_the_whole_model(
     assert config == json.loads((library / "config.json").read_text())
 
 
+def test_a_checkpoint_whose_keys_lack_the_model_prefix_is_quantized_whole(
+    tmp_path, tokenizer_dir
+):
+    """Keys as the input names them (``layers.0...`` without ``model.``, which transformers
+    loads): every quantized layer is packed under the checkpoint's naming, and the
+    checkpoint loads with the logits of the same run on the prefixed input."""
+    import shutil
+
+    from conftest import build_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    source = build_checkpoint(tmp_path / "m", "llama", tokenizer_dir)
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare)
+    state = load_file(bare / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, bare / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    outs = {}
+    for name, model in (("bare", bare), ("prefixed", source)):
+        outs[name] = tmp_path / f"out-{name}"
+        assert main(["prune", str(model), "--out", str(outs[name]), "--bits", "4",
+                     "--group-size", "32", "--nsamples", "8", "--seqlen", "32",
+                     "--quiet"]) == 0  # fmt: skip
+    written = load_file(outs["bare"] / "model.safetensors")
+    report = json.loads((outs["bare"] / "prune_report.json").read_text())
+    for layer in report["layers"]:
+        assert layer["name"].removeprefix("model.") + ".weight_packed" in written, layer["name"]
+    assert not any(k.endswith("proj.weight") for k in written)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    a, b = (AutoModelForCausalLM.from_pretrained(outs[n], dtype=torch.float32) for n in outs)
+    torch.testing.assert_close(logits(a, ids), logits(b, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_sized_shards_are_named_and_indexed_as_save_pretrained_does(tmp_path):
     from safetensors.torch import load_file
 

@@ -203,12 +203,25 @@ def test_ggmls_grids_with_a_minimum_are_llama_cpps_blocks():
 
 
 def test_sparsity_on_a_grid_with_a_minimum_is_one_line(tiny_llama, tmp_path, capsys):
+    """Pruned weights cannot stay zero on q4_1/q5_1: refused; and a plan file's grids
+    must have the recipe's symmetry (else its q4_1 layers would go with --sparsity)."""
     out = tmp_path / "out"
+    common = ["--nsamples", "8", "--seqlen", "32", "--quiet"]
     code = main(["prune", str(tiny_llama), "--out", str(out), "--sparsity", "0.5", "--bits",
-                 "4", "--symmetric", "false", "--format", "gguf", "--nsamples", "8",
-                 "--seqlen", "32", "--quiet"])  # fmt: skip
+                 "4", "--symmetric", "false", "--format", "gguf", *common])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "q4_1/q5_1" in err, err
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", str(tiny_llama), "--bits", "5.5", "--allocation", "owl",
+                 "--symmetric", "false", "--format", "gguf", "--json", str(plan),
+                 *common]) == 0  # fmt: skip
+    assert "q4_1" in plan.read_text() and "q5_1" in plan.read_text()
+    capsys.readouterr()
+    code = main(["prune", str(tiny_llama), "--out", str(out), "--bits", "5.5",
+                 "--allocation-file", str(plan), "--format", "gguf", *common])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert "symmetry must be the recipe's (--symmetric true)" in err
     assert not out.exists()
 
 

@@ -585,6 +585,9 @@ def test_tpe_searches_the_joint_genome_from_its_start():
     seen.clear()
     found, facts = tpe.search(fitness, ((2,), 3), 3, (3, 3), (1, 1), 4, 1.0, 50)
     assert facts["evaluations"] == 3 and found == ((2,), 3)
+    seen.clear()  # no time at all: the start is still scored, and returned
+    found, facts = tpe.search(fitness, ((2,), 3), 3, (3, 3), (1, 1), 4, 1e-9)
+    assert found == ((2,), 3) and facts["evaluations"] == 1 and list(seen) == [((2,), 3)]
 
 
 def test_prune_params_with_tpe_searches_depth_and_width(tmp_path, tokenizer_dir, capsys):

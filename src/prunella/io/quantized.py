@@ -113,6 +113,7 @@ def write_compressed_tensors(
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .checkpoint import checkpoint_key_map
     from .safetensors_io import CheckpointReader, SizedShards
 
     config = AutoConfig.from_pretrained(dense)
@@ -124,12 +125,18 @@ def write_compressed_tensors(
         skeleton, quantization_format="pack-quantized"
     )
     reader = CheckpointReader(dense)
-    shards = SizedShards(folder)
-    with torch.no_grad():
+    key_of = checkpoint_key_map(skeleton, reader)  # module names -> the checkpoint's keys
+    layer_at = {}
+    for layer in grids:
+        key = key_of.get(f"{layer}.weight")
+        if not isinstance(key, str):
+            raise PrunellaError(f"internal: {layer}.weight is not one tensor of {dense}")
+        layer_at[key] = layer
+    with torch.no_grad(), SizedShards(folder) as shards:
         for key in sorted(reader.files, key=lambda k: reader.files[k]):  # file by file
-            layer, _, leaf = key.rpartition(".")
             tensor = reader.tensor(key)
-            if leaf == "weight" and layer in grids:
+            layer = layer_at.get(key)
+            if layer is not None:
                 module = skeleton.get_submodule(layer)
                 scale = tensors[f"{layer}.weight_scale"]
                 zero = tensors.get(f"{layer}.weight_zero_point", torch.zeros_like(scale))
@@ -141,12 +148,12 @@ def write_compressed_tensors(
                 }
                 packed = PackedQuantizationCompressor.compress(state, module.quantization_scheme)
                 packed["weight_scale"] = packed["weight_scale"].to(scale_dtype(tensor.dtype))
-                written = {f"{layer}.{name}": t for name, t in packed.items()}
+                # named as the checkpoint names the weight (the loader maps both alike)
+                written = {key.removesuffix("weight") + name: t for name, t in packed.items()}
             else:
                 written = {key: tensor}
             for name, t in written.items():
                 shards.add(name, t.contiguous())
-    shards.close()
     for name in ("config.json", "generation_config.json"):
         if (dense / name).is_file():
             (folder / name).write_bytes((dense / name).read_bytes())

@@ -153,15 +153,27 @@ class ShardWriter:
 
 
 class SizedShards:
-    """Tensors written one at a time into shards of at most ``limit`` bytes of data (5 GB,
-    transformers' ``max_shard_size``), named as ``save_pretrained`` names them once their
-    count is known (``model.safetensors`` for one), with the index."""
+    """Tensors written one at a time into shards of at most ``limit`` bytes of data (50 GB,
+    transformers 5.25's default ``max_shard_size``), named as ``save_pretrained`` names them
+    once their count is known (``model.safetensors`` for one), with the index. Used as a
+    context manager: on an error the partial files are closed and removed."""
 
-    def __init__(self, folder: Path, limit: int = 5 * 10**9) -> None:
+    def __init__(self, folder: Path, limit: int = 50 * 10**9) -> None:
         self.folder, self.limit = folder, limit
         self.writers: list[ShardWriter] = []
         self.shard_of: dict[str, int] = {}
         self.size = 0
+
+    def __enter__(self) -> SizedShards:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+            return
+        for writer in self.writers:
+            writer.data.close()
+            writer.data_path.unlink(missing_ok=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()

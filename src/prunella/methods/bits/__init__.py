@@ -292,8 +292,22 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
     unknown = sorted(set(plan.detail) - {"group", "symmetric", "ggml"})
     if unknown:
         raise PrunellaError(f"{where}: unknown key {unknown[0]!r} in the bits plan")
+    for key, kind in (("group", int), ("symmetric", bool)):
+        given = plan.detail.get(key, {})
+        if not isinstance(given, dict) or not set(given) <= set(shapes):
+            raise PrunellaError(f"{where}: {key!r} must map layers to values")
+        if not all(type(v) is kind for v in given.values()):
+            raise PrunellaError(f"{where}: every {key!r} must be {kind.__name__}")
+    ggml_types = plan.detail.get("ggml", {})
+    if not isinstance(ggml_types, dict):
+        raise PrunellaError(f"{where}: 'ggml' must map layers to GGML types")
     symmetric_of = plan.detail.get("symmetric", {})
-    for name, kind in plan.detail.get("ggml", {}).items():
+    if budget is not None and any(v != budget.spec.symmetric for v in symmetric_of.values()):
+        raise PrunellaError(
+            f"{where}: its grids' symmetry must be the recipe's (--symmetric "
+            f"{str(budget.spec.symmetric).lower()})"
+        )
+    for name, kind in ggml_types.items():
         symmetric = bool(symmetric_of.get(name, True))
         widths = ggml_widths(symmetric)
         bits = int(plan.values.get(name, 0))
@@ -302,7 +316,6 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
                 f"{where}: the ggml type of {name!r} must be that of its width and symmetry "
                 f"({', '.join(f'{b}: {ggml_type(b, symmetric)}' for b in widths)}), got {kind!r}"
             )
-    ggml_types = plan.detail.get("ggml", {})
     if ggml_types and budget is not None and not budget.spec.ggml:
         raise PrunellaError(f"{where}: its GGML types need --format gguf")
     for name, bits in plan.values.items():
@@ -312,12 +325,6 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
                 f"{where}: bits of {name!r} must be one of {', '.join(map(str, allowed))}, "
                 f"got {bits:g}"
             )
-    for key, kind in (("group", int), ("symmetric", bool)):
-        given = plan.detail.get(key, {})
-        if not isinstance(given, dict) or not set(given) <= set(shapes):
-            raise PrunellaError(f"{where}: {key!r} must map layers to values")
-        if not all(type(v) is kind for v in given.values()):
-            raise PrunellaError(f"{where}: every {key!r} must be {kind.__name__}")
     grids = levels(plan, shapes)  # a group no layer width allows: one line
     if budget is not None and budget.spec.average:
         mean = mean_bits_per_weight(grids, shapes)

@@ -84,9 +84,7 @@ def experts_of(model: nn.Module, block: nn.Module) -> Experts | None:
         count = int(given[keys[0]])
         found = Experts(path, router, count, int(top_k), 0, keys)
         per_expert = sum(  # parameters, as the budget counts them (not a bias buffer)
-            t.numel() // count
-            for t in found.tensors(block).values()
-            if isinstance(t, nn.Parameter)
+            t.numel() // count for t in found.tensors(block).values() if isinstance(t, nn.Parameter)
         )
         return Experts(path, router, count, int(top_k), per_expert, keys)
     return None
@@ -135,10 +133,11 @@ def scaled_saliency(module: nn.Module, sums: torch.Tensor, counts: torch.Tensor,
     rows scaled by its router weights, zero where it was not chosen)."""
     count = sums.numel()
     routed = x.reshape(count, -1, x.shape[-1]).ne(0).any(-1)  # [E, T]
-    out = module.forward(x).reshape(count, -1, x.shape[-1])
-    norms = torch.linalg.norm(out.double(), dim=-1) * routed
-    sums += norms.sum(1).to(sums)
-    counts += routed.sum(1).to(counts)
+    out = module.forward(x).reshape(count, -1, x.shape[-1])  # what the block's forward makes
+    for j in range(count):  # one expert's norms in float64 at a time
+        norms = torch.linalg.vector_norm(out[j][routed[j]], dim=-1, dtype=torch.float64)
+        sums[j] += float(norms.sum())
+        counts[j] += int(routed[j].sum())
 
 
 def mean_saliency(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

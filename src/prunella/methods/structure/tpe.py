@@ -72,8 +72,9 @@ def search(
     startup: int = STARTUP,
 ) -> tuple[Genome, dict]:
     """The ``(removed blocks, KV groups)`` of least ``fitness(genome, windows)`` that TPE
-    finds from ``start`` in ``minutes`` (or ``evaluations`` distinct genomes scored), and
-    what the search did."""
+    finds from ``start`` (always scored) in ``minutes`` (or ``evaluations`` distinct
+    genomes scored; one out of the budget, of infinite fitness, is not), and what the
+    search did."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -85,8 +86,10 @@ def search(
     study.enqueue_trial(start_params(start, blocks))
     scores: dict[Genome, float] = {}
     deadline = time.monotonic() + 60 * minutes
-    trials = repeats = 0
-    while time.monotonic() < deadline and not (evaluations and len(scores) >= evaluations):
+    trials = repeats = scored = 0
+    while trials == 0 or (  # the start always, then until the budget is spent
+        time.monotonic() < deadline and not (evaluations and scored >= evaluations)
+    ):
         trial = study.ask()
         params = {
             "depth": trial.suggest_int("depth", *depths),
@@ -97,8 +100,9 @@ def search(
         repeats = repeats + 1 if genome in scores else 0
         if genome not in scores:
             scores[genome] = fitness(genome, windows)
+            scored += math.isfinite(scores[genome])  # (out of the budget: no forward)
         value = scores[genome]
-        study.tell(trial, value if math.isfinite(value) else 1e30)  # out of the budget
+        study.tell(trial, value if math.isfinite(value) else 1e30)
         trials += 1
         if repeats >= DRAWS:  # the sampler keeps drawing genomes already scored
             break
@@ -106,7 +110,7 @@ def search(
     return best, {
         "method": "tpe",
         "trials": trials,
-        "evaluations": len(scores),
+        "evaluations": scored,
         "kl": scores[best],
         "started_from": {"removed_blocks": list(start[0]), "kv_groups": start[1]},
     }
