@@ -375,7 +375,7 @@ def test_the_checkpoint_is_the_one_the_library_writes_from_the_whole_model(
 
 
 def test_a_checkpoint_whose_keys_lack_the_model_prefix_is_quantized_whole(
-    tmp_path, tokenizer_dir
+    tmp_path, tokenizer_dir, capsys
 ):
     """Keys as the input names them (``layers.0...`` without ``model.``, which transformers
     loads): every quantized layer is packed under the checkpoint's naming, and the
@@ -395,8 +395,7 @@ def test_a_checkpoint_whose_keys_lack_the_model_prefix_is_quantized_whole(
     for name, model in (("bare", bare), ("prefixed", source)):
         outs[name] = tmp_path / f"out-{name}"
         assert main(["prune", str(model), "--out", str(outs[name]), "--bits", "4",
-                     "--group-size", "32", "--nsamples", "8", "--seqlen", "32",
-                     "--quiet"]) == 0  # fmt: skip
+                     "--nsamples", "8", "--seqlen", "32", "--quiet"]) == 0  # fmt: skip
     written = load_file(outs["bare"] / "model.safetensors")
     report = json.loads((outs["bare"] / "prune_report.json").read_text())
     for layer in report["layers"]:
@@ -405,6 +404,11 @@ def test_a_checkpoint_whose_keys_lack_the_model_prefix_is_quantized_whole(
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     a, b = (AutoModelForCausalLM.from_pretrained(outs[n], dtype=torch.float32) for n in outs)
     torch.testing.assert_close(logits(a, ids), logits(b, ids), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()  # inspect finds each packed layer's group under either naming
+    assert main(["inspect", str(outs["bare"]), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["layers"]  # groups 64 and 128: two groups
+    assert sorted(r["group"] for r in found) == sorted(r["group"] for r in report["layers"])
+    assert {r["group"] for r in found} == {64, 128} and {r["bits"] for r in found} == {4}
 
 
 def test_sized_shards_are_named_and_indexed_as_save_pretrained_does(tmp_path):

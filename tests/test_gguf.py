@@ -222,6 +222,14 @@ def test_sparsity_on_a_grid_with_a_minimum_is_one_line(tiny_llama, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1, err
     assert "symmetry must be the recipe's (--symmetric true)" in err
+    data = json.loads(plan.read_text())  # without its symmetry, under --symmetric false
+    bits = data["axes"]["bits"]
+    (bits.get("detail") or bits).pop("symmetric")
+    plan.write_text(json.dumps(data))
+    code = main(["prune", str(tiny_llama), "--out", str(out), "--bits", "5.5", "--symmetric",
+                 "false", "--allocation-file", str(plan), "--format", "gguf", *common])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "'symmetric' must name every layer" in err, err
     assert not out.exists()
 
 

@@ -129,8 +129,11 @@ def write_compressed_tensors(
     layer_at = {}
     for layer in grids:
         key = key_of.get(f"{layer}.weight")
-        if not isinstance(key, str):
-            raise PrunellaError(f"internal: {layer}.weight is not one tensor of {dense}")
+        if not isinstance(key, str) or not key.endswith(".weight"):
+            raise PrunellaError(
+                f"{layer}.weight is not one '.weight' tensor of the checkpoint written "
+                "(a fused or renamed layout): use --format hf"
+            )
         layer_at[key] = layer
     with torch.no_grad(), SizedShards(folder) as shards:
         for key in sorted(reader.files, key=lambda k: reader.files[k]):  # file by file

@@ -168,9 +168,16 @@ class SizedShards:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
-        if kind is None:
-            self.close()
-            return
+        try:
+            if kind is None:
+                self.close()
+                return
+        except BaseException:
+            self._discard()
+            raise
+        self._discard()
+
+    def _discard(self) -> None:
         for writer in self.writers:
             writer.data.close()
             writer.data_path.unlink(missing_ok=True)

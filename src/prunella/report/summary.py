@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import PrunellaError
 from ..io.checkpoint import check_checkpoint, layer_order, prunable_keys, sparsity_format
 from ..io.gguf_file import find_gguf, gguf_layers
 from ..io.pack import packed_tensors
@@ -55,8 +56,8 @@ def quantized_layers(path: Path, quant: dict) -> list[dict]:
     for key in reader.keys():  # noqa: SIM118  (a reader, not a dict)
         if not key.endswith(".weight_packed"):
             continue
-        name = key.removesuffix(".weight_packed")
-        weights = args.get(name) or next(iter(args.values()))
+        name = key.removesuffix(".weight_packed")  # as the checkpoint names it
+        weights = group_of(name, args, quant)
         bits, group = weights["num_bits"], weights["group_size"]
         rows, cols = reader.tensor(f"{name}.weight_shape").tolist()
         codes = unpack_from_int32(reader.tensor(key), bits, torch.Size([rows, cols]))
@@ -69,6 +70,21 @@ def quantized_layers(path: Path, quant: dict) -> list[dict]:
                        "pattern": f"int{bits} g{group}", "bits": bits, "group": group})  # fmt: skip
     order = {name: i for i, name in enumerate(layer_order(path))}
     return sorted(layers, key=lambda r: order.get(r["name"], len(order)))
+
+
+def group_of(name: str, args: dict, quant: dict) -> dict:
+    """The weight arguments of the packed layer ``name``: its config group's, found by
+    the layer's name (or the module name it stands for, when the checkpoint's keys lack
+    the model's prefix), else the one group there is (targets by class, as "Linear")."""
+    if name in args:
+        return args[name]
+    target = next((t for t in args if t.endswith("." + name)), None)
+    if target is not None:
+        return args[target]
+    groups = list((quant.get("config_groups") or {}).values())
+    if len(groups) == 1:
+        return groups[0]["weights"]
+    raise PrunellaError(f"the packed layer {name} is in none of its quantization_config's groups")
 
 
 def quantization_config(path: Path) -> dict | None:

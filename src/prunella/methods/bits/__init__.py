@@ -302,6 +302,8 @@ def check(plan: AxisPlan, shapes: dict[str, tuple[int, int]], budget, where: str
     if not isinstance(ggml_types, dict):
         raise PrunellaError(f"{where}: 'ggml' must map layers to GGML types")
     symmetric_of = plan.detail.get("symmetric", {})
+    if budget is not None and not budget.spec.symmetric and set(symmetric_of) != set(plan.values):
+        raise PrunellaError(f"{where}: with --symmetric false, 'symmetric' must name every layer")
     if budget is not None and any(v != budget.spec.symmetric for v in symmetric_of.values()):
         raise PrunellaError(
             f"{where}: its grids' symmetry must be the recipe's (--symmetric "
