@@ -168,14 +168,14 @@ class SizedShards:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self._discard()
+            return
         try:
-            if kind is None:
-                self.close()
-                return
+            self.close()
         except BaseException:
             self._discard()
             raise
-        self._discard()
 
     def _discard(self) -> None:
         for writer in self.writers:

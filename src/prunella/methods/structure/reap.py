@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...engine.experts import EXPLICIT
 from ...errors import PrunellaError
 
 PAPER = "Lasby et al., REAP the Experts: Why Pruning Prevails for One-Shot MoE Compression, 2025"
@@ -123,8 +124,10 @@ def saliency_hook(sums: torch.Tensor, counts: torch.Tensor):
 
 
 def scaled_input(experts: nn.Module) -> bool:
-    """Whether ``experts`` takes its inputs scaled by the router's weights (Llama 4)."""
-    return getattr(experts, "scaled_input", False) or type(experts).__name__ == "Llama4TextExperts"
+    """Whether ``experts`` takes its inputs scaled by the router's weights (Llama 4): the
+    attribute the experts adapter sets, or its layout table's entry for the class."""
+    explicit = EXPLICIT.get(type(experts).__name__, {})
+    return bool(getattr(experts, "scaled_input", explicit.get("scaled_input", False)))
 
 
 def scaled_saliency(module: nn.Module, sums: torch.Tensor, counts: torch.Tensor, x) -> None:
