@@ -3,7 +3,8 @@ on a 50% sparse model), written as compressed-tensors checkpoints; with ``--aver
 also GPTQ at widths mixed by allocations (``--allocation``, comma-separated, default
 ``lwq``; a search's options by ``--allocation-opt METHOD:KEY=VALUE``) to those averages
 in bits per weight, scales counted, each compared with the line joining the uniform
-GPTQ rows (perplexity against block-layer bytes) and with uniform 3-bit GPTQ.
+GPTQ rows (perplexity against block-layer bytes) and with uniform 3-bit GPTQ;
+``--quantizer-opt KEY=VALUE`` sets a quantizer option for every run (``observer=mse``).
 
 Each run is its own ``prunella prune`` process (its peak RSS its own), with perplexity
 on the held-out shipped text twice: of the model in memory (``--eval-data``) and of
@@ -61,6 +62,8 @@ def main() -> None:
                         help="METHOD:KEY=VALUE, an allocation's option")  # fmt: skip
     parser.add_argument("--granularity", action="append", default=[],
                         help="METHOD:block|layer, an allocation's units")  # fmt: skip
+    parser.add_argument("--quantizer-opt", action="append", default=[],
+                        help="KEY=VALUE, a quantizer option for every run (observer=mse)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     a = parser.parse_args()
 
@@ -77,6 +80,7 @@ def main() -> None:
                     "--allocation", allocation, *allocation_opts(a.allocation_opt, allocation),
                     *granularity(a.granularity, allocation),
                     "--quantizer", quantizer, "--group-size", str(a.group_size),
+                    *(arg for opt in a.quantizer_opt for arg in ("--quantizer-opt", opt)),
                     *(["--sparsity", str(sparsity)] if sparsity else []),
                     "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
                     "--eval-data", a.data, "--quiet"]  # fmt: skip
@@ -89,6 +93,7 @@ def main() -> None:
             rows.append({
                 "quantizer": quantizer, "bits": bits, "sparsity": sparsity,
                 "allocation": allocation, "group_size": a.group_size,
+                "quantizer_options": report["axes"]["bits"]["quantizer_options"],
                 "bits_per_weight": report["axes"]["bits"]["bits_per_weight"],
                 "zeros": report["sparsity"],
                 "bits_per_weight_bitmask": bitmask_bits(report, bits) if sparsity else None,

@@ -141,17 +141,19 @@ def test_what_gguf_cannot_hold_is_one_line_and_writes_nothing(family, extra, mes
 
 
 @pytest.mark.parametrize(
-    ("bits", "symmetric", "kind"),
-    [(4, True, "q4_0"), (5, True, "q5_0"), (8, True, "q8_0"), (4, False, "q4_1"),
-     (5, False, "q5_1")],
+    ("bits", "symmetric", "kind", "observer"),
+    [(4, True, "q4_0", "minmax"), (5, True, "q5_0", "minmax"), (8, True, "q8_0", "minmax"),
+     (4, False, "q4_1", "minmax"), (5, False, "q5_1", "minmax"), (4, True, "q4_0", "mse"),
+     (4, False, "q4_1", "mse")],
 )  # fmt: skip
-def test_gptq_on_ggmls_grid_is_written_unchanged(bits, symmetric, kind, tiny_llama, tmp_path):
+def test_gptq_on_ggmls_grid_is_written_unchanged(bits, symmetric, kind, observer, tiny_llama,
+                                                 tmp_path):  # fmt: skip
     """With --bits and gguf, GPTQ quantizes on GGML's grid (blocks of 32, float16 scales,
-    and float16 minimums with --symmetric false): every block weight in the file
-    de-quantizes to the in-memory model's weight exactly, and the loaded model's logits
-    are the in-memory model's."""
+    and float16 minimums with --symmetric false; shrunk ranges with the MSE observer):
+    every block weight in the file de-quantizes to the in-memory model's weight exactly,
+    and the loaded model's logits are the in-memory model's."""
     common = {"bits": bits, "symmetric": symmetric, "format": "gguf", "nsamples": 8,
-              "seqlen": 32}  # fmt: skip
+              "seqlen": 32, "quantizer_options": {"observer": observer}}  # fmt: skip
     model, report = prunella.prune(tiny_llama, progress=False, **common)
     assert {layer["ggml"] for layer in report["layers"]} == {kind}
     assert report["axes"]["bits"]["layers_in_smaller_groups"] == 0

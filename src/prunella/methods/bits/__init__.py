@@ -389,8 +389,10 @@ class Quantizer:
     ) -> tuple[torch.Tensor, dict]:
         method, options = self.method, self.options
         if data_free:  # too few calibration tokens: what needs no statistics
-            method = QUANTIZERS.fallback()
-            options = method.defaults()
+            method = QUANTIZERS.fallback()  # with the options it shares (the observer)
+            options = method.defaults() | {
+                k: v for k, v in options.items() if k in method.defaults()
+            }
         new, scale, zero, facts = method.quantize(weight, level, stats, **options)
         tensors = {"weight_scale": scale}
         if not level.symmetric:

@@ -38,7 +38,7 @@ import torch
 from ...engine.stats import HESSIAN, LayerStats
 from ...registry import Option
 from ..sparsity.sparsegpt import inverse_hessian_cholesky
-from .grid import Grid, dequantize, qparams
+from .grid import OBSERVERS, Grid, dequantize, qparams
 from .grid import quantize as to_codes
 
 PAPER = (
@@ -50,6 +50,8 @@ OPTIONS = (
     Option("blocksize", int, 128, "columns per block of the lazy batch update", low=1),
     Option("percdamp", float, 0.01, "dampening, as a fraction of mean diag(H)", low=0.0),
     Option("actorder", bool, True, "visit the columns by decreasing Hessian diagonal"),
+    Option("observer", str, "minmax", "each group's range: as is, or shrunk to least error",
+           choices=OBSERVERS),
 )
 
 
@@ -79,6 +81,7 @@ def quantize(
     blocksize: int,
     percdamp: float,
     actorder: bool,
+    observer: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """The quantized weight (float32), its scales and zero points, and facts."""
     order, U, damp, dead = _factor(stats, percdamp, actorder)
@@ -87,7 +90,7 @@ def quantize(
     zeros = W == 0  # pruned weights stay exactly zero
     if grid.has_min:  # (a grid with a minimum per block may hold no zero)
         zeros.zero_()
-    scale, zero = qparams(W, grid)  # once, from the weights before the sweep
+    scale, zero = qparams(W, grid, observer)  # once, from the weights before the sweep
     # Work on the visiting order, transposed: column j of W is the contiguous row Wt[j].
     Wt, Zt = W[:, order].t().contiguous(), zeros[:, order].t().contiguous()
     group = order // grid.group

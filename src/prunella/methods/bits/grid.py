@@ -102,18 +102,58 @@ def layer_group(cols: int, asked: int) -> int:
     )
 
 
-def qparams(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32, bfloat16 values) and zero point (int8) of every row of every group:
-    ``[rows, cols / group]`` each."""
+def qparams(
+    weight: torch.Tensor, grid: Grid, observer: str = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32, bfloat16 values; GGML: float16) and zero point (int8; GGML's
+    minimum: float32) of every row of every group: ``[rows, cols / group]`` each.
+
+    ``observer="minmax"`` takes each group's range as it is; ``"mse"`` shrinks it,
+    ``[p lo, p hi]`` for ``p = 1, 0.99, ..., 0.21`` (``MSE_STEPS``, ``MSE_MAXSHRINK``),
+    and keeps, per group, the ``p`` of least ``sum |w_hat - w|^2.4``: the grid search of
+    the GPTQ reference's ``Quantizer(mse=True)`` with its defaults (llm-compressor's
+    ``mse`` observer runs the same search, to ``p = 0.8`` by default)."""
     rows, cols = weight.shape
     groups = weight.float().reshape(rows, cols // grid.group, grid.group)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    m = None  # q4_0 and q5_0: the weight of largest magnitude, sign kept (first of a tie)
+    if grid.ggml in ("q4_0", "q5_0"):
+        m = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    scale, zero = _range_qparams(lo, hi, m, grid)
+    if observer == "minmax":
+        return scale, zero
+    best = _group_error(groups, scale, zero, grid)
+    for i in range(1, round(MSE_MAXSHRINK * MSE_STEPS)):
+        p = 1 - i / MSE_STEPS
+        s, z = _range_qparams(p * lo, p * hi, None if m is None else p * m, grid)
+        err = _group_error(groups, s, z, grid)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+MSE_STEPS, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # the GPTQ reference's grid, maxshrink, norm
+OBSERVERS = ("minmax", "mse")
+
+
+def _group_error(groups, scale, zero, grid: Grid) -> torch.Tensor:
+    """``sum |w_hat - w|^2.4`` over each group."""
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1).float()
+    w_hat = dequantize(quantize(groups, s, z, grid), s, z, grid)
+    return (w_hat - groups).abs_().pow_(MSE_NORM).sum(-1)
+
+
+def _range_qparams(lo, hi, m, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of groups whose range is ``[lo, hi]`` (per row and group;
+    ``m`` the weight of largest magnitude, for GGML's ``q4_0``/``q5_0``)."""
     if grid.ggml:
-        return _ggml_qparams(groups, grid)
-    lo = groups.amin(-1).clamp(max=0.0)
-    hi = groups.amax(-1).clamp(min=0.0)
+        return _ggml_qparams(lo, hi, m, grid)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     # a divisor on the weights' device: CUDA divides by a Python number as a product with
     # its reciprocal, which moves a few scales by a unit in the last place
-    span = torch.tensor(grid.qmax - grid.qmin, dtype=torch.float32, device=weight.device)
+    span = torch.tensor(grid.qmax - grid.qmin, dtype=torch.float32, device=lo.device)
     scale = torch.maximum(lo.abs(), hi) / (span / 2) if grid.symmetric else (hi - lo) / span
     scale = scale.to(torch.bfloat16).float()
     scale = torch.where(scale == 0, torch.finfo(torch.bfloat16).tiny, scale)
@@ -124,19 +164,17 @@ def qparams(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tenso
     return scale, zero.to(torch.int8)
 
 
-def _ggml_qparams(groups: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+def _ggml_qparams(lo, hi, m, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """GGML's scale of each block (float16 values; negative for ``q4_0`` when the block's
     largest weight is positive) and no zero point; or, with a minimum (``q4_1``), the
     scale and the minimum (float32 holding float16 values) in the zero point's place."""
     if grid.has_min:
-        lo, hi = groups.amin(-1), groups.amax(-1)
         scale = ((hi - lo) / grid.qmax).to(torch.float16).float()
         scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
         return scale, lo.to(torch.float16).float()
     if grid.ggml == "q8_0":
-        scale = groups.abs().amax(-1) / 127
+        scale = torch.maximum(lo.abs(), hi) / 127
     else:  # q4_0, q5_0: the weight of largest magnitude, sign kept, is the code qmin
-        m = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
         scale = m / grid.qmin
     scale = scale.to(torch.float16).float()
     scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)

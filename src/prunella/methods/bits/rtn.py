@@ -11,17 +11,21 @@ from __future__ import annotations
 import torch
 
 from ...engine.stats import LayerStats
-from .grid import Grid, fake_quantize, qparams
+from ...registry import Option
+from .grid import OBSERVERS, Grid, fake_quantize, qparams
 
 PAPER = "Round to nearest, the baseline of Frantar et al., GPTQ, ICLR 2023"
 NEEDS: frozenset[str] = frozenset()
-OPTIONS = ()
+OPTIONS = (
+    Option("observer", str, "minmax", "each group's range: as is, or shrunk to least error",
+           choices=OBSERVERS),
+)
 FALLBACK = True  # what the quantizers fall back to where calibration data is too thin
 
 
 def quantize(
-    weight: torch.Tensor, grid: Grid, stats: LayerStats | None = None
+    weight: torch.Tensor, grid: Grid, stats: LayerStats | None = None, *, observer: str = "minmax"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """The quantized weight (float32), its scales and zero points, and facts."""
-    scale, zero = qparams(weight, grid)
+    scale, zero = qparams(weight, grid, observer)
     return fake_quantize(weight, scale, zero, grid), scale, zero, {}
