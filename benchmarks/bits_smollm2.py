@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--granularity", action="append", default=[],
                         help="METHOD:block|layer, an allocation's units")  # fmt: skip
     parser.add_argument("--quantizer-opt", action="append", default=[],
-                        help="KEY=VALUE, a quantizer option for every run (observer=mse)")
+                        help="KEY=VALUE, a quantizer option of every run")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     a = parser.parse_args()
 

@@ -117,9 +117,9 @@ def test_the_mse_observer_is_the_reference_grid_search():
             assert (scale[r, g].item(), zero[r, g].item()) == pytest.approx(chosen, rel=1e-6)
         minmax = fake_quantize(W, *qparams(W, grid), grid)
         mse = fake_quantize(W, scale, zero, grid)
-        groups = W.shape[1] // grid.group
-        per_group = lambda q: (q - W).abs().pow(2.4).reshape(6, groups, -1).sum(-1)  # noqa: E731
-        assert (per_group(mse) <= per_group(minmax) * (1 + 1e-6)).all()
+        per_group = [(q - W).abs().pow(2.4).reshape(6, -1, grid.group).sum(-1)
+                     for q in (mse, minmax)]  # fmt: skip
+        assert (per_group[0] <= per_group[1] * (1 + 1e-6)).all()
     W = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
     errors = {o: (fake_quantize(W, *qparams(W, Grid(2, 64), o), Grid(2, 64)) - W).square().sum()
               for o in ("minmax", "mse")}  # fmt: skip

@@ -38,7 +38,7 @@ import torch
 from ...engine.stats import HESSIAN, LayerStats
 from ...registry import Option
 from ..sparsity.sparsegpt import inverse_hessian_cholesky
-from .grid import OBSERVERS, Grid, dequantize, qparams
+from .grid import OBSERVER, Grid, dequantize, qparams
 from .grid import quantize as to_codes
 
 PAPER = (
@@ -50,8 +50,7 @@ OPTIONS = (
     Option("blocksize", int, 128, "columns per block of the lazy batch update", low=1),
     Option("percdamp", float, 0.01, "dampening, as a fraction of mean diag(H)", low=0.0),
     Option("actorder", bool, True, "visit the columns by decreasing Hessian diagonal"),
-    Option("observer", str, "minmax", "each group's range: as is, or shrunk to least error",
-           choices=OBSERVERS),
+    OBSERVER,
 )
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import PrunellaError
+from ...registry import Option
 
 WIDTHS = (2, 3, 4, 8)  # the widths that compressed-tensors packs and engines read
 GROUPS = (128, 64, 32)  # a layer whose width the asked group does not divide takes the next
@@ -135,7 +136,8 @@ def qparams(
 
 
 MSE_STEPS, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # the GPTQ reference's grid, maxshrink, norm
-OBSERVERS = ("minmax", "mse")
+OBSERVER = Option("observer", str, "minmax", "each group's range: as is (minmax), or shrunk "
+                  "to least error (mse)", choices=("minmax", "mse"))  # fmt: skip
 
 
 def _group_error(groups, scale, zero, grid: Grid) -> torch.Tensor:
@@ -172,10 +174,8 @@ def _ggml_qparams(lo, hi, m, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
         scale = ((hi - lo) / grid.qmax).to(torch.float16).float()
         scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
         return scale, lo.to(torch.float16).float()
-    if grid.ggml == "q8_0":
-        scale = torch.maximum(lo.abs(), hi) / 127
-    else:  # q4_0, q5_0: the weight of largest magnitude, sign kept, is the code qmin
-        scale = m / grid.qmin
+    # q8_0: max |w| / 127; q4_0, q5_0: the weight of largest magnitude, sign kept, is qmin
+    scale = torch.maximum(lo.abs(), hi) / 127 if grid.ggml == "q8_0" else m / grid.qmin
     scale = scale.to(torch.float16).float()
     scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
     return scale, torch.zeros_like(scale, dtype=torch.int8)

@@ -11,15 +11,11 @@ from __future__ import annotations
 import torch
 
 from ...engine.stats import LayerStats
-from ...registry import Option
-from .grid import OBSERVERS, Grid, fake_quantize, qparams
+from .grid import OBSERVER, Grid, fake_quantize, qparams
 
 PAPER = "Round to nearest, the baseline of Frantar et al., GPTQ, ICLR 2023"
 NEEDS: frozenset[str] = frozenset()
-OPTIONS = (
-    Option("observer", str, "minmax", "each group's range: as is, or shrunk to least error",
-           choices=OBSERVERS),
-)
+OPTIONS = (OBSERVER,)
 FALLBACK = True  # what the quantizers fall back to where calibration data is too thin
 
 
