@@ -56,8 +56,8 @@ ROWS = {
     # GPTQ on the grids with a float16 minimum per block
     "gptq-q4_1": ["--bits", "4", "--symmetric", "false", "--format", "gguf"],
     "gptq-q5_1": ["--bits", "5", "--symmetric", "false", "--format", "gguf"],
-    # GPTQ from each block's range shrunk to least error (the MSE observer; on q4_1 it
-    # would keep the bundled model's own Q4_1 blocks, which no shrinking improves)
+    # GPTQ from each block's range shrunk to least error (the MSE observer; not on q4_1,
+    # where the bundled model's weights already lie on Q4_1 blocks)
     "gptq-q4_0-mse": ["--bits", "4", "--format", "gguf", *MSE],
     "lwq-5.0": ["--bits", "5.0", "--allocation", "lwq", "--format", "gguf"],
     "params-0.8": ["--params", "0.8", "--format", "gguf"],

@@ -80,6 +80,20 @@ def bits_curve(run: dict) -> str:
     )
 
 
+def bits_curve_mse(run: dict) -> str:
+    rows = _rows(run)
+    uniform = {b: _find(rows, allocation="uniform", bits=b)["ppl_in_memory"] for b in (2, 3)}
+    lwq = {b: _find(rows, allocation="lwq", bits=b)["ppl_in_memory"] for b in (3, 3.5)}
+    below = sum(r["ppl_in_memory"] < r["ppl_uniform_line"] for r in rows if "ppl_uniform_line" in r)
+    allocated = sum(r["allocation"] != "uniform" for r in rows)
+    return (
+        f"GPTQ from MSE-chosen ranges, group 64: uniform 3 bits {uniform[3]:.2f}, 2 bits "
+        f"{uniform[2]:.2f}; LWQ's mix at 3.0 {lwq[3]:.2f} ({lwq[3] / uniform[3]:.2f} × uniform "
+        f"3-bit), at 3.5 {lwq[3.5]:.2f} ({lwq[3.5] / uniform[3]:.2f} ×); {below} of "
+        f"{allocated} allocated points below the line joining the uniform ones"
+    )
+
+
 def packing(run: dict) -> str:
     rows = _rows(run)
     row = _find(rows, dtype="float32", sparsity="70%")
@@ -237,6 +251,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("prune_smollm2.json", solvers, "[solvers](solvers.md)"),
     ("bits_smollm2.json", bits, "[bits](bits.md)"),
     ("bits_curve.json", bits_curve, "[bits](bits.md#allocated-widths-perplexity-against-bytes)"),
+    ("bits_curve_mse.json", bits_curve_mse, "[bits](bits.md#mse-ranges-perplexity-against-bytes)"),
     ("pack_sizes.json", packing, "[packing](packing.md)"),
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),

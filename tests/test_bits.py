@@ -65,7 +65,7 @@ def test_symmetric_and_asymmetric_grids_are_compressed_tensors():
     assert scale[0, 0].item() == pytest.approx(3.0 / 15, rel=2**-8)  # (max - min) / 15
     assert -8 <= zero[0, 0] <= 7 and (scale.to(torch.bfloat16).float() == scale).all()
     for grid in (Grid(4, 4, True), Grid(3, 2, False), Grid(8, 4, True), Grid(2, 4, False)):
-        Q, s, z, _ = rtn.quantize(W, grid)
+        Q, s, z, _ = rtn.quantize(W, grid, observer="minmax")
         assert Q[1].abs().sum() == 0  # zeros stay zero
         q, _ = codes(Q, s, z, grid)
         assert q.min() >= grid.qmin and q.max() <= grid.qmax
@@ -83,15 +83,17 @@ def test_gptq_equals_the_plain_algorithm_and_beats_round_to_nearest(bits):
     W, X, stats = layer_problem()
     grid = Grid(bits, 32, symmetric=bits != 3)
     Q, scale, zero, _facts = gptq.quantize(
-        W, grid, stats, blocksize=16, percdamp=0.01, actorder=False
+        W, grid, stats, blocksize=16, percdamp=0.01, actorder=False, observer="minmax"
     )
     reference = plain_gptq(W, stats.hessian, grid)
     # the same codes (float rounding may move a weight lying on a rounding boundary)
     assert (Q.double() - reference).abs().gt(1e-4).float().mean() < 0.01
     codes(Q, scale, zero, grid)  # every weight on its group's grid
-    rtn_error = output_error(W, rtn.quantize(W, grid)[0], X)
+    rtn_error = output_error(W, rtn.quantize(W, grid, observer="minmax")[0], X)
     assert output_error(W, Q, X) < 0.8 * rtn_error
-    ordered = gptq.quantize(W, grid, stats, blocksize=16, percdamp=0.01, actorder=True)[0]
+    ordered = gptq.quantize(
+        W, grid, stats, blocksize=16, percdamp=0.01, actorder=True, observer="minmax"
+    )[0]
     codes(ordered, scale, zero, grid)
     assert output_error(W, ordered, X) < rtn_error
 
@@ -152,11 +154,27 @@ def test_gptq_with_the_mse_observer_writes_a_checkpoint_that_loads(tiny_llama, t
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_too_little_data_falls_back_to_rtn_with_the_same_observer():
+    """A layer quantized without statistics (too few calibration tokens) is rounded to
+    nearest from the ranges the recipe's observer chooses."""
+    from prunella.methods.bits import Quantizer
+    from prunella.methods.bits.quantizers import QUANTIZERS
+
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    grid = Grid(2, 32)
+    options = QUANTIZERS.get("gptq").defaults() | {"observer": "mse"}
+    new, _ = Quantizer(QUANTIZERS.get("gptq"), options)(W, grid, None, data_free=True)
+    assert torch.equal(new, rtn.quantize(W, grid, observer="mse")[0])
+    assert not torch.equal(new, rtn.quantize(W, grid, observer="minmax")[0])
+
+
 def test_gptq_keeps_pruned_weights_zero():
     W, _X, stats = layer_problem()
     W[torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5] = 0.0
     grid = Grid(4, 32)
-    Q, scale, zero, _ = gptq.quantize(W, grid, stats, blocksize=16, percdamp=0.01, actorder=True)
+    Q, scale, zero, _ = gptq.quantize(
+        W, grid, stats, blocksize=16, percdamp=0.01, actorder=True, observer="minmax"
+    )
     assert (Q[W == 0] == 0).all()
     codes(Q, scale, zero, grid)
 
@@ -652,8 +670,10 @@ def test_the_joint_sweep_is_the_papers_algorithm():
     new, _ = sparsegpt.prune(W, Unstructured(0.5), stats, blocksize=64, percdamp=0.01,
                              grid=grid)  # fmt: skip
     pruned, _ = sparsegpt.prune(W, Unstructured(0.5), stats, blocksize=64, percdamp=0.01)
-    two_step = gptq.quantize(pruned, grid, stats, blocksize=64, percdamp=0.01, actorder=False)
-    rounded = rtn.quantize(pruned, grid)[0]
+    two_step = gptq.quantize(
+        pruned, grid, stats, blocksize=64, percdamp=0.01, actorder=False, observer="minmax"
+    )
+    rounded = rtn.quantize(pruned, grid, observer="minmax")[0]
     assert output_error(W, new, X) < output_error(W, two_step[0], X)
     assert output_error(W, new, X) < 0.95 * output_error(W, rounded, X)
 

@@ -80,7 +80,7 @@ def quantize(
     blocksize: int,
     percdamp: float,
     actorder: bool,
-    observer: str = "minmax",
+    observer: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """The quantized weight (float32), its scales and zero points, and facts."""
     order, U, damp, dead = _factor(stats, percdamp, actorder)

@@ -20,7 +20,7 @@ FALLBACK = True  # what the quantizers fall back to where calibration data is to
 
 
 def quantize(
-    weight: torch.Tensor, grid: Grid, stats: LayerStats | None = None, *, observer: str = "minmax"
+    weight: torch.Tensor, grid: Grid, stats: LayerStats | None = None, *, observer: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """The quantized weight (float32), its scales and zero points, and facts."""
     scale, zero = qparams(weight, grid, observer)
