@@ -98,25 +98,49 @@ def test_gptq_equals_the_plain_algorithm_and_beats_round_to_nearest(bits):
     assert output_error(W, ordered, X) < rtn_error
 
 
+def shrunk_params(w: torch.Tensor, p: float, grid: Grid) -> tuple[float, float]:
+    """The scale and zero point (GGML q4_1: minimum) of one group whose range is shrunk
+    by ``p``, from the grid formulas written out (stored-dtype scales)."""
+    lo, hi = p * w.min().item(), p * w.max().item()
+    bf16 = lambda x: torch.tensor(x).to(torch.bfloat16).item()  # noqa: E731
+    f16 = lambda x: torch.tensor(x).to(torch.float16).item()  # noqa: E731
+    if grid.ggml == "q4_1":
+        return f16((hi - lo) / 15), f16(lo)
+    if grid.ggml == "q8_0":
+        return f16(max(abs(lo), abs(hi)) / 127), 0.0
+    if grid.ggml == "q4_0":
+        m = w.flatten()[w.abs().argmax()].item()
+        return f16(p * m / -8), 0.0
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    span = 2**grid.bits - 1
+    if grid.symmetric:
+        return bf16(max(-lo, hi) / (span / 2)), 0.0
+    s = bf16((hi - lo) / span)
+    return s, float(min(max(round(grid.qmin - lo / s), grid.qmin), grid.qmax))
+
+
 def test_the_mse_observer_is_the_reference_grid_search():
     """Each group's range shrunk to ``p [lo, hi]``, ``p = 1, 0.99, ..., 0.21``, keeping
     the first ``p`` of least ``sum |w_hat - w|^2.4`` (the GPTQ reference's
     ``Quantizer(mse=True)``), written out group by group; never worse than min-max, and
     at 2 bits far better on Gaussian weights."""
     W = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    W[0, :32] = W[0, :32].abs() + 0.1  # a group of one sign
     for grid in (Grid(2, 32), Grid(3, 16, symmetric=False), Grid(4, 32, ggml="q4_0"),
-                 Grid(4, 32, symmetric=False, ggml="q4_1")):  # fmt: skip
+                 Grid(4, 32, symmetric=False, ggml="q4_1"), Grid(8, 32, ggml="q8_0")):  # fmt: skip
         scale, zero = qparams(W, grid, "mse")
         for r, g in itertools.product(range(6), range(64 // grid.group)):
             w = W[r : r + 1, g * grid.group : (g + 1) * grid.group]
             best, chosen = float("inf"), None
             for i in range(80):
-                s, z = qparams(w * (1 - i / 100), grid)  # a range shrunk by p
-                q = fake_quantize(w, s, z, grid)
-                err = (q - w).abs().pow(2.4).sum().item()
+                s, z = shrunk_params(w, 1 - i / 100, grid)
+                q = (w / s).round() + z if not grid.has_min else ((w - z) / s).round()
+                q = q.clamp(grid.qmin, grid.qmax)
+                w_hat = q * s + z if grid.has_min else (q - z) * s
+                err = (w_hat - w).abs().pow(2.4).sum().item()
                 if err < best:
-                    best, chosen = err, (s.item(), z.item())
-            assert (scale[r, g].item(), zero[r, g].item()) == pytest.approx(chosen, rel=1e-6)
+                    best, chosen = err, (s, z)
+            assert (scale[r, g].item(), zero[r, g].item()) == pytest.approx(chosen, rel=1e-5)
         minmax = fake_quantize(W, *qparams(W, grid), grid)
         mse = fake_quantize(W, scale, zero, grid)
         per_group = [(q - W).abs().pow(2.4).reshape(6, -1, grid.group).sum(-1)

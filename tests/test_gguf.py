@@ -156,6 +156,10 @@ def test_gptq_on_ggmls_grid_is_written_unchanged(bits, symmetric, kind, observer
               "seqlen": 32, "quantizer_options": {"observer": observer}}  # fmt: skip
     model, report = prunella.prune(tiny_llama, progress=False, **common)
     assert {layer["ggml"] for layer in report["layers"]} == {kind}
+    if observer == "mse":  # the ranges it chose are not min-max's
+        plain, _ = prunella.prune(tiny_llama, progress=False, **common | {"quantizer_options": {}})
+        assert not torch.equal(model.model.layers[0].mlp.down_proj.weight,
+                               plain.model.layers[0].mlp.down_proj.weight)  # fmt: skip
     assert report["axes"]["bits"]["layers_in_smaller_groups"] == 0
     out = tmp_path / "out"
     prunella.prune_to_dir(

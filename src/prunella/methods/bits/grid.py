@@ -112,8 +112,12 @@ def qparams(
     ``observer="minmax"`` takes each group's range as it is; ``"mse"`` shrinks it,
     ``[p lo, p hi]`` for ``p = 1, 0.99, ..., 0.21`` (``MSE_STEPS``, ``MSE_MAXSHRINK``),
     and keeps, per group, the ``p`` of least ``sum |w_hat - w|^2.4``: the grid search of
-    the GPTQ reference's ``Quantizer(mse=True)`` with its defaults (llm-compressor's
-    ``mse`` observer runs the same search, to ``p = 0.8`` by default)."""
+    the GPTQ reference's ``Quantizer(mse=True)`` with its defaults, each candidate's
+    scale rounded to the stored dtype before its error is measured (the reference
+    measures unrounded scales; llm-compressor's ``mse`` observer stops at ``p = 0.81``
+    by default, and after 5 steps in which no group improves)."""
+    if observer not in OBSERVER.choices:
+        raise PrunellaError(f"observer {observer!r}: one of {', '.join(OBSERVER.choices)}")
     rows, cols = weight.shape
     groups = weight.float().reshape(rows, cols // grid.group, grid.group)
     lo, hi = groups.amin(-1), groups.amax(-1)
