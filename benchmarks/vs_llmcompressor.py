@@ -6,9 +6,11 @@ count and length, and handed to llm-compressor as a DataLoader; Prunella's CLI d
 them itself with the same function and arguments), with llm-compressor's
 ``oneshot(..., pipeline="sequential")`` and its ``SparseGPTModifier`` /
 ``WandaPruningModifier``, or ``GPTQModifier`` (its defaults: block 128, dampening 1%,
-static act-order) at 4 bits, symmetric, group 64 (``gptq-w4a16-g64``: llm-compressor's
-``W4A16`` preset has group 128, which SmolLM2's 576-wide layers do not divide), against
-``prunella prune --bits 4 --group-size 64``. Each prune runs in its own process under
+static act-order) at 4 or 3 bits, symmetric, group 64 (``gptq-w4a16-g64``,
+``gptq-w3a16-g64``, and ``gptq-w3a16-g64-mse`` with each tool's MSE observer;
+llm-compressor's ``W4A16`` preset has group 128, which SmolLM2's 576-wide layers do not
+divide), against ``prunella prune --bits 4 --group-size 64`` (``--bits 3``,
+``--quantizer-opt observer=mse``). Each prune runs in its own process under
 ``/usr/bin/time -v`` (peak RSS from the OS, the whole process: load, prune,
 save); the two tools alternate within one run. Prunella runs as a user runs it,
 ``prunella prune MODEL --out OUT ...`` (by default it streams the checkpoint block by
@@ -63,6 +65,9 @@ CONFIGS = {
         "owl": True,
     },
     "gptq-w4a16-g64": {"quantizer": "gptq", "bits": 4, "group_size": 64},
+    "gptq-w3a16-g64": {"quantizer": "gptq", "bits": 3, "group_size": 64},
+    # each tool's MSE observer (llm-compressor's "mse", Prunella's --quantizer-opt observer=mse)
+    "gptq-w3a16-g64-mse": {"quantizer": "gptq", "bits": 3, "group_size": 64, "observer": "mse"},
 }
 
 
@@ -105,6 +110,8 @@ def prunella_command(a, config: dict, out: Path, passes: str) -> list[str]:
     argv += ["--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--passes", passes]
     if "bits" in config:
         argv += ["--bits", str(config["bits"]), "--quantizer", config["quantizer"]]
+        if "observer" in config:
+            argv += ["--quantizer-opt", f"observer={config['observer']}"]
         return [*argv, "--group-size", str(config["group_size"]), "--quiet"]
     argv += ["--solver", config["solver"]]
     if config["pattern"] == "unstructured":
@@ -143,6 +150,8 @@ def run_llmcompressor(a, config: dict, out: Path) -> float:
     if "bits" in config:
         weights = {"num_bits": config["bits"], "type": "int", "symmetric": True,
                    "strategy": "group", "group_size": config["group_size"]}  # fmt: skip
+        if "observer" in config:
+            weights["observer"] = config["observer"]
         recipe = GPTQModifier(
             config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
             ignore=["lm_head"],
