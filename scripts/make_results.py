@@ -147,6 +147,20 @@ def vs_llmcompressor_gptq(run: dict) -> str:
     )
 
 
+def vs_llmcompressor_gptq3(run: dict) -> str:
+    parts = []
+    for config, name in (("gptq-w3a16-g64", "min-max"), ("gptq-w3a16-g64-mse", "MSE")):
+        row = _find(_rows(run), config=config)
+        ours, theirs = row["prunella"], row["llm-compressor"]
+        if not (ours["ok"] and theirs["ok"]):
+            raise SystemExit(f"{config}: a run failed")
+        parts.append(
+            f"{name} ranges {ours['ppl']:.2f} vs {theirs['ppl']:.2f} in "
+            f"{ours['prune_seconds'] / theirs['prune_seconds']:.2f} × its time"
+        )
+    return "GPTQ 3 bits, group 64, against llm-compressor: " + "; ".join(parts)
+
+
 def structure(run: dict) -> str:
     results = run["results"]
     dense, rows = results["dense"], results["rows"]
@@ -256,6 +270,7 @@ HEADLINE: list[tuple[str, Callable[[dict], str], str]] = [
     ("streaming_memory.json", streaming, "[streaming](streaming.md)"),
     ("vs_llmcompressor.json", vs_llmcompressor, "[speed](speed.md)"),
     ("vs_llmcompressor_gptq.json", vs_llmcompressor_gptq, "[bits](bits.md)"),
+    ("vs_llmcompressor_gptq3.json", vs_llmcompressor_gptq3, "[bits](bits.md#3-bits)"),
     ("structure_smollm2.json", structure, "[structure](structure.md#results)"),
     ("vs_llmcompressor_reap.json", vs_llmcompressor_reap, "[structure](structure.md#experts)"),
     ("llama_cpp_smollm2.json", llama_cpp, "[GGUF](gguf.md#in-llamacpp)"),
