@@ -390,9 +390,8 @@ class Quantizer:
         method, options = self.method, self.options
         if data_free:  # too few calibration tokens: what needs no statistics
             method = QUANTIZERS.fallback()  # with the options it shares (the observer)
-            options = method.defaults() | {
-                k: v for k, v in options.items() if k in method.defaults()
-            }
+            defaults = method.defaults()
+            options = defaults | {k: options[k] for k in defaults.keys() & options.keys()}
         new, scale, zero, facts = method.quantize(weight, level, stats, **options)
         tensors = {"weight_scale": scale}
         if not level.symmetric:

@@ -38,7 +38,7 @@ import torch
 from ...engine.stats import HESSIAN, LayerStats
 from ...registry import Option
 from ..sparsity.sparsegpt import inverse_hessian_cholesky
-from .grid import OBSERVER, Grid, dequantize, qparams
+from .grid import OBSERVER, Grid, dequantize, kept_zero, qparams
 from .grid import quantize as to_codes
 
 PAPER = (
@@ -86,9 +86,7 @@ def quantize(
     order, U, damp, dead = _factor(stats, percdamp, actorder)
     W = weight.float().clone()
     W[:, dead] = 0.0
-    zeros = W == 0  # pruned weights stay exactly zero
-    if grid.has_min:  # (a grid with a minimum per block may hold no zero)
-        zeros.zero_()
+    zeros = kept_zero(W, grid)  # pruned weights stay exactly zero
     scale, zero = qparams(W, grid, observer)  # once, from the weights before the sweep
     # Work on the visiting order, transposed: column j of W is the contiguous row Wt[j].
     Wt, Zt = W[:, order].t().contiguous(), zeros[:, order].t().contiguous()

@@ -202,6 +202,14 @@ def dequantize(
     return (q - zero) * scale
 
 
+def kept_zero(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The weights that stay exactly zero when quantized (pruned ones): those that are
+    zero, except on GGML's grids with a minimum per block (``q4_1``, ``q5_1``), which may
+    hold no zero."""
+    zero = weight == 0
+    return zero.zero_() if grid.has_min else zero
+
+
 def per_column(t: torch.Tensor, group: int) -> torch.Tensor:
     """``[rows, groups]`` parameters repeated to ``[rows, cols]``."""
     return t.repeat_interleave(group, dim=1)

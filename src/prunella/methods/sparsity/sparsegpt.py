@@ -46,7 +46,7 @@ import torch
 
 from ...engine.stats import HESSIAN, LayerStats
 from ...registry import Option
-from ..bits.grid import Grid, dequantize, qparams
+from ..bits.grid import Grid, dequantize, kept_zero, qparams
 from ..bits.grid import quantize as to_codes
 from .patterns import NM, Pattern, RowBudget, lowest_k_mask, nm_mask, pruned_count, row_counts_mask
 
@@ -112,9 +112,7 @@ def prune(
     U_diag = U.diagonal()
     if grid is not None:  # every group's scale once, from the weights before the sweep
         Wt[dead] = 0.0
-        fixed = Wt == 0  # weights already zero (pruned by another solver) stay zero
-        if grid.has_min:  # (a grid with a minimum per block may hold no zero)
-            fixed.zero_()
+        fixed = kept_zero(Wt, grid)  # weights already zero (pruned by another solver)
         grid_scale, grid_zero = qparams(Wt.t(), grid)
         St = grid_scale.t().repeat_interleave(grid.group, 0).contiguous()  # row j: column j's
         Zt = grid_zero.t().float().repeat_interleave(grid.group, 0).contiguous()
